@@ -1,0 +1,5 @@
+"""orlik: quantization and edge deployment for Polish-English language models."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""FP16/BF16 Hugging Face checkpoint directories: validated, hashed, loaded from safetensors only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orlik.errors import CheckpointError
+from orlik.fsutil import sha256_bytes, sha256_file
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]
+    weight_files: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        """Validate a checkpoint directory without loading its weights."""
+        p = Path(path)
+        if not p.is_dir():
+            raise CheckpointError(f"checkpoint {p} does not exist or is not a directory")
+        cfg_path = p / "config.json"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{p} has no config.json; is it a Hugging Face model directory?")
+        try:
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise CheckpointError(f"{cfg_path} has no model_type")
+        weights = _weight_files(p)
+        for w in weights:
+            _check_safetensors(w)
+        if not any((p / t).is_file() for t in TOKENIZER_FILES):
+            raise CheckpointError(f"{p} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+        return cls(path=p, config=config, weight_files=weights)
+
+    @property
+    def arch(self) -> str:
+        return str(self.config["model_type"])
+
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name if self.path.name != "fp16" else self.path.resolve().parent.name
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(w.stat().st_size for w in self.weight_files)
+
+    @cached_property
+    def hash(self) -> str:
+        """Content hash over config, weights and tokenizer: identifies this exact checkpoint."""
+        parts = []
+        for f in sorted(self._hashed_files()):
+            parts.append(f"{f.relative_to(self.path)}:{sha256_file(f)}")
+        return sha256_bytes("\n".join(parts).encode())
+
+    def _hashed_files(self) -> list[Path]:
+        names = ["config.json", *TOKENIZER_FILES, "tokenizer_config.json"]
+        files = [self.path / n for n in names if (self.path / n).is_file()]
+        return files + self.weight_files
+
+    @cached_property
+    def tokenizer_config(self) -> dict[str, Any]:
+        f = self.path / "tokenizer_config.json"
+        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+
+    @property
+    def chat_template(self) -> str | None:
+        jinja = self.path / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text(encoding="utf-8")
+        tpl = self.tokenizer_config.get("chat_template")
+        return tpl if isinstance(tpl, str) else None
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=False)
+
+    def load_model(self, dtype: torch.dtype | None = None) -> PreTrainedModel:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(self.path),
+                dtype=dtype or torch.float32,
+                trust_remote_code=False,
+                use_safetensors=True,
+            )
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"cannot load {self.path}: {str(e).splitlines()[0]}") from None
+        model.eval()
+        return model
+
+
+def _weight_files(p: Path) -> list[Path]:
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is corrupt: {e}") from None
+        files = [p / s for s in shards]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{p} is missing shards: {', '.join(missing)}")
+        return files
+    files = sorted(p.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = [f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise CheckpointError(
+            f"{p} holds only pickle weights ({', '.join(pickles)}); orlik loads safetensors only "
+            "and never unpickles. Convert them with a tool you trust first."
+        )
+    raise CheckpointError(f"{p} has no *.safetensors weights")
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header and check the declared tensors fit the file, as a corruption check."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than its header")
+            n = int.from_bytes(raw, "little")
+            if n <= 0 or n > min(size - 8, 100 << 20):
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            raise ValueError(f"tensor data ends at {8 + n + end} but the file has {size} bytes")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt safetensors file {path}: {e}") from None

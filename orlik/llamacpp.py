@@ -1,0 +1,73 @@
+"""Where orlik's llama.cpp build lives: the converter, the tools and the shared libraries.
+
+scripts/build-llamacpp.sh builds them once per version into the cache; every stage finds them here.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+from orlik.errors import MissingDependencyError
+
+VERSION = "0.3.36"  # llama-cpp-python release whose vendored llama.cpp orlik builds
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-server")
+HINT = "run `make llamacpp` (builds llama.cpp once, ~25 min on 2 cores, then cached)"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ORLIK_CACHE", Path.home() / ".cache" / "orlik"))
+
+
+def build_root() -> Path:
+    """The build directory; ORLIK_LLAMACPP overrides it with a llama.cpp tree of the user's."""
+    override = os.environ.get("ORLIK_LLAMACPP")
+    if override:
+        return Path(override)
+    return cache_root() / "llama.cpp" / f"{VERSION}-{platform.machine()}"
+
+
+def source_dir() -> Path:
+    root = build_root()
+    vendored = root / "src" / "vendor" / "llama.cpp"
+    return vendored if vendored.is_dir() else root
+
+
+def bin_dir() -> Path:
+    root = build_root()
+    for cand in (root / "build" / "bin", root / "bin"):
+        if cand.is_dir():
+            return cand
+    return root / "build" / "bin"
+
+
+def tool(name: str) -> Path:
+    """Path of a llama.cpp executable, or a MissingDependencyError that says how to get it."""
+    path = bin_dir() / name
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise MissingDependencyError(f"{name} not found in {bin_dir()}; {HINT}")
+    return path
+
+
+def converter() -> Path:
+    path = source_dir() / "convert_hf_to_gguf.py"
+    if not path.is_file():
+        raise MissingDependencyError(f"convert_hf_to_gguf.py not found in {source_dir()}; {HINT}")
+    return path
+
+
+@lru_cache(maxsize=1)
+def build_info() -> str:
+    """llama.cpp's own version string, e.g. 'version: 1 (abc123)', for manifests."""
+    try:
+        out = subprocess.run(
+            [str(tool("llama-quantize")), "--version"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return f"llama-cpp-python {VERSION}"
+    text = (out.stdout + out.stderr).strip().splitlines()
+    first = next((line for line in text if line.startswith("version")), "")
+    return f"llama-cpp-python {VERSION}; llama.cpp {first.removeprefix('version: ')}".strip()

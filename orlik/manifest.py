@@ -1,0 +1,123 @@
+"""variant.json: the manifest of one quantized variant. Metadata lives here, never in file names."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from orlik.errors import ManifestError
+from orlik.fsutil import atomic_write_text, sha256_file
+
+SCHEMA_VERSION = 1
+MANIFEST = "variant.json"
+
+
+@dataclass
+class Variant:
+    """A quantized model directory described by its variant.json."""
+
+    name: str
+    format: str
+    recipe: dict[str, Any]
+    base_hash: str
+    files: dict[str, str]
+    bytes: int
+    bpw: float
+    tools: dict[str, str] = field(default_factory=dict)
+    calibration_hash: str | None = None
+    imatrix_hash: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    schema_version: int = SCHEMA_VERSION
+    path: Path | None = field(default=None, compare=False)
+
+    _REQUIRED = {
+        "name": str,
+        "format": str,
+        "recipe": dict,
+        "base_hash": str,
+        "files": dict,
+        "bytes": int,
+        "bpw": (int, float),
+    }
+    _OPTIONAL = {
+        "tools": dict,
+        "calibration_hash": (str, type(None)),
+        "imatrix_hash": (str, type(None)),
+        "extra": dict,
+        "created": str,
+        "schema_version": int,
+    }
+
+    @classmethod
+    def from_dict(cls, d: Any, *, where: str = "variant.json") -> Variant:
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: expected a JSON object")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ManifestError(f"{where}: schema_version {version!r} is not {SCHEMA_VERSION}")
+        missing = [k for k in cls._REQUIRED if k not in d]
+        if missing:
+            raise ManifestError(f"{where}: missing field(s) {', '.join(missing)}")
+        known = set(cls._REQUIRED) | set(cls._OPTIONAL)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ManifestError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        for k, t in {**cls._REQUIRED, **cls._OPTIONAL}.items():
+            if k in d and (not isinstance(d[k], t) or isinstance(d[k], bool)):
+                raise ManifestError(f"{where}: field {k!r} has the wrong type ({type(d[k]).__name__})")
+        if not d["files"] or not all(isinstance(v, str) and len(v) == 64 for v in d["files"].values()):
+            raise ManifestError(f"{where}: 'files' must map each file to its sha256")
+        if d["bytes"] <= 0 or not 0 < d["bpw"] <= 32:
+            raise ManifestError(f"{where}: implausible bytes/bpw ({d['bytes']}, {d['bpw']})")
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("path")
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Variant:
+        directory = Path(directory)
+        f = directory / MANIFEST
+        if not f.is_file():
+            raise ManifestError(f"{directory} has no {MANIFEST}; is it an orlik variant?")
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{f} is corrupt: {e}") from None
+        v = cls.from_dict(data, where=str(f))
+        v.path = directory
+        return v
+
+    def save(self, directory: Path) -> None:
+        atomic_write_text(Path(directory) / MANIFEST, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+    def verify(self, directory: Path | None = None) -> list[str]:
+        """Files that are missing or whose sha256 differs; empty means the variant is intact."""
+        base = Path(directory or self.path or ".")
+        bad = []
+        for rel, digest in self.files.items():
+            p = base / rel
+            if not p.is_file() or sha256_file(p) != digest:
+                bad.append(rel)
+        return bad
+
+    def main_file(self) -> Path:
+        """The primary weights file (the first listed), for single-file formats such as GGUF."""
+        assert self.path is not None
+        return self.path / next(iter(self.files))
+
+
+def hash_files(directory: Path, names: list[str] | None = None) -> dict[str, str]:
+    """sha256 of each file under `directory` (recursively), except the manifest itself."""
+    directory = Path(directory)
+    if names is None:
+        names = sorted(
+            str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST
+        )
+    return {n: sha256_file(directory / n) for n in names}

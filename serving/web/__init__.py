@@ -1,0 +1,1 @@
+"""orlik.serving.web."""
