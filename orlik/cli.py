@@ -130,11 +130,35 @@ def calibrate() -> None:
     """Polish-English calibration set and importance matrix."""
 
 
-@calibrate.command("build", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def calibrate_build(args: tuple[str, ...]) -> None:
-    """Build calibration.jsonl and its card (not built yet)."""
-    _not_built("calibrate build", "issue: Calibration and GGUF")
+@calibrate.command("build")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output dir for calibration.jsonl and card.{json,md}  [default: MODEL/../calib]")
+@click.option("--tokens", default=60_000, show_default=True, help="Total tokens, counted with MODEL's tokenizer.")
+@click.option("--pl-ratio", default=0.7, show_default=True, help="Polish share of the tokens (--lang mixed).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--lang", type=click.Choice(["pl", "en", "mixed"]), default="mixed", show_default=True,
+              help="One language only, e.g. for a language-specific imatrix.")
+@click.option("--file", "files", multiple=True, type=click.Path(path_type=Path),
+              help="Your own .txt/.md/.jsonl ('text' field) file or directory; repeatable. Used first.")
+@click.option("--no-corpus", is_flag=True, help="Leave out the built-in corpus documents.")
+@click.option("--no-chat", is_flag=True, help="Leave out chats rendered through MODEL's chat template.")
+@click.option("--no-parallel", is_flag=True, help="Leave out the Polish-English parallel pairs.")
+@click.option("--max-sample-tokens", default=512, show_default=True, help="Longer texts are cut into chunks.")
+def calibrate_build(model: Path, out: Path | None, tokens: int, pl_ratio: float, seed: int, lang: str,
+                    files: tuple[Path, ...], no_corpus: bool, no_chat: bool, no_parallel: bool,
+                    max_sample_tokens: int) -> None:  # fmt: skip
+    """Build a Polish-English calibration set (calibration.jsonl + card) for MODEL's tokenizer."""
+    from orlik.calibration import build as calib
+
+    card = calib.build(model, out, tokens=tokens, pl_ratio=pl_ratio, seed=seed, lang=lang,
+                       user_files=list(files), include_corpus=not no_corpus, include_chat=not no_chat,
+                       include_parallel=not no_parallel, max_sample_tokens=max_sample_tokens)  # fmt: skip
+    res = card["result"]
+    emit({"out": card["out"], "samples": res["samples"], "tokens": res["tokens"],
+          "tokens_by_lang": res["tokens_by_lang"], "pl_ratio": res["pl_ratio"],
+          "tokens_by_source": res["tokens_by_source"], "dropped": card["drops"],
+          "sha256": card["calibration_sha256"]})  # fmt: skip
 
 
 @calibrate.command("imatrix", context_settings={"ignore_unknown_options": True})

@@ -1,1 +1,64 @@
-"""orlik.quantize.backends."""
+"""Quantization backends, one module per format, registered by name.
+
+A backend turns an FP16 checkpoint into a variant directory; it never runs the result (that is
+serving's runtimes). Modules are imported only when their format is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from orlik.checkpoint import Checkpoint
+from orlik.errors import MissingDependencyError, UnknownNameError
+from orlik.manifest import Variant
+from orlik.quantize.recipe import FORMATS, Recipe
+
+# format -> module under orlik.quantize.backends
+BACKEND_MODULES: dict[str, str] = {fmt: fmt for fmt in FORMATS}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a backend may read from the calibration stage; any part can be absent."""
+
+    jsonl: Path | None = None  # calibration.jsonl from `orlik calibrate build`
+    imatrix: Path | None = None  # imatrix.gguf from `orlik calibrate imatrix`
+    hash: str | None = None  # content hash of calibration.jsonl (from its card)
+    imatrix_hash: str | None = None
+
+
+class Backend(ABC):
+    name: str = ""
+    formats: tuple[str, ...] = ()
+
+    @classmethod
+    def missing(cls) -> str | None:
+        """Why this backend cannot run here, with the exact install line; None when it can."""
+        return None
+
+    @abstractmethod
+    def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
+        """Write the variant's files into `out` (an empty staging dir) and return its manifest.
+
+        The caller owns atomicity: it passes a `.partial` directory and renames it when the
+        returned Variant has been saved.
+        """
+
+
+def backend_for(fmt: str) -> Backend:
+    if fmt not in BACKEND_MODULES:
+        raise UnknownNameError("format", fmt, list(BACKEND_MODULES))
+    try:
+        mod = importlib.import_module(f"orlik.quantize.backends.{BACKEND_MODULES[fmt]}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("orlik.quantize.backends"):
+            raise MissingDependencyError(f"the {fmt} backend is not part of this orlik build yet") from None
+        raise
+    cls: type[Backend] = mod.BACKEND
+    why = cls.missing()
+    if why:
+        raise MissingDependencyError(why)
+    return cls()

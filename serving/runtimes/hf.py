@@ -20,6 +20,9 @@ class HFRuntime(Runtime):
     def __init__(self, ckpt: Checkpoint, model: Any, tokenizer: Any, threads: int | None) -> None:
         self.ckpt, self.model, self.tok = ckpt, model, tokenizer
         self.threads = threads
+        # Whether the tokenizer's own post-processor adds BOS (transformers 5 has no add_bos_token flag).
+        probe = tokenizer.encode("a", add_special_tokens=True)
+        self._adds_bos = bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
 
     @classmethod
     def missing(cls) -> str | None:
@@ -69,7 +72,7 @@ class HFRuntime(Runtime):
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
         ids: list[int] = self.tok.encode(text, add_special_tokens=False, split_special_tokens=not special)
-        if add_bos and self.bos_id is not None and getattr(self.tok, "add_bos_token", True):
+        if add_bos and self._adds_bos:
             ids = [self.bos_id, *ids]
         return ids
 

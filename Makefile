@@ -1,0 +1,55 @@
+# orlik: `make demo` trains, quantizes and benchmarks the tiny model; `make test` runs the tests.
+# Both create .venv and build llama.cpp (once, cached in ~/.cache/orlik) on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+ORLIK := $(VENV)/bin/orlik
+LLAMA_CPP_PYTHON := 0.3.36
+ORLIK_CACHE ?= $(HOME)/.cache/orlik
+LLAMA_ROOT := $(ORLIK_CACHE)/llama.cpp/$(LLAMA_CPP_PYTHON)-$(shell uname -m)
+RUNS ?= runs
+MODEL ?= tiny
+ARCH ?= llama
+export ORLIK_CACHE
+
+.PHONY: demo test test-all lint llamacpp clean-demo help
+
+help:
+	@echo "make demo   - set up, train the tiny model, quantize, benchmark, print the table"
+	@echo "make test   - set up and run the test suite (not slow, not gpu)"
+	@echo "make llamacpp - build llama.cpp tools + llama-cpp-python once (cached in $(LLAMA_ROOT))"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	@echo "installing torch 2.13.0 (CPU) and orlik's dependencies..."
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[train,serve,bench,dev]" "gguf>=0.17" diskcache
+	touch $@
+
+# One llama.cpp build serves the converter, the tools and llama-cpp-python (built without its own copy).
+$(VENV)/.llamacpp-$(LLAMA_CPP_PYTHON): $(VENV)/.installed scripts/build-llamacpp.sh
+	PIP=$(PIP) LLAMA_CPP_PYTHON_VERSION=$(LLAMA_CPP_PYTHON) bash scripts/build-llamacpp.sh
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) install --quiet --no-deps --force-reinstall "$(LLAMA_ROOT)/src"
+	site=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	  mkdir -p $$site/llama_cpp/lib && cp -P $(LLAMA_ROOT)/build/bin/lib*.so* $$site/llama_cpp/lib/
+	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'uses', '$(LLAMA_ROOT)')"
+	touch $@
+
+llamacpp: $(VENV)/.llamacpp-$(LLAMA_CPP_PYTHON)
+
+demo: llamacpp
+	bash scripts/demo.sh
+
+test: llamacpp
+	$(VENV)/bin/pytest -q -m "not slow and not gpu"
+
+test-all: llamacpp
+	$(VENV)/bin/pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean-demo:
+	rm -rf $(RUNS)/$(MODEL)

@@ -1,0 +1,320 @@
+"""`orlik calibrate build`: mix corpus, user, chat and parallel text into one Polish-leaning
+calibration set of an exact token budget, filtered for language, duplicates and held-out overlap."""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import random
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from orlik import progress
+from orlik.errors import InputError, OutputError
+from orlik.fsutil import atomic_dir
+
+from . import card as cardmod
+from . import dedup, langid
+from .sources import (
+    Sample,
+    TokenCounter,
+    chat_samples,
+    corpus_samples,
+    heldout_texts,
+    load_files,
+    parallel_samples,
+    user_samples,
+)
+
+LANG_MODES = ("pl", "en", "mixed")
+OUTPUT_FILES = ("calibration.jsonl", "card.json", "card.md")
+MIN_TOKENS = 8  # shorter samples carry no context worth calibrating on
+_EXAMPLES = 5
+
+
+def build(
+    model: Path,
+    out: Path | None = None,
+    *,
+    tokens: int = 60_000,
+    pl_ratio: float = 0.7,
+    seed: int = 0,
+    lang: str = "mixed",
+    user_files: Sequence[Path] = (),
+    include_corpus: bool = True,
+    include_chat: bool = True,
+    include_parallel: bool = True,
+    max_sample_tokens: int = 512,
+    near_dup_threshold: float = 0.8,
+    corpus_root: Path | None = None,
+) -> dict[str, Any]:
+    """Build `<out>/calibration.jsonl`, `card.json` and `card.md`; returns the card.
+
+    User files come first: they fill their language's budget before the built-in corpus does.
+    Within each tier, domains are balanced by tokens. The result is the same for the same seed.
+    """
+    from orlik.training import corpus
+
+    from orlik.checkpoint import Checkpoint
+
+    _validate(tokens, pl_ratio, lang, max_sample_tokens, near_dup_threshold)
+    model = Path(model)
+    out = Path(out) if out is not None else model.resolve().parent / "calib"
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a directory")
+    root = Path(corpus_root or corpus.DATA_DIR)
+    files = load_files(list(user_files))  # fail on bad input before any slow step
+    ckpt = Checkpoint.open(model)
+    langs = ("pl", "en") if lang == "mixed" else (lang,)
+    targets = _targets(tokens, pl_ratio, lang)
+
+    progress.info(f"calibrate: tokenizer of {model}")
+    tokenizer = ckpt.load_tokenizer()
+    count = TokenCounter(tokenizer)
+    notes: list[str] = []
+    sources: list[dict[str, Any]] = []
+    candidates: list[Sample] = []
+
+    user, entries = user_samples(files, count, max_sample_tokens)
+    candidates += user
+    sources += [{"kind": "user", **e} for e in entries]
+    if include_corpus:
+        docs = corpus_samples(root, langs, count, max_sample_tokens)
+        candidates += docs
+        sources.append({"kind": "corpus", "split": "train", "root": str(root), "chunks": len(docs)})
+    if include_parallel:
+        if (root / "parallel.jsonl").is_file():
+            par = parallel_samples(root, langs, count)
+            candidates += par
+            sources.append({"kind": "parallel", "split": "train", "sides": len(par)})
+        else:
+            notes.append(f"parallel pairs skipped: {root / 'parallel.jsonl'} does not exist")
+    if include_chat:
+        if not ckpt.chat_template:
+            notes.append("chat samples skipped: the checkpoint has no chat template")
+        elif not (root / "chat.jsonl").is_file():
+            notes.append(f"chat samples skipped: {root / 'chat.jsonl'} does not exist")
+        else:
+            chats, failed = chat_samples(root, langs, tokenizer, count)
+            candidates += chats
+            sources.append(
+                {
+                    "kind": "chat",
+                    "split": "train",
+                    "rendered": len(chats),
+                    "template": "checkpoint chat_template",
+                }
+            )
+            if failed:
+                notes.append(f"{failed} chats could not be rendered by the checkpoint's chat template")
+
+    progress.info(f"calibrate: {len(candidates)} candidates; language id, held-out overlap, dedup")
+    heldout = dedup.HeldoutIndex(heldout_texts(root))
+    pool, drops, examples, assigned = _filter(candidates, langs, heldout, near_dup_threshold)
+    if assigned:
+        notes.append(f"{assigned} samples of the user's files without a 'lang' took the detected language")
+    if not candidates:
+        raise InputError(
+            "nothing to calibrate on: every source is off (--no-corpus/--no-chat/--no-parallel) "
+            "and no --file was given"
+        )
+    if not pool:
+        detail = ", ".join(f"{k} {v}" for k, v in drops.items()) or f"none in --lang {lang}"
+        raise InputError(
+            f"no calibration samples left after filtering ({len(candidates)} candidates; dropped: {detail})"
+        )
+
+    available = {lg: sum(s.tokens for s in pool if s.lang == lg) for lg in langs}
+    short = {lg: t for lg, t in targets.items() if available.get(lg, 0) < t}
+    if short:
+        have = " and ".join(f"{available.get(lg, 0)} {lg}" for lg in ("pl", "en") if lg in targets)
+        need = " + ".join(f"{t} {lg}" for lg, t in targets.items())
+        ratio = f" at --pl-ratio {pl_ratio}" if lang == "mixed" else f" of --lang {lang}"
+        most = min(int(available.get(lg, 0) * tokens / t) for lg, t in targets.items())
+        raise InputError(
+            f"cannot build {tokens} tokens{ratio}: needs {need} tokens but the sources hold {have} "
+            f"after filtering (at most {most} tokens at this ratio); lower --tokens, change --pl-ratio "
+            f"or add --file"
+        )
+
+    rng = random.Random(seed)
+    chosen: list[Sample] = []
+    for lg, target in targets.items():
+        chosen += _select([s for s in pool if s.lang == lg], target, rng, count)
+    rng.shuffle(chosen)
+
+    data = "".join(json.dumps(_record(s), ensure_ascii=False) + "\n" for s in chosen).encode("utf-8")
+    card = cardmod.make(
+        chosen,
+        data,
+        model={
+            "path": str(model),
+            "model_type": ckpt.arch,
+            "tokenizer_sha256": cardmod.tokenizer_hash(ckpt.path),
+            "tokenizer_class": type(tokenizer).__name__,
+        },
+        request={
+            "tokens": tokens,
+            "pl_ratio": pl_ratio,
+            "lang": lang,
+            "seed": seed,
+            "max_sample_tokens": max_sample_tokens,
+            "token_count": "model tokenizer, no BOS/EOS",
+        },
+        sources=sources,
+        available=available,
+        filters={
+            "langid": langid.accuracy(root=root),
+            "near_duplicates": {
+                "method": "minhash-lsh",
+                "shingle": dedup.SHINGLE,
+                "threshold": near_dup_threshold,
+            },
+            "heldout": {"ngram": dedup.HELDOUT_NGRAM, "ngrams": len(heldout)},
+        },
+        drops=drops,
+        drop_examples=examples,
+        notes=notes,
+    )
+    _write(out, data, card)
+    card["out"] = str(out)
+    progress.info(f"calibrate: wrote {out / 'calibration.jsonl'} ({card['result']['tokens']} tokens)")
+    return card
+
+
+def _validate(tokens: int, pl_ratio: float, lang: str, max_sample_tokens: int, near: float) -> None:
+    if lang not in LANG_MODES:
+        raise InputError(f"unknown --lang {lang!r}; valid: {', '.join(LANG_MODES)}")
+    if not isinstance(tokens, int) or tokens <= 0:
+        raise InputError(f"--tokens must be a positive number of tokens, got {tokens}")
+    if not 0.0 <= pl_ratio <= 1.0:
+        raise InputError(f"--pl-ratio must be between 0 and 1, got {pl_ratio}")
+    if max_sample_tokens < 2 * MIN_TOKENS:
+        raise InputError(f"--max-sample-tokens must be at least {2 * MIN_TOKENS}, got {max_sample_tokens}")
+    if not 0.0 < near <= 1.0:
+        raise InputError(f"the near-duplicate threshold must be in (0, 1], got {near}")
+
+
+def _targets(tokens: int, pl_ratio: float, lang: str) -> dict[str, int]:
+    if lang != "mixed":
+        return {lang: tokens}
+    pl = round(tokens * pl_ratio)
+    return {k: v for k, v in {"pl": pl, "en": tokens - pl}.items() if v > 0}
+
+
+def _filter(
+    candidates: list[Sample], langs: tuple[str, ...], heldout: dedup.HeldoutIndex, near_threshold: float
+) -> tuple[list[Sample], dict[str, int], dict[str, list[str]], int]:
+    """Keep samples in the requested languages that are new and share nothing with held-out text."""
+    detected = langid.detect([s.words_text for s in candidates])
+    exact, near = dedup.ExactDuplicates(), dedup.NearDuplicates(near_threshold)
+    drops: Counter[str] = Counter()
+    examples: dict[str, list[str]] = defaultdict(list)
+    pool: list[Sample] = []
+    assigned = 0
+    for s, got in zip(candidates, detected, strict=True):
+        reason = None
+        if s.tokens < MIN_TOKENS:
+            reason = "too_short"
+        elif got is None:
+            reason = "lang_undetermined"
+        elif s.lang is not None and s.lang != got:
+            reason = "lang_mismatch"
+        elif got not in ("pl", "en"):
+            reason = "lang_other"
+        elif got not in langs:
+            continue  # another language than the one asked for: not a defect, not counted
+        elif heldout.overlaps(s.words_text):
+            reason = "heldout_overlap"
+        elif exact.seen(s.words_text):
+            reason = "duplicate_exact"
+        elif near.seen(s.words_text):
+            reason = "duplicate_near"
+        if reason:
+            drops[reason] += 1
+            if len(examples[reason]) < _EXAMPLES:
+                examples[reason].append(
+                    s.source + (f" (detected {got})" if reason == "lang_mismatch" else "")
+                )
+            continue
+        if s.lang is None:
+            assigned += 1
+            s = s.with_(lang=got)
+        pool.append(s)
+    return pool, dict(sorted(drops.items())), dict(examples), assigned
+
+
+def _select(pool: list[Sample], target: int, rng: random.Random, count: TokenCounter) -> list[Sample]:
+    """Up to `target` tokens: user samples first, then the rest, balancing tokens across domains.
+
+    The last gap, if any, is filled with a word-boundary prefix of a sample that did not fit.
+    """
+    chosen: list[Sample] = []
+    leftovers: list[Sample] = []
+    remaining = target
+    for tier in (True, False):
+        groups: dict[str, list[Sample]] = defaultdict(list)
+        for s in pool:
+            if (s.kind == "user") == tier:
+                groups[s.domain].append(s)
+        for k in sorted(groups):
+            rng.shuffle(groups[k])
+        heap = [(0, k) for k in sorted(groups)]
+        while heap and remaining >= MIN_TOKENS:
+            got, k = heapq.heappop(heap)
+            queue = groups[k]
+            while queue and queue[-1].tokens > remaining:
+                leftovers.append(queue.pop())
+            if queue:
+                s = queue.pop()
+                chosen.append(s)
+                remaining -= s.tokens
+                heapq.heappush(heap, (got + s.tokens, k))
+    for s in leftovers:
+        if remaining < MIN_TOKENS:
+            break
+        if s.truncatable:
+            text, n = count.truncate(s.text, remaining)
+            if n >= MIN_TOKENS:
+                chosen.append(s.with_(text=text, plain=text, tokens=n, source=f"{s.source} (truncated)"))
+                remaining -= n
+    return chosen
+
+
+def _record(s: Sample) -> dict[str, Any]:
+    return {"text": s.text, "lang": s.lang, "domain": s.domain, "source": s.source, "tokens": s.tokens}
+
+
+def _write(out: Path, data: bytes, card: dict[str, Any]) -> None:
+    """Replace the three files at once; other files in `out` (an imatrix, say) are carried over."""
+    with atomic_dir(out) as tmp:
+        if out.is_dir():
+            for old in out.iterdir():
+                if old.name not in OUTPUT_FILES:
+                    _carry(old, tmp / old.name)
+        (tmp / "calibration.jsonl").write_bytes(data)
+        (tmp / "card.json").write_text(
+            json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        (tmp / "card.md").write_text(cardmod.to_markdown(card), encoding="utf-8")
+
+
+def _carry(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+__all__ = ["LANG_MODES", "build"]

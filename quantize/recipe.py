@@ -1,0 +1,145 @@
+"""Recipes: what to quantize to. A dataclass with from_name/from_dict, and named presets.
+
+Names are the user-facing handles: "Q4_K_M" / "Q4_K_M-imat" (GGUF without/with importance
+matrix), "gptq-w4g128", "awq-w4g128", "hqq-3bit-g64", "exl2-4.0bpw", "mlx-q4" (group 64) or
+"mlx-q4-g32". Everything a backend needs beyond that lives in `options` and `overrides`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from orlik.errors import InputError, UnknownNameError
+
+FORMATS = ("gguf", "gptq", "awq", "hqq", "exl2", "mlx")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    format: str
+    qtype: str | None = None  # GGUF type name, e.g. "Q4_K_M"
+    bits: float | None = None  # weight bits (GPTQ/AWQ/HQQ/MLX) or target bpw (EXL2)
+    group_size: int | None = None  # None = per-channel where the format allows it
+    imatrix: bool = False  # GGUF: quantize with the importance matrix
+    calibration: bool = False  # the backend reads the calibration set
+    output_type: str | None = None  # GGUF: type of output.weight (lm_head)
+    embedding_type: str | None = None  # GGUF: type of token_embd.weight
+    overrides: tuple[tuple[str, str], ...] = ()  # (tensor glob, type) pairs, first match wins
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["overrides"] = [list(p) for p in self.overrides]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        if not isinstance(d, dict):
+            raise InputError("a recipe must be a mapping")
+        if "name" in d and set(d) == {"name"}:
+            return cls.from_name(d["name"])
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"recipe has unknown field(s): {', '.join(unknown)}")
+        if d.get("format") not in FORMATS:
+            raise UnknownNameError("format", str(d.get("format")), FORMATS)
+        d = dict(d)
+        ov = d.get("overrides") or ()
+        if isinstance(ov, dict):
+            ov = list(ov.items())
+        try:
+            d["overrides"] = tuple((str(g), str(t)) for g, t in ov)
+        except (TypeError, ValueError):
+            raise InputError("recipe overrides must be {glob: type} or [[glob, type], ...]") from None
+        d.setdefault("name", _default_name(d))
+        return cls(**d)
+
+    @classmethod
+    def from_name(cls, name: str) -> Recipe:
+        for pattern, build in _PARSERS:
+            m = re.fullmatch(pattern, name, flags=re.IGNORECASE)
+            if m:
+                return build(m, name)
+        raise UnknownNameError("recipe", name, sorted(PRESETS) + ["<GGUF type>[-imat]", *_EXAMPLES])
+
+
+def _default_name(d: dict[str, Any]) -> str:
+    if d["format"] == "gguf":
+        return f"{d.get('qtype')}{'-imat' if d.get('imatrix') else ''}"
+    g = d.get("group_size")
+    return f"{d['format']}-{d.get('bits')}bit" + (f"-g{g}" if g else "")
+
+
+# GGUF types orlik builds; `requires_imatrix` are those llama-quantize refuses to make without one.
+GGUF_TYPES = (
+    "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0",
+    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S", "IQ4_NL", "IQ4_XS", "IQ3_M", "IQ3_S",
+    "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
+)  # fmt: skip
+GGUF_REQUIRES_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "Q2_K_S")
+
+_EXAMPLES = ["gptq-w4g128", "awq-w4g128", "hqq-3bit-g64", "exl2-4.0bpw", "mlx-q4", "mlx-q4-g32"]
+
+
+def _gguf(m: re.Match[str], name: str) -> Recipe:
+    qtype = m.group(1).upper()
+    if qtype not in GGUF_TYPES:
+        raise UnknownNameError("GGUF type", qtype, GGUF_TYPES)
+    imat = bool(m.group(2))
+    return Recipe(name=f"{qtype}{'-imat' if imat else ''}", format="gguf", qtype=qtype, imatrix=imat,
+                  calibration=imat)  # fmt: skip
+
+
+def _grouped(fmt: str, calibration: bool) -> Any:
+    def build(m: re.Match[str], name: str) -> Recipe:
+        bits = int(m.group(1))
+        g = m.group(2)
+        return Recipe(name=name.lower(), format=fmt, bits=bits, group_size=int(g) if g else None,
+                      calibration=calibration)  # fmt: skip
+
+    return build
+
+
+def _exl2(m: re.Match[str], name: str) -> Recipe:
+    return Recipe(name=name.lower(), format="exl2", bits=float(m.group(1)), calibration=True,
+                  options={"head_bits": int(m.group(2) or 6)})  # fmt: skip
+
+
+def _mlx(m: re.Match[str], name: str) -> Recipe:
+    return Recipe(name=name.lower(), format="mlx", bits=int(m.group(1)), group_size=int(m.group(2) or 64))
+
+
+_PARSERS: list[tuple[str, Any]] = [
+    (r"([A-Z0-9_]+?)(-imat)?", _gguf),
+    (r"gptq-w(\d)(?:g(\d+))?", _grouped("gptq", True)),
+    (r"awq-w(\d)(?:g(\d+))?", _grouped("awq", True)),
+    (r"hqq-(\d)bit(?:-g(\d+))?", _grouped("hqq", False)),
+    (r"exl2-(\d+(?:\.\d+)?)bpw(?:-h(\d))?", _exl2),
+    (r"mlx-q(\d)(?:-g(\d+))?", _mlx),
+]
+# The GGUF pattern matches any upper-case word; try the specific patterns first.
+_PARSERS = _PARSERS[1:] + _PARSERS[:1]
+
+TABLE8 = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
+PRESETS: dict[str, tuple[str, ...]] = {
+    # Bielik 7B Table 8: each type without and with the importance matrix, plus IQ2_XXS for phones.
+    "bielik-table8": tuple(n for t in TABLE8 for n in (t, f"{t}-imat")) + ("IQ2_XXS-imat",),
+    "gguf-all": tuple(t for t in GGUF_TYPES if t not in ("F16", "BF16") and t not in GGUF_REQUIRES_IMATRIX)
+    + tuple(f"{t}-imat" for t in GGUF_TYPES if t not in ("F16", "BF16")),
+}
+
+
+def expand(names: list[str] | tuple[str, ...]) -> list[Recipe]:
+    """Recipe names and preset names -> recipes, in order, without duplicates."""
+    out: dict[str, Recipe] = {}
+    for n in names:
+        for item in PRESETS.get(n, (n,)):
+            r = Recipe.from_name(item)
+            out.setdefault(r.name, r)
+    if not out:
+        raise InputError("no recipes given")
+    return list(out.values())
