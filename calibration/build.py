@@ -13,7 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from orlik.training import corpus
+
 from orlik import progress
+from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, OutputError
 from orlik.fsutil import atomic_dir
 
@@ -22,6 +25,7 @@ from . import dedup, langid
 from .sources import (
     Sample,
     TokenCounter,
+    UserFile,
     chat_samples,
     corpus_samples,
     heldout_texts,
@@ -34,6 +38,7 @@ LANG_MODES = ("pl", "en", "mixed")
 OUTPUT_FILES = ("calibration.jsonl", "card.json", "card.md")
 MIN_TOKENS = 8  # shorter samples carry no context worth calibrating on
 _EXAMPLES = 5
+_BATCH = 256
 
 
 def build(
@@ -57,10 +62,6 @@ def build(
     User files come first: they fill their language's budget before the built-in corpus does.
     Within each tier, domains are balanced by tokens. The result is the same for the same seed.
     """
-    from orlik.training import corpus
-
-    from orlik.checkpoint import Checkpoint
-
     _validate(tokens, pl_ratio, lang, max_sample_tokens, near_dup_threshold)
     model = Path(model)
     out = Path(out) if out is not None else model.resolve().parent / "calib"
@@ -68,6 +69,7 @@ def build(
         raise OutputError(f"output {out} exists and is not a directory")
     root = Path(corpus_root or corpus.DATA_DIR)
     files = load_files(list(user_files))  # fail on bad input before any slow step
+    langid.check()
     ckpt = Checkpoint.open(model)
     langs = ("pl", "en") if lang == "mixed" else (lang,)
     targets = _targets(tokens, pl_ratio, lang)
@@ -75,53 +77,23 @@ def build(
     progress.info(f"calibrate: tokenizer of {model}")
     tokenizer = ckpt.load_tokenizer()
     count = TokenCounter(tokenizer)
-    notes: list[str] = []
-    sources: list[dict[str, Any]] = []
-    candidates: list[Sample] = []
-
-    user, entries = user_samples(files, count, max_sample_tokens)
-    candidates += user
-    sources += [{"kind": "user", **e} for e in entries]
-    if include_corpus:
-        docs = corpus_samples(root, langs, count, max_sample_tokens)
-        candidates += docs
-        sources.append({"kind": "corpus", "split": "train", "root": str(root), "chunks": len(docs)})
-    if include_parallel:
-        if (root / "parallel.jsonl").is_file():
-            par = parallel_samples(root, langs, count)
-            candidates += par
-            sources.append({"kind": "parallel", "split": "train", "sides": len(par)})
-        else:
-            notes.append(f"parallel pairs skipped: {root / 'parallel.jsonl'} does not exist")
-    if include_chat:
-        if not ckpt.chat_template:
-            notes.append("chat samples skipped: the checkpoint has no chat template")
-        elif not (root / "chat.jsonl").is_file():
-            notes.append(f"chat samples skipped: {root / 'chat.jsonl'} does not exist")
-        else:
-            chats, failed = chat_samples(root, langs, tokenizer, count)
-            candidates += chats
-            sources.append(
-                {
-                    "kind": "chat",
-                    "split": "train",
-                    "rendered": len(chats),
-                    "template": "checkpoint chat_template",
-                }
-            )
-            if failed:
-                notes.append(f"{failed} chats could not be rendered by the checkpoint's chat template")
-
-    progress.info(f"calibrate: {len(candidates)} candidates; language id, held-out overlap, dedup")
-    heldout = dedup.HeldoutIndex(heldout_texts(root))
-    pool, drops, examples, assigned = _filter(candidates, langs, heldout, near_dup_threshold)
-    if assigned:
-        notes.append(f"{assigned} samples of the user's files without a 'lang' took the detected language")
+    candidates, sources, notes = _gather(
+        root, langs, files, ckpt, tokenizer, count, max_sample_tokens,
+        include_corpus=include_corpus, include_chat=include_chat, include_parallel=include_parallel,
+    )  # fmt: skip
     if not candidates:
         raise InputError(
             "nothing to calibrate on: every source is off (--no-corpus/--no-chat/--no-parallel) "
             "and no --file was given"
         )
+
+    progress.info(f"calibrate: {len(candidates)} candidates; language id, held-out overlap, dedup")
+    heldout = dedup.HeldoutIndex(heldout_texts(root))
+    pool, drops, examples, events = _filter(candidates, langs, heldout, near_dup_threshold)
+    if events["assigned"]:
+        notes.append(f"{events['assigned']} user samples without a 'lang' took the detected language")
+    if events["skipped"]:
+        notes.append(f"{events['skipped']} user samples in the other language were left out (--lang {lang})")
     if not pool:
         detail = ", ".join(f"{k} {v}" for k, v in drops.items()) or f"none in --lang {lang}"
         raise InputError(
@@ -135,16 +107,24 @@ def build(
         need = " + ".join(f"{t} {lg}" for lg, t in targets.items())
         ratio = f" at --pl-ratio {pl_ratio}" if lang == "mixed" else f" of --lang {lang}"
         most = min(int(available.get(lg, 0) * tokens / t) for lg, t in targets.items())
+        hint = (
+            "lower --tokens, change --pl-ratio or add --file"
+            if lang == "mixed"
+            else "lower --tokens or add --file"
+        )
         raise InputError(
             f"cannot build {tokens} tokens{ratio}: needs {need} tokens but the sources hold {have} "
-            f"after filtering (at most {most} tokens at this ratio); lower --tokens, change --pl-ratio "
-            f"or add --file"
+            f"after filtering (at most {most} tokens{' at this ratio' if lang == 'mixed' else ''}); {hint}"
         )
 
     rng = random.Random(seed)
     chosen: list[Sample] = []
     for lg, target in targets.items():
-        chosen += _select([s for s in pool if s.lang == lg], target, rng, count)
+        picked = _select([s for s in pool if s.lang == lg], target, rng, count)
+        got = sum(s.tokens for s in picked)
+        if got < target - MIN_TOKENS:
+            notes.append(f"{lg}: {got} of {target} tokens; no remaining sample fits the gap or can be cut")
+        chosen += picked
     rng.shuffle(chosen)
 
     data = "".join(json.dumps(_record(s), ensure_ascii=False) + "\n" for s in chosen).encode("utf-8")
@@ -186,6 +166,49 @@ def build(
     return card
 
 
+def _gather(
+    root: Path,
+    langs: tuple[str, ...],
+    files: list[UserFile],
+    ckpt: Checkpoint,
+    tokenizer: Any,
+    count: TokenCounter,
+    max_sample_tokens: int,
+    *,
+    include_corpus: bool,
+    include_chat: bool,
+    include_parallel: bool,
+) -> tuple[list[Sample], list[dict[str, Any]], list[str]]:
+    """Every candidate sample, in a fixed order (user files first), with the card's source list."""
+    notes: list[str] = []
+    candidates, entries = user_samples(files, count, max_sample_tokens)
+    sources: list[dict[str, Any]] = [{"kind": "user", **e} for e in entries]
+    if include_corpus:
+        docs = corpus_samples(root, langs, count, max_sample_tokens)
+        candidates += docs
+        sources.append({"kind": "corpus", "split": "train", "root": str(root), "chunks": len(docs)})
+    if include_parallel:
+        if (root / "parallel.jsonl").is_file():
+            par = parallel_samples(root, langs, count)
+            candidates += par
+            sources.append({"kind": "parallel", "split": "train", "sides": len(par)})
+        else:
+            notes.append(f"parallel pairs skipped: {root / 'parallel.jsonl'} does not exist")
+    if include_chat:
+        if not ckpt.chat_template:
+            notes.append("chat samples skipped: the checkpoint has no chat template")
+        elif not (root / "chat.jsonl").is_file():
+            notes.append(f"chat samples skipped: {root / 'chat.jsonl'} does not exist")
+        else:
+            chats, failed = chat_samples(root, langs, tokenizer, count)
+            candidates += chats
+            sources.append({"kind": "chat", "split": "train", "rendered": len(chats),
+                            "template": "the checkpoint's chat template"})  # fmt: skip
+            if failed:
+                notes.append(f"{failed} chats could not be rendered by the checkpoint's chat template")
+    return candidates, sources, notes
+
+
 def _validate(tokens: int, pl_ratio: float, lang: str, max_sample_tokens: int, near: float) -> None:
     if lang not in LANG_MODES:
         raise InputError(f"unknown --lang {lang!r}; valid: {', '.join(LANG_MODES)}")
@@ -208,44 +231,65 @@ def _targets(tokens: int, pl_ratio: float, lang: str) -> dict[str, int]:
 
 def _filter(
     candidates: list[Sample], langs: tuple[str, ...], heldout: dedup.HeldoutIndex, near_threshold: float
-) -> tuple[list[Sample], dict[str, int], dict[str, list[str]], int]:
-    """Keep samples in the requested languages that are new and share nothing with held-out text."""
-    detected = langid.detect([s.words_text for s in candidates])
+) -> tuple[list[Sample], dict[str, int], dict[str, list[str]], Counter[str]]:
+    """Keep samples in the requested languages that are new and share nothing with held-out text.
+
+    Returns the pool, drop counts by reason, a few example sources per reason, and the counts of
+    samples kept but relabelled ("assigned") or left out for being in the other language ("skipped").
+    """
     exact, near = dedup.ExactDuplicates(), dedup.NearDuplicates(near_threshold)
     drops: Counter[str] = Counter()
+    events: Counter[str] = Counter()
     examples: dict[str, list[str]] = defaultdict(list)
     pool: list[Sample] = []
-    assigned = 0
-    for s, got in zip(candidates, detected, strict=True):
-        reason = None
-        if s.tokens < MIN_TOKENS:
-            reason = "too_short"
-        elif got is None:
-            reason = "lang_undetermined"
-        elif s.lang is not None and s.lang != got:
-            reason = "lang_mismatch"
-        elif got not in ("pl", "en"):
-            reason = "lang_other"
-        elif got not in langs:
-            continue  # another language than the one asked for: not a defect, not counted
-        elif heldout.overlaps(s.words_text):
-            reason = "heldout_overlap"
-        elif exact.seen(s.words_text):
-            reason = "duplicate_exact"
-        elif near.seen(s.words_text):
-            reason = "duplicate_near"
-        if reason:
-            drops[reason] += 1
-            if len(examples[reason]) < _EXAMPLES:
-                examples[reason].append(
-                    s.source + (f" (detected {got})" if reason == "lang_mismatch" else "")
-                )
-            continue
-        if s.lang is None:
-            assigned += 1
-            s = s.with_(lang=got)
-        pool.append(s)
-    return pool, dict(sorted(drops.items())), dict(examples), assigned
+    with progress.bar("filter", total=len(candidates)) as bar:
+        for i in range(0, len(candidates), _BATCH):
+            batch = candidates[i : i + _BATCH]
+            for s, got in zip(batch, langid.detect([s.words_text for s in batch]), strict=True):
+                reason = _reject(s, got, langs, heldout, exact, near)
+                if reason == "skipped":
+                    events["skipped"] += 1
+                elif reason:
+                    drops[reason] += 1
+                    if len(examples[reason]) < _EXAMPLES:
+                        why = f" (detected {got})" if reason == "lang_mismatch" else ""
+                        examples[reason].append(s.source + why)
+                else:
+                    if s.lang is None:
+                        events["assigned"] += 1
+                        s = s.with_(lang=got)
+                    pool.append(s)
+            bar.advance(len(batch))
+    return pool, dict(sorted(drops.items())), dict(examples), events
+
+
+def _reject(
+    s: Sample,
+    got: str | None,
+    langs: tuple[str, ...],
+    heldout: dedup.HeldoutIndex,
+    exact: dedup.ExactDuplicates,
+    near: dedup.NearDuplicates,
+) -> str | None:
+    """Why `s` cannot be used (cheap checks first), "skipped" for the other language, or None."""
+    if s.tokens < MIN_TOKENS:
+        return "too_short"
+    if got is None:
+        return "lang_undetermined"
+    if s.lang is not None and s.lang != got:
+        return "lang_mismatch"
+    if got not in ("pl", "en"):
+        return "lang_other"
+    if got not in langs:
+        return "skipped"
+    if heldout.overlaps(s.words_text):
+        return "heldout_overlap"
+    # Dedup last, so that a sample dropped for another reason never shadows a later copy.
+    if exact.seen(s.words_text):
+        return "duplicate_exact"
+    if near.seen(s.words_text):
+        return "duplicate_near"
+    return None
 
 
 def _select(pool: list[Sample], target: int, rng: random.Random, count: TokenCounter) -> list[Sample]:

@@ -120,13 +120,13 @@ def to_markdown(card: dict[str, Any]) -> str:
         "",
     ]
     f = card["filters"]
-    lid = f["langid"]
+    lid, near = f["langid"], f["near_duplicates"]
     lines += [
         f"- language id: {lid['method']} (lingua {lid['lingua_version']}). Accuracy on the held-out "
         f"corpus: {lid['paragraphs']['accuracy']:.4f} of {lid['paragraphs']['n']} paragraphs, "
         f"{lid['sentences']['accuracy']:.4f} of {lid['sentences']['n']} sentences.",
-        f"- duplicates: exact (normalised text) and near (MinHash over word {f['near_duplicates']['shingle']}-grams, "
-        f"Jaccard >= {f['near_duplicates']['threshold']}).",
+        f"- duplicates: exact (normalised text) and near (MinHash over word {near['shingle']}-grams, "
+        f"Jaccard >= {near['threshold']}).",
         f"- held-out overlap: any shared word {f['heldout']['ngram']}-gram with the held-out split "
         f"({f['heldout']['ngrams']} n-grams) refuses a sample.",
         "",

@@ -38,6 +38,11 @@ def _detector() -> Any:
     return LanguageDetectorBuilder.from_iso_codes_639_1(*codes).build()
 
 
+def check() -> None:
+    """Raise MissingDependencyError now, rather than after minutes of work, if lingua is absent."""
+    _detector()
+
+
 def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as _v

@@ -1,5 +1,9 @@
 """Candidate calibration samples from each source: corpus documents, the user's files, chats and
-parallel pairs, cut into chunks of at most `max_tokens` tokens of the model's tokenizer."""
+parallel pairs, cut into chunks of at most `max_tokens` tokens of the model's tokenizer.
+
+The project corpus is read through orlik.training.corpus, which is only its data loader (the
+files in the repo and their train/held-out split), not training code.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,13 @@ from orlik.errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl",)
-_PARA = re.compile(r"\n\s*\n")
-_SENT = re.compile(r"(?<=[.!?…])\s+")
+# Boundaries to cut long text at, coarsest first; the group keeps the separator.
+_LEVELS = (
+    re.compile(r"(\n[ \t]*\n\s*)"),  # paragraphs
+    re.compile(r"(\n\s*)"),  # lines (dialogue turns, lists)
+    re.compile(r"(?<=[.!?…])(\s+)"),  # sentences
+    re.compile(r"(\s+)"),  # words
+)
 
 CountFn = Callable[[list[str]], list[int]]
 
@@ -67,41 +76,36 @@ class TokenCounter:
         return best
 
 
-def _units(text: str, count: CountFn, max_tokens: int) -> list[tuple[str, int, str]]:
-    """(piece, tokens, separator-before) units no longer than max_tokens, in reading order."""
-    paras = [p.strip() for p in _PARA.split(text) if p.strip()]
+def _split(text: str, count: CountFn, max_tokens: int, level: int = 0) -> list[tuple[str, int, str]]:
+    """(piece, tokens, separator before it) in reading order, each piece at most max_tokens.
+
+    Text is cut at the coarsest boundary that suffices: paragraphs, then lines, then sentences,
+    then words. The separators are kept verbatim, so rejoining the pieces restores the text.
+    """
+    parts = _LEVELS[level].split(text)  # [piece, separator, piece, separator, ..., piece]
+    kept = [(p, sep) for p, sep in zip(parts[0::2], ["", *parts[1::2]], strict=True) if p.strip()]
     units: list[tuple[str, int, str]] = []
-    for p, n in zip(paras, count(paras), strict=True):
-        if n <= max_tokens:
-            units.append((p, n, "\n\n"))
-            continue
-        sents = [s for s in _SENT.split(p) if s.strip()]
-        first = True
-        for s, m in zip(sents, count(sents), strict=True):
-            pieces = [(s, m)]
-            if m > max_tokens:  # a "sentence" with no punctuation: cut by words
-                ws = s.split()
-                step = max(1, len(ws) * max_tokens // (m + 1))
-                parts = [" ".join(ws[i : i + step]) for i in range(0, len(ws), step)]
-                pieces = list(zip(parts, count(parts), strict=True))
-            for piece, k in pieces:
-                units.append((piece, k, "\n\n" if first else " "))
-                first = False
+    for (piece, sep), n in zip(kept, count([p for p, _ in kept]), strict=True):
+        if n <= max_tokens or level == len(_LEVELS) - 1:
+            units.append((piece, n, sep))
+        else:
+            sub = _split(piece, count, max_tokens, level + 1)
+            units += [(sub[0][0], sub[0][1], sep), *sub[1:]]
     return units
 
 
 def chunk(text: str, count: CountFn, max_tokens: int) -> list[str]:
-    """Split text into chunks of whole paragraphs (or sentences, for long ones) up to max_tokens."""
+    """Cut text into chunks of whole paragraphs (or lines, sentences, words) up to max_tokens."""
     chunks: list[str] = []
     cur, cur_n = "", 0
-    for piece, n, sep in _units(text, count, max_tokens):
+    for piece, n, sep in _split(text.strip(), count, max_tokens):
         if cur and cur_n + n > max_tokens:
-            chunks.append(cur)
+            chunks.append(cur.strip())
             cur, cur_n = "", 0
         cur = f"{cur}{sep}{piece}" if cur else piece
         cur_n += n
-    if cur:
-        chunks.append(cur)
+    if cur.strip():
+        chunks.append(cur.strip())
     return chunks
 
 
@@ -149,6 +153,9 @@ def chat_samples(
         except Exception:  # a template that rejects a role order (e.g. no system turn) or a key
             failed += 1
             continue
+        bos = getattr(tokenizer, "bos_token", None)
+        if bos and text.startswith(bos):  # the runtime adds BOS; counts exclude it for every sample
+            text = text[len(bos) :]
         plain = "\n".join(str(m.get("content", "")) for m in rec["messages"])
         out.append(
             Sample(
@@ -165,7 +172,11 @@ def expand_files(paths: list[Path]) -> list[Path]:
         p = Path(p)
         if p.is_dir():
             found = sorted(
-                f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)  # .git, editor files
             )
             if not found:
                 raise InputError(f"directory {p} holds no .txt, .md or .jsonl files")
@@ -219,6 +230,11 @@ class UserFile:
     texts: list[tuple[str, str | None, str, str]]  # (text, declared lang, domain, source)
 
 
+def _lang_code(lang: str) -> str | None:
+    """ "pl", "PL", "pl-PL" and "pl_PL" all declare Polish; "" declares nothing."""
+    return re.split(r"[-_]", lang.strip().lower())[0] or None
+
+
 def load_files(paths: list[Path]) -> list[UserFile]:
     """Read and parse the user's files (and directories) up front, so bad input fails fast."""
     from orlik.fsutil import sha256_bytes
@@ -230,7 +246,7 @@ def load_files(paths: list[Path]) -> list[UserFile]:
             raise InputError(f"calibration file {f} is empty")
         if f.suffix in JSONL_SUFFIXES:
             texts = [
-                (r["text"], r.get("lang", "").lower() or None, r.get("domain") or "user", f"file:{f}:{i}")
+                (r["text"], _lang_code(r.get("lang", "")), r.get("domain") or "user", f"file:{f}:{i}")
                 for i, r in _jsonl_records(f, text)
             ]
         else:

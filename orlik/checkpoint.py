@@ -86,8 +86,14 @@ class Checkpoint:
         return tpl if isinstance(tpl, str) else None
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, LlamaTokenizer
 
+        # transformers 5 overrides the declared tokenizer_class for some model types (qwen2 -> its own
+        # byte-level Qwen2Tokenizer), which garbles a SentencePiece vocabulary such as orlik's: Polish
+        # letters and spaces vanish. A SentencePiece checkpoint that declares LlamaTokenizer is one.
+        declared = str(self.tokenizer_config.get("tokenizer_class") or "").removesuffix("Fast")
+        if declared == "LlamaTokenizer" and (self.path / "tokenizer.model").is_file():
+            return LlamaTokenizer.from_pretrained(str(self.path))
         return AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=False)
 
     def load_model(self, dtype: torch.dtype | None = None) -> PreTrainedModel:

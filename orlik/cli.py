@@ -161,32 +161,192 @@ def calibrate_build(model: Path, out: Path | None, tokens: int, pl_ratio: float,
           "sha256": card["calibration_sha256"]})  # fmt: skip
 
 
-@calibrate.command("imatrix", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def calibrate_imatrix(args: tuple[str, ...]) -> None:
-    """Compute an importance matrix with llama-imatrix (not built yet)."""
-    _not_built("calibrate imatrix", "issue: Calibration and GGUF")
+@calibrate.command("imatrix")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="calibration.jsonl or its directory  [default: MODEL/../calib]")
+@click.option("--lang", type=click.Choice(["pl", "en", "mixed"]), default="mixed", show_default=True,
+              help="Use only the samples of this language.")
+@click.option("--chunk", default=512, show_default=True, help="Tokens per llama-imatrix chunk (its -c).")
+@click.option("--chunks", "max_chunks", default=None, type=int, help="At most this many chunks (default: all).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="imatrix file  [default: <calib dir>/imatrix.gguf, imatrix-pl.gguf, imatrix-en.gguf]")
+@click.option("--force", is_flag=True, help="Recompute even if an up-to-date imatrix exists.")
+def calibrate_imatrix(model: Path, calib: Path | None, lang: str, chunk: int, max_chunks: int | None,
+                      out: Path | None, force: bool) -> None:  # fmt: skip
+    """Compute MODEL's importance matrix with llama-imatrix on its F16 GGUF (llama.cpp format)."""
+    from orlik.calibration import imatrix
+
+    calib = calib if calib is not None else model.resolve().parent / "calib"
+    card = imatrix.compute(model, calib, lang=lang, chunk=chunk, max_chunks=max_chunks, out=out, force=force)
+    emit({"out": card["path"], "lang": card["lang"], "chunks": card["chunks"], "chunk_size": card["chunk_size"],
+          "tokens_processed": card["tokens_processed"], "entries": card["entries"],
+          "calibration_sha256": card["calibration_sha256"], "sha256": card["sha256"],
+          "perplexity_f16": card["perplexity_f16"], "reused": bool(card.get("reused"))})  # fmt: skip
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def quantize(args: tuple[str, ...]) -> None:
-    """Produce quantized variants of a checkpoint (not built yet)."""
-    _not_built("quantize", "issue: Calibration and GGUF")
+def _type_override(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
+    pairs = []
+    for v in values:
+        glob, sep, qtype = v.rpartition("=")
+        if not sep or not glob or not qtype:
+            raise click.BadParameter(f"{v!r} is not GLOB=TYPE (e.g. 'blk.*.ffn_down.weight=Q6_K')")
+        pairs.append((glob, qtype))
+    return pairs
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench(args: tuple[str, ...]) -> None:
-    """Table 8 evaluation of variants against FP16 (not built yet)."""
-    _not_built("bench", "issue: Benchmarks")
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--recipe", "recipes", multiple=True, required=True,
+              help="Recipe or preset, repeatable: Q4_K_M, Q4_K_M-imat, IQ2_XXS-imat, bielik-table8, gguf-all.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="`orlik calibrate build` output dir; its imatrix.gguf is used (computed if missing).")
+@click.option("--imatrix", type=click.Path(path_type=Path), default=None, help="imatrix file (wins over --calib).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Variants root  [default: MODEL/../variants]")
+@click.option("--force", is_flag=True, help="Rebuild variants even when they verify.")
+@click.option("--type-override", "overrides", multiple=True, callback=_type_override,
+              help="GLOB=TYPE for matching tensors (whole GGUF names, e.g. 'blk.*.ffn_down.weight=Q6_K'); repeatable.")
+@click.option("--output-type", default=None, help="Tensor type of output.weight (e.g. Q8_0).")
+@click.option("--embedding-type", default=None, help="Tensor type of token_embd.weight (e.g. Q4_K).")
+def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix: Path | None, out: Path | None,
+             force: bool, overrides: list[tuple[str, str]], output_type: str | None,
+             embedding_type: str | None) -> None:  # fmt: skip
+    """Produce quantized variants of MODEL, one directory with variant.json per recipe."""
+    from orlik.quantize import recipe as rec
+    from orlik.quantize import run
+
+    plan = run.with_overrides(rec.expand(list(recipes)), overrides, output_type, embedding_type)
+    needs_imatrix = imatrix is None and calib is not None and any(r.imatrix for r in plan)
+    if needs_imatrix and not (calib / "imatrix.gguf").is_file() and (calib / "calibration.jsonl").is_file():
+        from orlik.calibration import imatrix as imat
+
+        imat.compute(model, calib, lang="mixed")
+    calibration = run.calibration_for(calib, imatrix)
+    outcomes = run.quantize_all(model, plan, out or model.resolve().parent / "variants", calib=calibration,
+                                force=force)  # fmt: skip
+    rows = [o.summary() for o in outcomes]
+    if click.get_current_context().find_root().obj.get("json"):
+        emit({"variants": rows})
+    else:
+        for r in rows:
+            click.echo(f"{r['name']:<14} {r['status']:<8} {r['bytes'] / 2**20:8.2f} MiB {r['bpw']:6.3f} bpw  {r['path']}")
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def serve(args: tuple[str, ...]) -> None:
-    """OpenAI-compatible server for variants (not built yet)."""
-    _not_built("serve", "issue: Serving")
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("variants", nargs=-1)
+@click.option("--variants-dir", type=click.Path(path_type=Path), default=None,
+              help="Where VARIANTS are looked up by name; all of them when none are named  [default: MODEL/../variants]")
+@click.option("--ctx", "ctx_len", default=512, show_default=True,
+              help="Tokens per chunk; the second half of each is scored.")
+@click.option("--text", "text_files", multiple=True, type=click.Path(path_type=Path),
+              help="Evaluate on this UTF-8 file instead of the corpus held-out split; repeatable (one row each).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="calibration.jsonl (or its dir) the texts must not overlap  [default: MODEL/../calib if there]")
+@click.option("--speed", is_flag=True, help="Also measure prompt/decode speed, TTFT and peak RSS (child processes).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Report dir  [default: MODEL/../reports]")
+@click.option("--reference", "mode", type=click.Choice(["auto", "topk", "exact"]), default="auto", show_default=True,
+              help="topk: cached compact FP16 reference with a KLD bound; exact: stream FP16 beside each variant; "
+                   "auto: topk, rescored exactly where the bound exceeds --max-kld-error.")
+@click.option("--max-kld-error", default=0.01, show_default=True, help="Relative KLD bound that auto mode accepts.")
+@click.option("--kmax", default=1024, show_default=True, help="Most top tokens kept per position in the reference.")
+@click.option("--tail-mass", default=1e-4, show_default=True, help="FP16 probability mass the reference may leave out.")
+@click.option("--threads", default=None, type=int, help="CPU threads per runtime (default: all cores).")
+@click.option("--no-verify", is_flag=True, help="Skip checking the variants' file sha256s.")
+@click.option("--no-cards", is_flag=True, help="Do not write README.md model cards into the variant dirs.")
+@click.option("--license", "license_", default=None, help="Model-card license  [default: the base README's, else 'other']")
+@click.option("--base-model", default=None, help="Model-card base_model  [default: the checkpoint's name]")
+def bench(model: Path, variants: tuple[str, ...], variants_dir: Path | None, ctx_len: int, text_files: tuple[Path, ...],
+          calib: Path | None, speed: bool, out: Path | None, mode: str, max_kld_error: float, kmax: int,
+          tail_mass: float, threads: int | None, no_verify: bool, no_cards: bool, license_: str | None,
+          base_model: str | None) -> None:  # fmt: skip
+    """Table 8: every VARIANT against the FP16 checkpoint MODEL on the same tokens (llama.cpp's method).
+
+    Writes table.md, table.csv, results.json, pareto.png (and speed.png with --speed) to --out and a
+    README.md model card into each variant, and prints the table.
+    """
+    from orlik.benchmarks import report
+    from orlik.benchmarks.run import Options, bench as run_bench
+
+    opts = Options(ctx=ctx_len, text_files=text_files, calib=calib, speed=speed, mode=mode,
+                   max_kld_error=max_kld_error, kmax=kmax, tail_mass=tail_mass, threads=threads,
+                   verify=not no_verify, cards=not no_cards, license=license_, base_model=base_model)  # fmt: skip
+    results = run_bench(model, variants, variants_dir=variants_dir, out=out, opts=opts)
+    if click.get_current_context().find_root().obj.get("json"):
+        emit({k: results[k] for k in ("out", "model", "settings", "texts", "variants")})
+        return
+    report.print_table(results)
+    click.echo(f"report: {results['out']}/ table.md, table.csv, results.json, {', '.join(results['plots'])}")
+
+
+@cli.command()
+@click.option("--memory", required=True, help="Memory budget, e.g. 4GiB, 512MiB, 8GB.")
+@click.option("--ctx", default=4096, show_default=True, help="Context length whose KV cache must fit too.")
+@click.option("--reports", type=click.Path(path_type=Path), default=None,
+              help="A bench output dir (or its results.json)  [default: the one runs/*/reports]")
+def recommend(memory: str, ctx: int, reports: Path | None) -> None:
+    """The variant with the lowest KLD that fits --memory at --ctx, and why."""
+    from orlik.benchmarks import recommend as rec
+
+    res = rec.recommend(rec.load_results(reports or rec.find_reports()), rec.parse_size(memory), ctx)
+    if click.get_current_context().find_root().obj.get("json"):
+        emit(res)
+        return
+    click.echo(f"{res['pick']}: {res['why']}")
+
+
+def _runtime_options(f: Any) -> Any:
+    """Options `orlik serve` and `orlik chat` share."""
+    for opt in reversed([
+        click.option("--parallel", default=4, show_default=True, help="Concurrent generations (slots) per model."),
+        click.option("--threads", default=None, type=int, help="CPU threads per model (default: all cores)."),
+        click.option("--ctx-size", default=None, type=int, help="Context per request in tokens (default: the model's)."),
+        click.option("--chat-template", type=click.Path(path_type=Path), default=None,
+                     help="Override the model's chat template (.jinja file or tokenizer_config.json)."),
+    ]):  # fmt: skip
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
+@click.option("--port", default=8080, show_default=True)
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' [env: ORLIK_API_KEY].")
+@click.option("--queue-size", default=8, show_default=True, help="Requests that may wait for a slot; more get 429.")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds a request may take, queueing included.")
+@click.option("--memory-budget", default=None, help="e.g. 8G: unload idle models to stay under it.")
+@click.option("--cors", multiple=True, help="Allow this browser origin (repeatable); CORS is off by default.")
+@click.option("--max-body", default=4 << 20, show_default=True, help="Largest request body in bytes (413 above).")
+@click.option("--preload", is_flag=True, help="Load every model at startup instead of at its first request.")
+@_runtime_options
+def serve(models: tuple[str, ...], cors: tuple[str, ...], **kw: Any) -> None:
+    """OpenAI-compatible server (plus a web chat at /) for MODELS.
+
+    Each MODEL is a variant directory, an FP16 checkpoint or a .gguf file, optionally NAME=PATH.
+    GGUF runs through a managed llama-server (real parallel slots); FP16 through transformers.
+    """
+    from orlik.serving import server
+
+    server.serve(list(models), cors=list(cors) or None, **kw)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--max-tokens", default=512, show_default=True, help="Per reply.")
+@click.option("--seed", default=None, type=int)
+@_runtime_options
+def chat(model: str, **kw: Any) -> None:
+    """Chat with MODEL in the terminal, streaming, with history (/reset, /exit).
+
+    Uses the model's chat template and the same runtimes as `orlik serve`.
+    """
+    from orlik.serving import chat as chat_mod
+
+    chat_mod.run(model, **kw)
 
 
 @cli.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -62,12 +63,39 @@ def converter() -> Path:
 @lru_cache(maxsize=1)
 def build_info() -> str:
     """llama.cpp's own version string, e.g. 'version: 1 (abc123)', for manifests."""
-    try:
-        out = subprocess.run(
-            [str(tool("llama-quantize")), "--version"], capture_output=True, text=True, timeout=30
-        )
-    except (OSError, subprocess.TimeoutExpired):
+    # llama-quantize answers --version with its usage text only, so ask the other tools.
+    first = ""
+    for name in ("llama-imatrix", "llama-perplexity", "llama-server"):
+        try:
+            out = subprocess.run([str(tool(name)), "--version"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired, MissingDependencyError):
+            continue
+        text = (out.stdout + out.stderr).strip().splitlines()
+        first = next((line for line in text if line.startswith("version")), "")
+        if first:
+            break
+    if not first:
         return f"llama-cpp-python {VERSION}"
-    text = (out.stdout + out.stderr).strip().splitlines()
-    first = next((line for line in text if line.startswith("version")), "")
     return f"llama-cpp-python {VERSION}; llama.cpp {first.removeprefix('version: ')}".strip()
+
+
+def run_tool(name: str, args: list[str], on_output: Callable[[str], None] | None = None) -> tuple[int, str]:
+    """Run a llama.cpp tool; stream its merged stdout/stderr to `on_output` (for progress bars).
+
+    Returns the exit code and the whole log, so callers can turn known failures into one line.
+    """
+    cmd = [str(tool(name)), *args]
+    log: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        assert proc.stdout is not None
+        try:
+            while data := proc.stdout.read1(65536):
+                piece = data.decode("utf-8", "replace")
+                log.append(piece)
+                if on_output is not None:
+                    on_output(piece)
+        except BaseException:
+            proc.kill()  # an interrupt must not leave the tool writing behind our back
+            raise
+        rc = proc.wait()
+    return rc, "".join(log)

@@ -64,7 +64,7 @@ class Recipe:
             m = re.fullmatch(pattern, name, flags=re.IGNORECASE)
             if m:
                 return build(m, name)
-        raise UnknownNameError("recipe", name, sorted(PRESETS) + ["<GGUF type>[-imat]", *_EXAMPLES])
+        raise UnknownNameError("recipe", name, [*sorted(PRESETS), "<GGUF type>[-imat]", *_EXAMPLES])
 
 
 def _default_name(d: dict[str, Any]) -> str:
@@ -74,13 +74,23 @@ def _default_name(d: dict[str, Any]) -> str:
     return f"{d['format']}-{d.get('bits')}bit" + (f"-g{g}" if g else "")
 
 
-# GGUF types orlik builds; `requires_imatrix` are those llama-quantize refuses to make without one.
+# GGUF types orlik builds (llama-quantize file types).
 GGUF_TYPES = (
     "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0",
     "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S", "IQ4_NL", "IQ4_XS", "IQ3_M", "IQ3_S",
     "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
 )  # fmt: skip
-GGUF_REQUIRES_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "Q2_K_S")
+# File types llama-quantize refuses to make without an imatrix: their mixes put some tensors in
+# IQ1_*/IQ2_*/IQ3_XXS (IQ3_XS: attn_q/k; IQ2_M: IQ2_S) or, for Q2_K_S, Q2_K that needs one.
+# Measured with `llama-quantize --dry-run` on every type (tests/test_gguf.py checks it stays true).
+GGUF_REQUIRES_IMATRIX = ("IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
+                         "Q2_K_S")  # fmt: skip
+# Tensor (ggml) types a per-tensor override may name, and those that need an imatrix themselves.
+GGUF_TENSOR_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K",
+    "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
+)  # fmt: skip
+GGUF_TENSOR_TYPES_REQUIRING_IMATRIX = ("IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 
 _EXAMPLES = ["gptq-w4g128", "awq-w4g128", "hqq-3bit-g64", "exl2-4.0bpw", "mlx-q4", "mlx-q4-g32"]
 
@@ -127,7 +137,7 @@ _PARSERS = _PARSERS[1:] + _PARSERS[:1]
 TABLE8 = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
 PRESETS: dict[str, tuple[str, ...]] = {
     # Bielik 7B Table 8: each type without and with the importance matrix, plus IQ2_XXS for phones.
-    "bielik-table8": tuple(n for t in TABLE8 for n in (t, f"{t}-imat")) + ("IQ2_XXS-imat",),
+    "bielik-table8": (*(n for t in TABLE8 for n in (t, f"{t}-imat")), "IQ2_XXS-imat"),
     "gguf-all": tuple(t for t in GGUF_TYPES if t not in ("F16", "BF16") and t not in GGUF_REQUIRES_IMATRIX)
     + tuple(f"{t}-imat" for t in GGUF_TYPES if t not in ("F16", "BF16")),
 }

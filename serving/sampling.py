@@ -7,6 +7,7 @@ every format honours the same OpenAI parameters the same way.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import numpy as np
 
@@ -22,9 +23,12 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 class Sampler:
     """Stateful per request: it remembers the generated tokens for the penalties and owns the RNG."""
 
-    def __init__(self, sampling: Sampling, prompt: list[int]) -> None:
+    def __init__(self, sampling: Sampling, prompt: list[int], constraint: Any = None) -> None:
         self.s = sampling
-        self.rng = np.random.default_rng(sampling.seed)
+        # numpy wants a non-negative seed; OpenAI clients may send any integer.
+        self.rng = np.random.default_rng(None if sampling.seed is None else sampling.seed % 2**32)
+        # Optional grammar (serving/constrained.py): mask(logits) before sampling, advance(token) after.
+        self.constraint = constraint
         self.prompt = list(prompt)
         self.counts: Counter[int] = Counter()
 
@@ -46,6 +50,8 @@ class Sampler:
     def sample(self, logits: np.ndarray) -> Token:
         raw = log_softmax(logits)
         x = self._penalize(np.array(logits, dtype=np.float64))
+        if self.constraint is not None:
+            self.constraint.mask(x)
         s = self.s
         if s.temperature <= 0:
             tok = int(np.argmax(x))
@@ -65,6 +71,8 @@ class Sampler:
             p = p / p.sum()
             tok = int(self.rng.choice(p.size, p=p))
         self.counts[tok] += 1
+        if self.constraint is not None:
+            self.constraint.advance(tok)
         top: list[tuple[int, float]] = []
         if s.logprobs:
             k = min(s.logprobs, raw.size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,3 +52,44 @@ def checkpoint_copy(tiny_checkpoint: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def gguf_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private ORLIK_CACHE for converted GGUFs; the llama.cpp build is still found where it is."""
+    from orlik import llamacpp
+
+    root = tmp_path_factory.mktemp("orlik-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ORLIK_LLAMACPP", str(llamacpp.build_root()))
+    mp.setenv("ORLIK_CACHE", str(root))
+    yield root
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_calibration(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """A calibration dir whose calibration.jsonl has `orlik calibrate build`'s schema: corpus train
+    documents, Polish and English, token counts from the checkpoint's tokenizer."""
+    import json
+
+    from orlik.checkpoint import Checkpoint
+    from orlik.training import corpus
+
+    tok = Checkpoint.open(tiny_checkpoint).load_tokenizer()
+    out = tmp_path_factory.mktemp("calib")
+    with open(out / "calibration.jsonl", "w", encoding="utf-8") as f:
+        for lang in ("pl", "en"):
+            for d in corpus.documents(lang=lang, split="train")[:40]:
+                n = len(tok(d.text, add_special_tokens=False)["input_ids"])
+                rec = {"text": d.text, "lang": lang, "domain": d.domain, "source": f"corpus:{d.id}", "tokens": n}
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_imatrix(gguf_cache: Path, tiny_checkpoint: Path, tiny_calibration: Path) -> Path:
+    """orlik's imatrix of the tiny checkpoint (mixed languages, 8 chunks of 128 tokens)."""
+    from orlik.calibration import imatrix
+
+    return Path(imatrix.compute(tiny_checkpoint, tiny_calibration, lang="mixed", chunk=128, max_chunks=8)["path"])

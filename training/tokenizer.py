@@ -84,6 +84,15 @@ def export_hf(model_bytes: bytes, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     tok = AutoTokenizer.from_pretrained(str(out))
     tok.save_pretrained(str(out))
+    # convert_hf_to_gguf.py marks control tokens from added_tokens_decoder, which transformers 5 no
+    # longer writes; without it llama.cpp spells "<|im_start|>" out of ordinary pieces.
+    saved = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    saved["added_tokens_decoder"] = {
+        str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                 "single_word": t.single_word, "special": t.special}
+        for i, t in sorted(tok.added_tokens_decoder.items())
+    }  # fmt: skip
+    (out / "tokenizer_config.json").write_text(json.dumps(saved, indent=2, ensure_ascii=False))
 
 
 def efficiency(encode: Any, text: str) -> dict[str, float]:

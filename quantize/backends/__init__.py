@@ -11,10 +11,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
+from orlik.quantize.recipe import FORMATS, Recipe
+
 from orlik.checkpoint import Checkpoint
 from orlik.errors import MissingDependencyError, UnknownNameError
 from orlik.manifest import Variant
-from orlik.quantize.recipe import FORMATS, Recipe
 
 # format -> module under orlik.quantize.backends
 BACKEND_MODULES: dict[str, str] = {fmt: fmt for fmt in FORMATS}
@@ -37,6 +38,10 @@ class Backend(ABC):
     @classmethod
     def missing(cls) -> str | None:
         """Why this backend cannot run here, with the exact install line; None when it can."""
+        return None
+
+    def check(self, recipe: Recipe, calib: Calibration) -> None:
+        """Raise an InputError for a recipe this backend will refuse, before any slow work starts."""
         return None
 
     @abstractmethod

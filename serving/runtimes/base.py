@@ -47,6 +47,9 @@ class Token:
     id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    # The text this token completes, when the runtime detokenizes natively (llama-server); None lets
+    # the caller detokenize incrementally.
+    text: str | None = None
 
 
 class Runtime(ABC):
@@ -54,6 +57,9 @@ class Runtime(ABC):
 
     name: str = ""
     formats: tuple[str, ...] = ()
+    # Whether generate() honours Sampling.json_schema with constrained decoding; a server rejects
+    # response_format json_schema for runtimes that cannot (rather than hoping the text parses).
+    supports_json_schema: bool = False
 
     @classmethod
     def missing(cls) -> str | None:
@@ -94,9 +100,18 @@ class Runtime(ABC):
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits for every position, float32 [len(tokens), n_vocab], one forward pass from scratch."""
 
+    def logits_from(self, tokens: list[int], first: int) -> np.ndarray:
+        """Logits of positions first..len(tokens)-1 only (the evaluator scores the second half of
+        each chunk). Runtimes that can skip the output layer for the other positions override it."""
+        return self.logits(tokens)[first:]
+
     @abstractmethod
     def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
         """Stream sampled tokens after the prompt; stops at EOS or max_tokens."""
+
+    def alive(self) -> bool:
+        """False once a runtime that runs out of process (llama-server) has died; a server reloads it."""
+        return True
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free native resources; the default has nothing to free."""

@@ -13,9 +13,16 @@ from orlik.manifest import Variant
 from orlik.serving.runtimes.base import Runtime, Sampling, Token
 
 
+def _has_llguidance() -> bool:
+    from orlik.serving.constrained import available
+
+    return available()
+
+
 class HFRuntime(Runtime):
     name = "transformers"
     formats = ("fp16",)
+    supports_json_schema = _has_llguidance()
 
     def __init__(self, ckpt: Checkpoint, model: Any, tokenizer: Any, threads: int | None) -> None:
         self.ckpt, self.model, self.tok = ckpt, model, tokenizer
@@ -83,6 +90,9 @@ class HFRuntime(Runtime):
         piece = self.tok.convert_ids_to_tokens(int(token))
         if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
             return bytes([int(piece[3:5], 16)])
+        if "\u2581" in piece:
+            # SentencePiece marks spaces with U+2581; convert_tokens_to_string would drop the leading one.
+            return piece.replace("\u2581", " ").encode("utf-8")
         return self.tok.convert_tokens_to_string([piece]).encode("utf-8") if piece else b""
 
     def logits(self, tokens: list[int]) -> np.ndarray:
@@ -97,10 +107,15 @@ class HFRuntime(Runtime):
 
         from orlik.serving.sampling import Sampler
 
-        sampler = Sampler(sampling, tokens)
+        eos = self.eos_ids
+        constraint = None
+        if sampling.json_schema is not None:
+            from orlik.serving.constrained import json_constraint
+
+            constraint = json_constraint(self.tok, sampling.json_schema, self.n_vocab, eos)
+        sampler = Sampler(sampling, tokens, constraint)
         past = None
         inp = torch.tensor([tokens], dtype=torch.long)
-        eos = self.eos_ids
         with torch.inference_mode():
             for _ in range(sampling.max_tokens):
                 out = self.model(inp, past_key_values=past, use_cache=True)

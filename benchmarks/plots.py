@@ -1,0 +1,136 @@
+"""pareto.png (size against KLD, log-log, the Pareto front marked, one colour per format) and
+speed.png (prompt and decode throughput, peak memory) for the report."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from orlik.errors import MissingDependencyError
+
+GIB = 1 << 30
+MIB = 1 << 20
+# One fixed colour per format, so every report colours a format the same way.
+COLOURS = {"fp16": "#444444", "gguf": "#1f77b4", "gptq": "#ff7f0e", "awq": "#2ca02c", "hqq": "#d62728",
+           "exl2": "#9467bd", "mlx": "#8c564b"}  # fmt: skip
+
+
+def _plt() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingDependencyError('matplotlib is not installed; pip install "orlik[bench]"') from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both size and KLD, by increasing size."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], float("inf")
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _text(results: dict[str, Any]) -> str:
+    names = list(results["texts"])
+    return "all" if len(names) > 1 else names[0]
+
+
+def pareto(results: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    text = _text(results)
+    quants = [v for v in results["variants"] if v["format"] != "fp16"]
+    fp16 = next((v for v in results["variants"] if v["format"] == "fp16"), None)
+    floor = min((v["rows"][text]["kld"] for v in quants if v["rows"][text]["kld"] > 0), default=1e-6)
+    pts = [(v["bytes"] / GIB, max(v["rows"][text]["kld"], floor)) for v in quants]
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=130)
+    for fmt in dict.fromkeys(v["format"] for v in quants):
+        idx = [i for i, v in enumerate(quants) if v["format"] == fmt]
+        ax.errorbar([pts[i][0] for i in idx], [pts[i][1] for i in idx],
+                    yerr=[quants[i]["rows"][text]["kld_err"] for i in idx], fmt="o", ms=7, capsize=3,
+                    color=COLOURS.get(fmt, "#17becf"), label=fmt.upper(), zorder=3)  # fmt: skip
+    front = pareto_front(pts)
+    if front:
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "-", color="#2a2a2a", lw=1.2,
+                drawstyle="steps-post", zorder=2, label="Pareto front")  # fmt: skip
+        ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=170, facecolors="none",
+                   edgecolors="#2a2a2a", linewidths=1.3, zorder=4)  # fmt: skip
+    for k, (i, v) in enumerate(zip(range(len(quants)), quants)):
+        dy = 9 if k % 2 == 0 else -15  # alternate above/below so neighbouring labels do not collide
+        ax.annotate(v["name"], pts[i], textcoords="offset points", xytext=(6, dy), fontsize=8.5,
+                    fontweight="bold" if i in front else "normal")  # fmt: skip
+    if fp16:
+        ax.axvline(fp16["bytes"] / GIB, color=COLOURS["fp16"], ls="--", lw=1)
+        ax.annotate("FP16 (KLD 0)", (fp16["bytes"] / GIB, floor), textcoords="offset points", xytext=(-4, 4),
+                    rotation=90, ha="right", va="bottom", fontsize=8.5, color=COLOURS["fp16"])  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("Size [GiB] (log scale)")
+    ax.set_ylabel("Mean KLD against FP16 [nats] (log scale)")
+    tokens = sum(t["scored_tokens"] for t in results["texts"].values())
+    ax.set_title(f"{results['model']['name']}: size vs KLD ({text}, ctx {results['settings']['ctx']}, "
+                 f"{tokens:,} scored tokens)\nlower-left is better; ringed points form the Pareto front", fontsize=10.5)  # fmt: skip
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(loc="upper right", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def speed(results: dict[str, Any], path: Path) -> bool:
+    """Three panels: prompt tok/s, decode tok/s, peak RSS. False when nothing was measured."""
+    rows = [v for v in results["variants"] if v.get("speed") and "error" not in v["speed"]]
+    if not rows:
+        return False
+    plt = _plt()
+    names = [v["name"] for v in rows]
+    colours = [COLOURS.get(v["format"], "#17becf") for v in rows]
+    panels = [("Prompt processing [tok/s]", [v["speed"]["prompt_tps"] for v in rows], "{:.0f}"),
+              ("Decode [tok/s]", [v["speed"]["decode_tps"] for v in rows], "{:.1f}"),
+              ("Peak RSS during generation [MiB]", [v["speed"]["peak_rss_gen_bytes"] / MIB for v in rows], "{:.0f}")]  # fmt: skip
+    fig, axes = plt.subplots(1, 3, figsize=(13, 0.45 * len(rows) + 2.2), dpi=130, sharey=True)
+    for ax, (title, vals, f) in zip(axes, panels):
+        y = range(len(rows))
+        ax.barh(list(y), vals, color=colours)
+        for yi, val in zip(y, vals):
+            ax.text(val, yi, " " + f.format(val), va="center", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(0, max(vals) * 1.25 if max(vals) > 0 else 1)
+        ax.grid(True, axis="x", alpha=0.25)
+    axes[0].set_yticks(range(len(rows)), names, fontsize=9)
+    axes[0].invert_yaxis()
+    m = results["machine"]
+    threads = rows[0]["speed"].get("threads")
+    fig.suptitle(f"{results['model']['name']}: speed and memory on {m['cpu']} ({m['cores']} cores, {threads} threads); "
+                 "colour = format", fontsize=10.5)  # fmt: skip
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def write_all(results: dict[str, Any], out: Path) -> list[str]:
+    written = []
+    if any(v["format"] != "fp16" for v in results["variants"]):
+        pareto(results, out / "pareto.png")
+        written.append("pareto.png")
+    if speed(results, out / "speed.png"):
+        written.append("speed.png")
+    return written

@@ -1,0 +1,234 @@
+"""`orlik bench`: every variant against its FP16 checkpoint on the same tokens, one Table 8.
+
+Checks the inputs first (variants, manifests, texts, calibration overlap, tokenizers), builds or
+loads the FP16 reference per text, scores each variant through its serving runtime, optionally
+measures speed and memory, then writes the report, plots and model cards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from orlik import __version__, progress
+from orlik.benchmarks import reference, speed, texts
+from orlik.benchmarks.evaluate import TextScore, check_tokenizer, score_variant
+from orlik.benchmarks.stats import Series, baseline_row, summarize
+from orlik.checkpoint import Checkpoint
+from orlik.errors import InputError, ManifestError
+from orlik.manifest import MANIFEST, Variant
+from orlik.serving.runtimes.base import Runtime, runtime_class
+
+
+@dataclass
+class Options:
+    ctx: int = 512
+    text_files: Sequence[Path] = ()
+    calib: Path | None = None
+    speed: bool = False
+    mode: str = "auto"
+    max_kld_error: float = 0.01
+    kmax: int = reference.KMAX
+    tail_mass: float = reference.TAIL_MASS
+    threads: int | None = None
+    verify: bool = True
+    cards: bool = True
+    license: str | None = None
+    base_model: str | None = None
+
+
+def default_dirs(model: Path) -> tuple[Path, Path]:
+    """runs/<m>/fp16 -> (runs/<m>/variants, runs/<m>/reports); any other dir -> siblings of it."""
+    root = model.parent if model.name == "fp16" else model
+    return root / "variants", root / "reports"
+
+
+def resolve_variants(names: Sequence[str], variants_dir: Path) -> list[Variant]:
+    """Each name is a variant directory or a name under variants_dir; none means all of them."""
+    available = sorted(p.name for p in variants_dir.iterdir() if (p / MANIFEST).is_file()) if variants_dir.is_dir() else []
+    if not names:
+        if not available:
+            raise InputError(f"no variants given and none found in {variants_dir}; run `orlik quantize` first "
+                             "or name variant directories")  # fmt: skip
+        names = available
+    out: list[Variant] = []
+    for n in names:
+        p = Path(n)
+        if not p.is_dir():
+            p = variants_dir / n
+        if not p.is_dir():
+            hint = f"; available in {variants_dir}: {', '.join(available)}" if available else ""
+            raise InputError(f"variant {n!r} not found (not a directory, nor in {variants_dir}){hint}")
+        out.append(Variant.load(p))
+    seen: set[str] = set()
+    for v in out:
+        if v.name in seen or v.name == "FP16":
+            raise InputError(f"two variants are named {v.name!r}; give each its own name")
+        seen.add(v.name)
+    return out
+
+
+class BaseModel:
+    """The FP16 runtime, loaded when first needed and released between phases to save memory."""
+
+    def __init__(self, ckpt: Checkpoint, threads: int | None) -> None:
+        self.ckpt, self.threads = ckpt, threads
+        self._rt: Runtime | None = None
+
+    def __call__(self) -> Runtime:
+        if self._rt is None:
+            progress.info(f"loading FP16 {self.ckpt.path}")
+            self._rt = runtime_class("fp16").load(self.ckpt, threads=self.threads)
+        return self._rt
+
+    def release(self) -> None:
+        if self._rt is not None:
+            self._rt.close()
+            self._rt = None
+
+
+def _rows(scores: dict[str, TextScore]) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for name, sc in scores.items():
+        rows[name] = {**summarize(sc.series), "mode": sc.mode, "seconds": sc.seconds, "notes": sc.notes}
+    if len(scores) > 1:
+        all_ = Series.concat([sc.series for sc in scores.values()])
+        modes = {sc.mode for sc in scores.values()}
+        rows["all"] = {**summarize(all_), "mode": modes.pop() if len(modes) == 1 else "mixed",
+                       "seconds": sum(sc.seconds for sc in scores.values()), "notes": []}  # fmt: skip
+    return rows
+
+
+def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | None = None, out: Path | None = None,
+          opts: Options | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run the whole comparison; returns the results dict that results.json holds."""
+    from orlik.benchmarks import modelcard, plots, report
+
+    opts = opts or Options()
+    started = time.perf_counter()
+    ckpt = Checkpoint.open(model)
+    dv, do = default_dirs(Path(model))
+    variants_dir, out = Path(variants_dir or dv), Path(out or do)
+    variants = resolve_variants(variant_names, variants_dir)
+    for v in variants:
+        if opts.verify:
+            bad = v.verify()
+            if bad:
+                raise ManifestError(f"variant {v.name}: files differ from {v.path}/{MANIFEST}: {', '.join(bad)}")
+        if v.base_hash != ckpt.hash:
+            raise InputError(f"variant {v.name} was made from checkpoint {v.base_hash[:12]}, not from "
+                             f"{ckpt.path} ({ckpt.hash[:12]}); compare it with its own FP16 checkpoint")  # fmt: skip
+        runtime_class(v.format)  # an unknown format or a missing runtime fails here, before any work
+
+    eval_texts = texts.file_texts(list(opts.text_files)) if opts.text_files else texts.heldout_texts()
+    calib = opts.calib
+    if calib is None and (model.parent / "calib" / "calibration.jsonl").is_file() and model.name == "fp16":
+        calib = model.parent / "calib" / "calibration.jsonl"
+    overlap = texts.check_overlap(eval_texts, calib) if calib else None
+
+    base = BaseModel(ckpt, opts.threads)
+    ids: dict[str, list[int]] = {}
+    chunked: dict[str, reference.Chunks] = {}
+    brt = base()
+    if opts.ctx > brt.n_ctx:
+        raise InputError(f"--ctx {opts.ctx} exceeds the model's context of {brt.n_ctx} tokens")
+    bos_in = brt.tokenize("a", add_bos=True)
+    bos = brt.bos_id if bos_in and bos_in[0] == brt.bos_id else None
+    for t in eval_texts:
+        ids[t.name] = brt.tokenize(t.text, add_bos=True)
+        chunked[t.name] = reference.make_chunks(ids[t.name], opts.ctx, bos, name=t.name)
+    n_vocab = brt.n_vocab
+
+    refs: dict[str, reference.Reference | None] = dict.fromkeys(chunked)
+    ref_info: dict[str, Any] = {}
+    if opts.mode != "exact":
+        for name, ch in chunked.items():
+            ref, cached = reference.get(base, ckpt.hash, ch, out / "reference", name, kmax=opts.kmax,
+                                        tail_mass=opts.tail_mass)  # fmt: skip
+            refs[name] = ref
+            path = reference.cache_path(out / "reference", name, ref.meta["key"])
+            ref_info[name] = {"path": str(path), "bytes": path.stat().st_size, "cached": cached,
+                              **{k: ref.meta[k] for k in ("mean_k", "positions_over_tail_mass", "kmax", "tail_mass")}}  # fmt: skip
+    if opts.mode != "exact":
+        base.release()
+
+    results_v: list[dict[str, Any]] = []
+    fp16_nll: dict[str, Any] = {}  # the base NLL series, identical for every variant's scores
+    for v in variants:
+        t0 = time.perf_counter()
+        rt = runtime_class(v.format).load(v, n_ctx=opts.ctx, threads=opts.threads)
+        try:
+            for t in eval_texts:
+                check_tokenizer(rt, v.name, t.name, t.text, ids[t.name], n_vocab)
+            scores = score_variant(rt, v.name, {n: (chunked[n], refs[n]) for n in chunked}, base, opts.mode,
+                                   opts.max_kld_error)  # fmt: skip
+            runtime_name = rt.name
+        finally:
+            rt.close()
+        results_v.append({"name": v.name, "format": v.format, "bytes": v.bytes, "bpw": v.bpw, "path": str(v.path),
+                          "runtime": runtime_name, "recipe": v.recipe, "files": v.files, "tools": v.tools,
+                          "calibration_hash": v.calibration_hash, "imatrix_hash": v.imatrix_hash,
+                          "rows": _rows(scores), "eval_seconds": time.perf_counter() - t0})  # fmt: skip
+        fp16_nll = fp16_nll or {n: sc.series.nll_b for n, sc in scores.items()}
+    base.release()
+
+    fp16_rows = {n: baseline_row(fp16_nll[n]) for n in fp16_nll}
+    if len(fp16_nll) > 1:
+        import numpy as np
+
+        fp16_rows["all"] = baseline_row(np.concatenate(list(fp16_nll.values())))
+    fp16 = {"name": "FP16", "format": "fp16", "bytes": ckpt.weights_bytes, "bpw": _fp16_bpw(ckpt),
+            "path": str(ckpt.path), "runtime": "transformers", "rows": fp16_rows}  # fmt: skip
+
+    speeds = None
+    if opts.speed:
+        first = eval_texts[0].name
+        prompt_sets = speed.prompts(ids[first], bos)
+        speeds = speed.measure_all([("FP16", ckpt.path)] + [(v.name, v.path) for v in variants if v.path],
+                                   prompt_sets, threads=opts.threads)  # fmt: skip
+        fp16["speed"] = speeds.get("FP16")
+        for r in results_v:
+            r["speed"] = speeds.get(r["name"])
+
+    results = {
+        "orlik": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": speed.machine(),
+        "tools": report.tool_versions(),
+        "model": report.model_facts(ckpt),
+        "settings": {"ctx": opts.ctx, "reference": opts.mode, "max_kld_error": opts.max_kld_error,
+                     "kmax": opts.kmax, "tail_mass": opts.tail_mass, "threads": opts.threads,
+                     "scored_positions_per_chunk": opts.ctx - 1 - opts.ctx // 2},  # fmt: skip
+        "texts": {t.name: {"source": t.source, "tokens": len(ids[t.name]), "chunks": chunked[t.name].n_chunks,
+                           "scored_tokens": chunked[t.name].n_scored, "tokens_sha256": chunked[t.name].digest,
+                           "reference": ref_info.get(t.name)} for t in eval_texts},  # fmt: skip
+        "overlap": overlap,
+        "variants": [fp16, *results_v],
+        "seconds": time.perf_counter() - started,
+    }
+    results["out"] = str(out)
+    results["plots"] = plots.write_all(results, out)
+    report.write_all(results, out)
+    if opts.cards:
+        results["cards"] = modelcard.write_all(results, variants, ckpt, out, license=opts.license,
+                                               base_model=opts.base_model)  # fmt: skip
+        report.write_json(results, out)
+    return results
+
+
+def _fp16_bpw(ckpt: Checkpoint) -> float:
+    """Bits per weight of the checkpoint, from the safetensors headers (16.0 for fp16/bf16)."""
+    import json
+    import math
+
+    params = 0
+    for w in ckpt.weight_files:
+        with open(w, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        params += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return ckpt.weights_bytes * 8 / params if params else 16.0

@@ -1,0 +1,261 @@
+"""GGUF backend: llama.cpp's llama-quantize on the checkpoint's cached F16 GGUF, one type per recipe,
+with or without an importance matrix, with per-tensor type overrides.
+
+The result is read back with the `gguf` package: the manifest's types, sizes and bits per weight
+are what the file holds, not what was asked for.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from orlik.quantize.backends import Backend, Calibration
+from orlik.quantize.recipe import (
+    GGUF_REQUIRES_IMATRIX,
+    GGUF_TENSOR_TYPES,
+    GGUF_TENSOR_TYPES_REQUIRING_IMATRIX,
+    GGUF_TYPES,
+    Recipe,
+)
+
+from orlik import gguf_read, llamacpp
+from orlik.checkpoint import Checkpoint
+from orlik.errors import InputError, MissingDependencyError, OutputError, ToolError, UnknownNameError
+from orlik.fsutil import sha256_file
+from orlik.gguf_convert import f16_gguf
+from orlik.manifest import Variant
+
+MODEL_FILE = "model.gguf"
+LOG_FILE = "llama-quantize.log"
+# Nominal bits per weight of each file type (llama.cpp's figures, mixes rounded up); only used to
+# check that the disk can hold the result before llama-quantize starts writing.
+NOMINAL_BPW = {
+    "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.5, "Q5_0": 5.5,
+    "Q4_K_M": 4.9, "Q4_K_S": 4.6, "Q4_0": 4.5, "Q3_K_L": 4.3, "Q3_K_M": 3.9, "Q3_K_S": 3.5,
+    "Q2_K": 3.4, "Q2_K_S": 3.0, "IQ4_NL": 4.5, "IQ4_XS": 4.3, "IQ3_M": 3.7, "IQ3_S": 3.5,
+    "IQ3_XS": 3.3, "IQ3_XXS": 3.1, "IQ2_M": 2.7, "IQ2_S": 2.5, "IQ2_XS": 2.4, "IQ2_XXS": 2.1,
+    "IQ1_M": 1.8, "IQ1_S": 1.6,
+}  # fmt: skip
+_KEYS = ("general.file_type", "quantize.imatrix.dataset", "quantize.imatrix.chunks_count")
+_TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
+_QUANT_SIZE = re.compile(r"quant size\s*=\s*[0-9.]+ MiB \(([0-9.]+) BPW\)")
+
+
+def glob_to_regex(glob: str) -> str:
+    """A shell glob over whole tensor names -> the ECMAScript regex llama-quantize searches with.
+
+    llama-quantize lower-cases the pattern, so the regex avoids letter escapes (\\d, \\w).
+    """
+    out = []
+    i = 0
+    while i < len(glob):
+        c = glob[i]
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[" and "]" in glob[i + 1 :]:
+            j = glob.index("]", i + 1)
+            body = glob[i + 1 : j]
+            out.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
+            i = j
+        else:
+            out.append("\\" + c if c in ".^$+(){}|\\/" else c)
+        i += 1
+    return "^" + "".join(out) + "$"
+
+
+def _tensor_type(t: str, what: str) -> str:
+    u = t.upper()
+    if u not in GGUF_TENSOR_TYPES:
+        raise UnknownNameError(f"tensor type for {what}", t, GGUF_TENSOR_TYPES)
+    return u
+
+
+class GGUFBackend(Backend):
+    name = "gguf"
+    formats = ("gguf",)
+
+    def __init__(self) -> None:
+        self.on_progress: Any = None  # callable(done, total) set by the driver for per-tensor progress
+
+    @classmethod
+    def missing(cls) -> str | None:
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            return "the gguf package is missing; pip install 'orlik[gguf]'"
+        try:
+            llamacpp.tool("llama-quantize")
+            llamacpp.converter()
+        except MissingDependencyError as e:
+            return str(e)
+        return None
+
+    def check(self, recipe: Recipe, calib: Calibration) -> None:
+        """Refuse, before any work, what llama-quantize would refuse or silently misread."""
+        if recipe.qtype not in GGUF_TYPES:
+            raise UnknownNameError("GGUF type", str(recipe.qtype), GGUF_TYPES)
+        types = [_tensor_type(t, g) for g, t in recipe.overrides]
+        if recipe.output_type:
+            types.append(_tensor_type(recipe.output_type, "the output tensor"))
+        if recipe.embedding_type:
+            types.append(_tensor_type(recipe.embedding_type, "the token embedding"))
+        if recipe.imatrix:
+            if calib.imatrix is None:
+                raise InputError(
+                    f"recipe {recipe.name} quantizes with an importance matrix but none was given; "
+                    "pass --imatrix FILE or --calib DIR (run `orlik calibrate imatrix` first)"
+                )
+            return
+        if recipe.qtype in GGUF_REQUIRES_IMATRIX:
+            raise InputError(
+                f"{recipe.qtype} needs an importance matrix (llama-quantize refuses it without one); "
+                f"use {recipe.qtype}-imat with --calib or --imatrix"
+            )
+        bad = sorted({t for t in types if t in GGUF_TENSOR_TYPES_REQUIRING_IMATRIX})
+        if bad:
+            raise InputError(
+                f"override type(s) {', '.join(bad)} need an importance matrix; use {recipe.qtype}-imat"
+            )
+
+    def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
+        self.check(recipe, calib)
+        f16 = f16_gguf(ckpt)
+        source = gguf_read.summarize(f16)
+        imatrix = gguf_read.check_imatrix(calib.imatrix, source) if recipe.imatrix and calib.imatrix else None
+        for glob, _ in recipe.overrides:
+            if not any(re.search(glob_to_regex(glob), t.name) for t in source.tensors):
+                raise InputError(
+                    f"override {glob!r} matches no tensor of {ckpt.path} (names look like "
+                    f"{source.tensors[-1].name}; globs match whole names, e.g. 'blk.*.ffn_down.weight')"
+                )
+        _check_space(out, source.tensor_bytes, recipe.qtype or "F16")
+        dst = out / MODEL_FILE
+        args = [*_arguments(recipe, imatrix.path if imatrix else None), str(f16), str(dst), str(recipe.qtype)]
+        args.append(str(_threads()))
+        rc, log = llamacpp.run_tool("llama-quantize", args, self._progress)
+        if rc != 0 or not dst.is_file():
+            raise _quantize_error(recipe, log, dst)
+        # Kept beside the model: llama-quantize's per-tensor decisions are the record of what it did.
+        (out / LOG_FILE).write_text(log, encoding="utf-8")
+        reported = _QUANT_SIZE.search(log)
+
+        got = gguf_read.summarize(dst, keys=_KEYS)
+        _check_applied(recipe, got, source)
+        calibration_hash = (imatrix.calibration_hash or calib.hash) if imatrix else None
+        return Variant(
+            name=recipe.name,
+            format="gguf",
+            recipe=recipe.to_dict(),
+            base_hash=ckpt.hash,
+            files={MODEL_FILE: sha256_file(dst), LOG_FILE: sha256_file(out / LOG_FILE)},
+            bytes=dst.stat().st_size,
+            bpw=round(got.bpw, 4),
+            tools={"llama.cpp": llamacpp.build_info(), "converter": "convert_hf_to_gguf.py", "gguf": _gguf_version()},
+            calibration_hash=calibration_hash,
+            imatrix_hash=(calib.imatrix_hash or sha256_file(imatrix.path)) if imatrix else None,
+            extra={
+                "gguf_file_type": recipe.qtype,
+                "tensor_types": got.type_histogram(),
+                "tensor_type_by_name": got.types(),
+                "parameters": got.n_params,
+                "tensor_bytes": got.tensor_bytes,
+                "bpw_definition": "8 x tensor-data bytes / parameters over all tensors (llama.cpp's BPW)",
+                "blocks_bpw": round(got.blocks_bpw, 4),
+                "llama_quantize_bpw": float(reported.group(1)) if reported else None,
+                "f16_gguf": {"path": str(f16), "bytes": f16.stat().st_size},
+                "imatrix": None if imatrix is None else {
+                    "path": str(imatrix.path), "datasets": imatrix.datasets, "chunks": imatrix.chunk_count,
+                    "chunk_size": imatrix.chunk_size, "lang": imatrix.orlik.get(gguf_read.KEY_CALIB_LANG),
+                },
+                "llama_quantize_args": args[:-4],
+            },
+        )  # fmt: skip
+
+    def _progress(self, piece: str) -> None:
+        if self.on_progress is None:
+            return
+        marks = _TENSOR_LINE.findall(piece)
+        if marks:
+            done, total = marks[-1]
+            self.on_progress(int(done), int(total))
+
+
+def _arguments(recipe: Recipe, imatrix: Path | None) -> list[str]:
+    args: list[str] = []
+    if imatrix is not None:
+        args += ["--imatrix", str(imatrix)]
+    if recipe.output_type:
+        args += ["--output-tensor-type", recipe.output_type.lower()]
+    if recipe.embedding_type:
+        args += ["--token-embedding-type", recipe.embedding_type.lower()]
+    for glob, t in recipe.overrides:
+        args += ["--tensor-type", f"{glob_to_regex(glob)}={t.lower()}"]
+    return args
+
+
+def _threads() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _check_space(out: Path, f16_bytes: int, qtype: str) -> None:
+    need = int(f16_bytes * NOMINAL_BPW.get(qtype, 16) / 16 * 1.25) + (16 << 20)
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise OutputError(
+            f"not enough free space in {out.parent}: {qtype} needs about {need / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB free"
+        )
+
+
+def _check_applied(recipe: Recipe, got: gguf_read.GGUFSummary, source: gguf_read.GGUFSummary) -> None:
+    """The overrides asked for must be in the file; llama-quantize falls back silently on odd shapes."""
+    types = got.types()
+    shapes = source.by_name()
+    want: dict[str, str] = {}
+    if recipe.output_type:
+        name = "output.weight" if "output.weight" in types else "token_embd.weight"
+        want[name] = recipe.output_type.upper()
+    if recipe.embedding_type:
+        want["token_embd.weight"] = recipe.embedding_type.upper()
+    for name in types:
+        for glob, t in recipe.overrides:
+            if re.search(glob_to_regex(glob), name) and name in shapes and len(shapes[name].ne) >= 2:
+                want.setdefault(name, t.upper())
+                break
+    wrong = [f"{n} is {types[n]}, not {t}" for n, t in want.items() if n in types and types[n] != t]
+    if wrong:
+        raise ToolError(
+            f"llama-quantize did not apply the overrides of {recipe.name}: {'; '.join(wrong[:3])}"
+        )
+
+
+def _quantize_error(recipe: Recipe, log: str, dst: Path) -> Exception:
+    if "requires an imatrix" in log or "requires an importance matrix" in log:
+        return InputError(f"{recipe.qtype} needs an importance matrix; use {recipe.qtype}-imat with --calib")
+    m = re.search(r"imatrix size \d+ is different from tensor size \d+ for \S+", log)
+    if m:
+        return InputError(f"shape mismatch between the imatrix and the model: {m.group(0)}")
+    if "No space left on device" in log or "failed to write" in log.lower():
+        return OutputError(f"disk full while writing {dst}; nothing was kept")
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    errs = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
+    return ToolError(f"llama-quantize failed for {recipe.name}: {(errs or lines or ['no output'])[-1][:300]}")
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+BACKEND = GGUFBackend

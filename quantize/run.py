@@ -1,0 +1,174 @@
+"""The quantize driver: recipes -> `variants/<name>/` directories, each written atomically.
+
+A variant is rebuilt only when its manifest does not verify (files changed, recipe, base checkpoint
+or imatrix differ); an interrupted run leaves at most a `<name>.partial` directory, never a variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orlik.quantize.backends import Backend, Calibration, backend_for
+from orlik.quantize.recipe import Recipe, expand
+
+from orlik import progress
+from orlik.checkpoint import Checkpoint
+from orlik.errors import InputError, ManifestError
+from orlik.fsutil import atomic_dir, check_writable, sha256_file
+from orlik.manifest import Variant
+
+
+@dataclass
+class Outcome:
+    variant: Variant
+    status: str  # "built", "rebuilt" (an old one did not verify) or "skipped" (verified, reused)
+    seconds: float
+    reason: str | None = None  # why an existing variant was rebuilt
+
+    def summary(self) -> dict[str, Any]:
+        v = self.variant
+        return {"name": v.name, "status": self.status, "path": str(v.path), "bytes": v.bytes, "bpw": v.bpw,
+                "tensor_types": v.extra.get("tensor_types"), "seconds": round(self.seconds, 1),
+                **({"reason": self.reason} if self.reason else {})}  # fmt: skip
+
+
+def calibration_for(calib_dir: Path | None = None, imatrix: Path | None = None) -> Calibration:
+    """What the calibration stage left: calibration.jsonl and imatrix.gguf in `calib_dir`, or the
+    imatrix file named explicitly (which wins)."""
+    jsonl = None
+    if calib_dir is not None:
+        calib_dir = Path(calib_dir)
+        if not calib_dir.is_dir():
+            raise InputError(
+                f"--calib {calib_dir} is not a directory (expected `orlik calibrate build` output)"
+            )
+        jsonl = calib_dir / "calibration.jsonl"
+        jsonl = jsonl if jsonl.is_file() else None
+        if imatrix is None and (calib_dir / "imatrix.gguf").is_file():
+            imatrix = calib_dir / "imatrix.gguf"
+    if imatrix is not None and not Path(imatrix).is_file():
+        raise InputError(f"imatrix {imatrix} does not exist")
+    return Calibration(
+        jsonl=jsonl,
+        imatrix=Path(imatrix) if imatrix else None,
+        hash=sha256_file(jsonl) if jsonl else None,
+        imatrix_hash=sha256_file(imatrix) if imatrix else None,
+    )
+
+
+def with_overrides(
+    recipes: Sequence[Recipe],
+    overrides: Sequence[tuple[str, str]] = (),
+    output_type: str | None = None,
+    embedding_type: str | None = None,
+) -> list[Recipe]:
+    """The recipes with per-tensor overrides added (GGUF only; they come before the recipe's own)."""
+    if not (overrides or output_type or embedding_type):
+        return list(recipes)
+    out = []
+    for r in recipes:
+        if r.format != "gguf":
+            raise InputError(f"per-tensor type overrides apply to GGUF recipes only, not {r.name}")
+        out.append(dataclasses.replace(r, overrides=tuple(overrides) + r.overrides,
+                                       output_type=output_type or r.output_type,
+                                       embedding_type=embedding_type or r.embedding_type))  # fmt: skip
+    return out
+
+
+def quantize(
+    checkpoint: str | Path,
+    recipes: Sequence[Recipe | str],
+    out_root: str | Path,
+    calib: Calibration | None = None,
+    force: bool = False,
+) -> list[Variant]:
+    """Build (or reuse) one variant per recipe under `out_root`; returns their manifests."""
+    return [o.variant for o in quantize_all(checkpoint, recipes, out_root, calib=calib, force=force)]
+
+
+def quantize_all(
+    checkpoint: str | Path,
+    recipes: Sequence[Recipe | str],
+    out_root: str | Path,
+    calib: Calibration | None = None,
+    force: bool = False,
+) -> list[Outcome]:
+    ckpt = Checkpoint.open(checkpoint)
+    calib = calib or Calibration()
+    plan = _resolve(recipes)
+    backends: dict[str, Backend] = {}
+    for r in plan:  # every refusal happens before the first variant is built
+        if r.format not in backends:
+            backends[r.format] = backend_for(r.format)
+        backends[r.format].check(r, calib)
+    out_root = Path(out_root)
+    check_writable(out_root)
+    outcomes: list[Outcome] = []
+    with progress.bar("quantize", total=len(plan), variant="", tensors="") as bar:
+        for r in plan:
+            bar.update(variant=r.name, tensors="")
+            target = out_root / r.name
+            t0 = time.time()
+            existed = target.exists()
+            reason = "--force" if force else _stale(target, r, ckpt, calib)
+            if reason is None:
+                v = Variant.load(target)
+                outcomes.append(Outcome(v, "skipped", time.time() - t0))
+                progress.info(f"quantize: {r.name} verified, skipped")
+                bar.advance()
+                continue
+            if existed:
+                progress.info(f"quantize: rebuilding {r.name}: {reason}")
+            backend = backends[r.format]
+            if hasattr(backend, "on_progress"):
+                backend.on_progress = lambda done, total: bar.update(tensors=f"{done}/{total}")
+            with atomic_dir(target) as tmp:
+                v = backend.quantize(ckpt, r, calib, tmp)
+                v.save(tmp)
+            v.path = target
+            outcomes.append(Outcome(v, "rebuilt" if existed else "built", time.time() - t0,
+                                    reason if existed else None))  # fmt: skip
+            progress.info(f"quantize: {r.name}: {v.bytes / 2**20:.2f} MiB, {v.bpw:.2f} bpw")
+            bar.advance()
+    return outcomes
+
+
+def _resolve(recipes: Sequence[Recipe | str]) -> list[Recipe]:
+    names = [r for r in recipes if isinstance(r, str)]
+    objs = [r for r in recipes if isinstance(r, Recipe)]
+    plan = objs + (expand(names) if names else [])
+    if not plan:
+        raise InputError("no recipes given; name one with --recipe (e.g. Q4_K_M or bielik-table8)")
+    seen: dict[str, Recipe] = {}
+    for r in plan:
+        if r.name in seen and seen[r.name] != r:
+            raise InputError(f"two different recipes are both named {r.name}")
+        seen[r.name] = r
+    return list(seen.values())
+
+
+def _stale(target: Path, recipe: Recipe, ckpt: Checkpoint, calib: Calibration) -> str | None:
+    """Why the variant at `target` cannot be reused ("absent" if there is none); None if it can."""
+    if not target.exists():
+        return "absent"
+    try:
+        v = Variant.load(target)
+    except ManifestError as e:
+        return f"manifest unreadable ({e})"
+    bad = v.verify()
+    if bad:
+        return f"{', '.join(bad)} differ(s) from the manifest"
+    if v.recipe != recipe.to_dict():
+        return "the recipe changed"
+    if v.base_hash != ckpt.hash:
+        return "the base checkpoint changed"
+    if recipe.imatrix and v.imatrix_hash != (
+        calib.imatrix_hash or (calib.imatrix and sha256_file(calib.imatrix))
+    ):
+        return "the imatrix changed"
+    return None

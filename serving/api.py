@@ -1,0 +1,252 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, tokenize."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from orlik.serving import http_errors
+from orlik.serving.engine import Event, GenRequest, Run, Scheduler
+from orlik.serving.formats import ChatFormat, CompletionFormat
+from orlik.serving.metrics import Metrics
+from orlik.serving.models import ModelRegistry, ServedModel
+from orlik.serving.prompts import (
+    BadRequest,
+    chat_prompt,
+    check_text,
+    completion_prompt,
+    context_length,
+    gen_request,
+)
+from orlik.serving.runtimes.base import Runtime
+from orlik.serving.schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    error_responses,
+)
+
+from orlik.errors import OrlikError
+
+router = APIRouter()
+_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
+
+
+@dataclass
+class ServerState:
+    registry: ModelRegistry
+    scheduler: Scheduler
+    metrics: Metrics
+    n_ctx: int | None = None
+    _tok_locks: dict[str, threading.Lock] = field(default_factory=dict)
+
+    def tok_lock(self, name: str) -> threading.Lock:
+        # HF fast tokenizers are not safe to encode from several threads at once.
+        return self._tok_locks.setdefault(name, threading.Lock())
+
+
+def _state(request: Request) -> ServerState:
+    st: ServerState = request.app.state.orlik
+    return st
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+async def _load(request: Request, name: str | None) -> tuple[ServedModel, Runtime]:
+    st = _state(request)
+    if name is None:
+        if len(st.registry.models) != 1:
+            raise BadRequest(f"name a model; served: {', '.join(st.registry.names())}", "model")
+        name = st.registry.names()[0]
+    model = st.registry.get(name)
+    request.state.model = model.name
+    return model, await st.registry.ensure_loaded(model)
+
+
+async def _in_thread(st: ServerState, model: ServedModel, fn: Any, *args: Any) -> Any:
+    def locked() -> Any:
+        with st.tok_lock(model.name):
+            return fn(*args)
+
+    return await asyncio.to_thread(locked)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [m.card() for m in _state(request).registry.models.values()]}
+
+
+@router.get("/v1/models/{model_id}", responses=error_responses(401, 404))
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    return _state(request).registry.get(model_id).card()
+
+
+@router.post("/v1/chat/completions", response_model=None,
+             responses={200: {"model": ChatCompletion, "content": _STREAM}, **error_responses(400, 401, 404, 413, 429, 503, 504)})  # fmt: skip
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    t0 = time.monotonic()
+    st = _state(request)
+    model, rt = await _load(request, body.model)
+    prompt = await _in_thread(st, model, chat_prompt, model, rt, body.messages)
+    gen = gen_request(body, model, rt, prompt, context_length(model, rt, st.n_ctx))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    fmt = ChatFormat(model.name, logprobs=gen.logprobs is not None, include_usage=include_usage)
+    return await _respond(request, st, model, rt, gen, fmt, body.stream, t0)
+
+
+@router.post("/v1/completions", response_model=None,
+             responses={200: {"model": Completion, "content": _STREAM}, **error_responses(400, 401, 404, 413, 429, 503, 504)})  # fmt: skip
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    t0 = time.monotonic()
+    st = _state(request)
+    model, rt = await _load(request, body.model)
+    prompt = await _in_thread(st, model, completion_prompt, rt, body.prompt)
+    gen = gen_request(body, model, rt, prompt, context_length(model, rt, st.n_ctx))
+    echo = ""
+    if body.echo:
+        echo = (
+            body.prompt
+            if isinstance(body.prompt, str)
+            else await _in_thread(st, model, rt.detokenize, prompt)
+        )
+        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
+            echo = str(body.prompt[0])
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    fmt = CompletionFormat(
+        model.name, logprobs=gen.logprobs is not None, include_usage=include_usage, echo=echo
+    )
+    return await _respond(request, st, model, rt, gen, fmt, body.stream, t0)
+
+
+async def _respond(request: Request, st: ServerState, model: ServedModel, rt: Runtime, gen: GenRequest,
+                   fmt: ChatFormat | CompletionFormat, stream: bool, t0: float) -> Response:  # fmt: skip
+    model.active += 1
+    try:
+        run = await st.scheduler.start(rt, st.registry.semaphore(model), gen, t0 + st.scheduler.timeout)
+    except BaseException:
+        model.active -= 1
+        raise
+    try:
+        # The first event decides the status: an error before any output is still a plain HTTP error.
+        first = await run.next()
+    except BaseException:
+        run.cancel.set()
+        model.active -= 1
+        raise
+    usage = {"prompt_tokens": len(gen.prompt)}
+    if stream:
+        return StreamingResponse(
+            _sse(request, st, model, run, first, fmt, usage, t0), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )  # fmt: skip
+    try:
+        events = await _collect(request, run, first)
+    finally:
+        run.cancel.set()
+        model.active -= 1
+    if events is None:  # the client went away; nobody reads this
+        return Response(status_code=499)
+    last = events[-1]
+    _account(request, st, model, usage, last, run)
+    return JSONResponse(fmt.full(events, usage))
+
+
+async def _collect(request: Request, run: Run, first: Event | None) -> list[Event] | None:
+    """All events of a non-streaming request; None if the client disconnected meanwhile."""
+
+    async def gather() -> list[Event]:
+        evs: list[Event] = [] if first is None else [first]
+        while evs and evs[-1].finish_reason is None:
+            ev = await run.next()
+            if ev is None:
+                break
+            evs.append(ev)
+        return evs
+
+    task = asyncio.ensure_future(gather())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            run.cancel.set()
+            return None
+
+
+def _account(
+    request: Request, st: ServerState, model: ServedModel, usage: dict[str, int], last: Event, run: Run
+) -> None:
+    usage["completion_tokens"] = last.completion_tokens
+    usage["total_tokens"] = usage["prompt_tokens"] + last.completion_tokens
+    st.metrics.tokens(model.name, usage["prompt_tokens"], last.completion_tokens)
+    if run.first_token_at is not None:
+        request.state.ttft = run.first_token_at - run.started
+
+
+async def _sse(request: Request, st: ServerState, model: ServedModel, run: Run, first: Event | None,
+               fmt: ChatFormat | CompletionFormat, usage: dict[str, int], t0: float) -> AsyncIterator[str]:  # fmt: skip
+    try:
+        for chunk in fmt.start():
+            yield f"data: {_dumps(chunk)}\n\n"
+        ev = first
+        while ev is not None:
+            for chunk in fmt.chunks(ev):
+                yield f"data: {_dumps(chunk)}\n\n"
+            if ev.finish_reason is not None:
+                _account(request, st, model, usage, ev, run)
+                if fmt.include_usage:
+                    yield f"data: {_dumps(fmt.usage_chunk(usage))}\n\n"
+                break
+            ev = await run.next()
+        yield "data: [DONE]\n\n"
+    except (OrlikError, asyncio.TimeoutError) as e:
+        # Headers are sent: report in the stream, as OpenAI does (the openai client raises on it).
+        status, payload, _ = http_errors.for_exception(e)
+        request.state.stream_error = status
+        yield f"data: {_dumps(payload)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        run.cancel.set()  # a disconnect lands here too: the worker stops at its next token
+        model.active -= 1
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 401, 404, 413))
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    st = _state(request)
+    model, rt = await _load(request, body.model)
+    if body.messages is not None:
+        ids = await _in_thread(st, model, chat_prompt, model, rt, body.messages, body.add_generation_prompt)
+    elif body.prompt is not None:
+        text = check_text(body.prompt, "prompt")
+        ids = await _in_thread(
+            st, model, lambda: rt.tokenize(text, add_bos=body.add_special_tokens, special=True)
+        )
+    else:
+        raise BadRequest("give prompt (or content) or messages", "prompt")
+    return {"tokens": ids, "count": len(ids), "max_model_len": context_length(model, rt, st.n_ctx)}
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 401, 404, 413))
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+    st = _state(request)
+    model, rt = await _load(request, body.model)
+    bad = [t for t in body.tokens if t >= rt.n_vocab]
+    if bad:
+        raise BadRequest(f"token {bad[0]} is outside the vocabulary (0..{rt.n_vocab - 1})", "tokens")
+    return {"prompt": await _in_thread(st, model, rt.detokenize, list(body.tokens))}

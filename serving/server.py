@@ -1,0 +1,65 @@
+"""`orlik serve`: build the model registry and the app, then run uvicorn until interrupted."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from orlik import progress
+from orlik.errors import InputError
+
+log = logging.getLogger("orlik.serving")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build(models: list[str], *, api_key: str | None = None, queue_size: int = 8, parallel: int = 4,
+          timeout: float = 120.0, memory_budget: str | None = None, chat_template: Path | None = None,
+          cors: list[str] | None = None, threads: int | None = None, ctx_size: int | None = None,
+          max_body: int = 4 << 20, preload: bool = False) -> Any:  # fmt: skip
+    """The ASGI app for `models` (paths, or NAME=PATH); also what the tests and benchmarks serve."""
+    from orlik.serving.app import create_app
+    from orlik.serving.models import ModelRegistry, parse_bytes
+
+    if parallel < 1 or queue_size < 0 or timeout <= 0 or max_body < 1024:
+        raise InputError("--parallel must be >= 1, --queue-size >= 0, --timeout > 0 and --max-body >= 1024")
+    if ctx_size is not None and ctx_size < 16:
+        raise InputError("--ctx-size must be at least 16 tokens")
+    budget = parse_bytes(memory_budget) if memory_budget else None
+    registry = ModelRegistry(models, parallel=parallel, memory_budget=budget, chat_template=chat_template,
+                             threads=threads, n_ctx=ctx_size)  # fmt: skip
+    try:
+        if preload:
+            for m in registry.models.values():
+                progress.info(f"loading {m.name} ({m.format})")
+                registry.load_blocking(m)
+        return create_app(registry, api_key=api_key, cors=cors, max_body=max_body, queue_size=queue_size,
+                          timeout=timeout, n_ctx=ctx_size)  # fmt: skip
+    except BaseException:
+        registry.close()
+        raise
+
+
+def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info",
+          **options: Any) -> None:  # fmt: skip
+    import uvicorn
+
+    api_key = options.pop("api_key", None) or os.environ.get("ORLIK_API_KEY") or None
+    if not _loopback(host) and not api_key:
+        progress.info(f"[yellow]warning: listening on {host} without an API key: anyone who can reach "
+                      "this port can use the models (set --api-key or ORLIK_API_KEY)[/]")  # fmt: skip
+    app = build(models, api_key=api_key, **options)
+    names = ", ".join(app.state.orlik.registry.names())
+    progress.info(f"orlik serving {names} at http://{host}:{port}/v1 (web chat at http://{host}:{port}/)")
+    # timeout_graceful_shutdown: open streams get a moment to finish; the lifespan then stops children.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
