@@ -90,27 +90,19 @@ def _compress_block(logits: np.ndarray, targets: np.ndarray, kmax: int, tail_mas
     left = np.clip(1.0 - np.cumsum(np.exp(cb), axis=1), 0.0, None)
     ok = left <= tail_mass
     k = np.where(ok.any(axis=1), ok.argmax(axis=1) + 1, kmax)
-    id_dtype = np.uint16 if vocab <= 1 << 16 else np.int32
-    ids, lps = [], []
-    tmass, tplogp = np.empty(n), np.empty(n)
+    keep = np.arange(kmax)[None, :] < k[:, None]  # row-major, so each row stays in descending order
+    ids, lps = cand[keep], cb[keep]
+    # The tail sums come from the tail itself, not from 1 − top, so tiny masses keep full precision.
     p = np.exp(b)
-    for i in range(n):
-        top = cand[i, : k[i]]
-        ids.append(top.astype(id_dtype))
-        lps.append(cb[i, : k[i]].astype(np.float32))
-        # The tail sums come from the tail itself, not 1 − top, so tiny masses keep full precision.
-        mask = np.ones(vocab, bool)
-        mask[top] = False
-        tmass[i] = p[i, mask].sum()
-        tplogp[i] = (p[i, mask] * b[i, mask]).sum()
+    p[np.repeat(np.arange(n), k), ids] = 0.0
     return TopK(
         logp_obs=b[np.arange(n), targets],
         argmax=logits.argmax(axis=1).astype(np.int32),
         offsets=np.concatenate([[0], np.cumsum(k)]).astype(np.int64),
-        ids=np.concatenate(ids),
-        logp=np.concatenate(lps),
-        tail_mass=tmass,
-        tail_plogp=tplogp,
+        ids=ids.astype(np.uint16 if vocab <= 1 << 16 else np.int32),
+        logp=lps.astype(np.float32),
+        tail_mass=p.sum(axis=1),
+        tail_plogp=(p * b).sum(axis=1),
     )
 
 
@@ -159,20 +151,23 @@ def _score_topk_block(qlogits: np.ndarray, targets: np.ndarray, ref: TopK) -> Ch
     pq[row_of, ids] = 0.0
     q_tail = pq.sum(axis=1)
     T, S = ref.tail_mass, ref.tail_plogp
-    lower = np.zeros(n)
-    upper = np.zeros(n)
-    qmask = q.copy()
-    qmask[row_of, ids] = np.inf
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lower = np.where(T > 0, T * np.log(T / q_tail), 0.0)
     last = ref.offsets[1:] - 1
     cap = np.exp(bt[last] + width[last])  # the smallest kept probability caps every tail probability
-    for i in np.flatnonzero(T > 0):
-        lower[i] = T[i] * np.log(T[i] / q_tail[i]) if q_tail[i] > 0 else np.inf
-        n_tail = q.shape[1] - counts[i]
-        m = int(min(n_tail, np.ceil(T[i] / cap[i])))
-        low = np.partition(qmask[i], m - 1)[:m] if m < qmask.shape[1] else qmask[i]
-        low = np.sort(low)[:m]
-        fill = cap[i] * low[: m - 1].sum() + (T[i] - (m - 1) * cap[i]) * low[m - 1]
-        upper[i] = S[i] - fill
+    # Greedy fill for the upper bound: cap on each of the m−1 lowest-q tail tokens, the rest of T on
+    # the m-th. Kept tokens sort last (+inf), and m never exceeds the tail's size.
+    qs = q.copy()
+    qs[row_of, ids] = np.inf
+    qs.sort(axis=1)
+    n_tail = q.shape[1] - counts
+    m = np.minimum(n_tail, np.ceil(T / cap)).astype(np.int64)
+    m = np.maximum(m, 1)
+    csum = np.cumsum(np.where(np.isfinite(qs), qs, 0.0), axis=1)
+    rows = np.arange(n)
+    before = np.where(m >= 2, csum[rows, np.maximum(m - 2, 0)], 0.0)
+    fill = cap * before + (T - (m - 1) * cap) * qs[rows, m - 1]
+    upper = np.where(T > 0, S - fill, 0.0)
     kld = top + lower
     return ChunkScores(nll_q, nll_b, kld, kld - rounding, kld + np.maximum(upper - lower, 0.0) + rounding, dp, same)
 

@@ -36,28 +36,44 @@ def _tally(chosen: list[Sample], key: str) -> dict[str, int]:
     return dict(sorted(t.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def make(chosen: list[Sample], data: bytes, **sections: Any) -> dict[str, Any]:
-    """The card of a built set: what was asked (`sections`), what came out, and its content hash."""
+def make(
+    chosen: list[Sample],
+    data: bytes,
+    *,
+    model: dict[str, Any],
+    request: dict[str, Any],
+    sources: list[dict[str, Any]],
+    available: dict[str, int],
+    filters: dict[str, Any],
+    drops: dict[str, int],
+    drop_examples: dict[str, list[str]],
+    notes: list[str],
+) -> dict[str, Any]:
+    """The card of a built set: what was asked, what came out, what was dropped, and its hash."""
     by_lang = _tally(chosen, "lang")
     total = sum(s.tokens for s in chosen)
-    result = {
-        "samples": len(chosen),
-        "tokens": total,
-        "tokens_by_lang": by_lang,
-        "pl_ratio": round(by_lang.get("pl", 0) / total, 4) if total else 0.0,
-        "tokens_by_domain": _tally(chosen, "domain"),
-        "tokens_by_source": _tally(chosen, "kind"),
-        "samples_by_source": dict(sorted(Counter(s.kind for s in chosen).items())),
+    return {
+        "schema": 1,
+        "orlik_version": __version__,
+        "model": model,
+        "request": request,
+        "result": {
+            "samples": len(chosen),
+            "tokens": total,
+            "tokens_by_lang": by_lang,
+            "pl_ratio": round(by_lang.get("pl", 0) / total, 4) if total else 0.0,
+            "tokens_by_domain": _tally(chosen, "domain"),
+            "tokens_by_source": _tally(chosen, "kind"),
+            "samples_by_source": dict(sorted(Counter(s.kind for s in chosen).items())),
+        },
+        "sources": sources,
+        "available_tokens": available,
+        "filters": filters,
+        "drops": drops,
+        "drop_examples": drop_examples,
+        "notes": notes,
+        "calibration_sha256": sha256_bytes(data),
     }
-    order = ["model", "request", "sources", "available", "filters", "drops", "drop_examples", "notes"]
-    card: dict[str, Any] = {"schema": 1, "orlik_version": __version__}
-    for key in order[:2]:
-        card[key] = sections[key]
-    card["result"] = result
-    for key in order[2:]:
-        card["available_tokens" if key == "available" else key] = sections[key]
-    card["calibration_sha256"] = sha256_bytes(data)
-    return card
 
 
 def _table(rows: list[tuple[Any, ...]], head: tuple[str, ...]) -> list[str]:
@@ -80,7 +96,8 @@ def to_markdown(card: dict[str, Any]) -> str:
         f"(requested {req['tokens']}), counted with the tokenizer of `{card['model']['path']}`.",
         "",
         f"- language: {req['lang']}; Polish share {res['pl_ratio']:.4f} (requested {req['pl_ratio']})",
-        f"- seed: {req['seed']}; at most {req['max_sample_tokens']} tokens per sample",
+        f"- seed: {req['seed']}; text cut into samples of at most {req['max_sample_tokens']} tokens "
+        "(chats are kept whole)",
         f"- sha256 of calibration.jsonl: `{card['calibration_sha256']}`",
         f"- tokenizer sha256: `{card['model']['tokenizer_sha256']}`",
         "",

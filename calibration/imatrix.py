@@ -7,6 +7,7 @@ writes a card beside it (`<name>.card.json`). A rerun with the same inputs reuse
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -165,7 +166,7 @@ def compute(
         os.replace(tmp_im, out)
         os.replace(card_tmp, card_path(out))
     except OSError as e:
-        if e.errno == 28:
+        if e.errno == errno.ENOSPC:
             raise OutputError(f"disk full while writing {out}; nothing was kept") from None
         raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
@@ -204,7 +205,7 @@ def _run_imatrix(
             "-t", str(threads or os.cpu_count() or 1), "--parse-special", "--output-frequency", "1000000"]  # fmt: skip
     if max_chunks:
         args += ["--chunks", str(max_chunks)]
-    state = {"buf": "", "done": 0}
+    state: dict[str, Any] = {"buf": "", "done": 0}
     with progress.bar("imatrix", total=None) as bar:
 
         def on_output(piece: str) -> None:
@@ -220,7 +221,12 @@ def _run_imatrix(
     if rc != 0 or not out.is_file():
         raise ToolError(f"llama-imatrix failed (exit {rc}): {_tail(text)}")
     m = _PPL.search(text)
-    return {"args": [a if a != str(txt) else txt.name for a in args], "ppl": float(m.group(1)) if m else None}
+    # The recorded command names the text file, not the temporary paths that no longer exist.
+    shown = [a for i, a in enumerate(args) if a != "-o" and (i == 0 or args[i - 1] != "-o")]
+    return {
+        "args": [txt.name if a == str(txt) else a for a in shown],
+        "ppl": float(m.group(1)) if m else None,
+    }
 
 
 def _tail(log: str) -> str:

@@ -14,7 +14,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from orlik.training import corpus
+
 from orlik.errors import InputError
+from orlik.fsutil import sha256_bytes
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl",)
@@ -117,8 +120,6 @@ def _chunked(text: str, base: Sample, count: CountFn, max_tokens: int) -> Iterat
 
 
 def corpus_samples(root: Path, langs: tuple[str, ...], count: CountFn, max_tokens: int) -> list[Sample]:
-    from orlik.training import corpus
-
     out: list[Sample] = []
     for d in corpus.documents(split="train", root=root):
         if d.lang in langs:
@@ -129,8 +130,6 @@ def corpus_samples(root: Path, langs: tuple[str, ...], count: CountFn, max_token
 
 def parallel_samples(root: Path, langs: tuple[str, ...], count: CountFn) -> list[Sample]:
     """Each side of a train-split pair as its own sample: the ratio counts each language apart."""
-    from orlik.training import corpus
-
     out = []
     for rec in corpus.parallel(split="train", root=root):
         for lang in langs:
@@ -142,8 +141,6 @@ def chat_samples(
     root: Path, langs: tuple[str, ...], tokenizer: Any, count: CountFn
 ) -> tuple[list[Sample], int]:
     """Train-split chats rendered through the checkpoint's chat template; returns (samples, failures)."""
-    from orlik.training import corpus
-
     out, failed = [], 0
     for rec in corpus.chats(split="train", root=root):
         if rec["lang"] not in langs:
@@ -208,7 +205,8 @@ def read_text(path: Path) -> tuple[str, bytes]:
 
 
 def _jsonl_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for i, line in enumerate(text.splitlines(), 1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other line separators.
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -231,14 +229,12 @@ class UserFile:
 
 
 def _lang_code(lang: str) -> str | None:
-    """ "pl", "PL", "pl-PL" and "pl_PL" all declare Polish; "" declares nothing."""
+    """The ISO 639-1 part of a declared language: pl, PL, pl-PL and pl_PL all mean Polish."""
     return re.split(r"[-_]", lang.strip().lower())[0] or None
 
 
 def load_files(paths: list[Path]) -> list[UserFile]:
     """Read and parse the user's files (and directories) up front, so bad input fails fast."""
-    from orlik.fsutil import sha256_bytes
-
     loaded = []
     for f in expand_files(paths):
         text, raw = read_text(f)
@@ -271,8 +267,6 @@ def user_samples(
 
 def heldout_texts(root: Path) -> list[str]:
     """Everything in the corpus's held-out split: documents, and pairs, chats and preferences."""
-    from orlik.training import corpus
-
     texts = [d.text for d in corpus.documents(split="heldout", root=root)]
     for name, fields in [("parallel", ("pl", "en")), ("preferences", ("prompt", "chosen", "rejected"))]:
         if (root / f"{name}.jsonl").is_file():

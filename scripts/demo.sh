@@ -13,13 +13,13 @@ start=$(date +%s)
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "1/2 tokenizer (SentencePiece BPE, 8k vocab, byte fallback)"
+step "1 tokenizer (SentencePiece BPE, 8k vocab, byte fallback)"
 if [ ! -f "$dir/tokenizer/tokenizer.model" ]; then
   $ORLIK train tokenizer --out "$dir/tokenizer" >/dev/null
 fi
 cat "$dir/tokenizer/report.md"
 
-step "2/2 pretrain the tiny $ARCH model on CPU"
+step "2 pretrain the tiny $ARCH model on CPU"
 if [ ! -f "$dir/fp16/model.safetensors" ]; then
   $ORLIK train pretrain --arch "$ARCH" --size tiny --tokenizer "$dir/tokenizer" --out "$dir/fp16" >/dev/null
 fi
@@ -30,6 +30,41 @@ print(f"{t['arch']}-{t['size']}: {t['parameters']/1e6:.1f}M parameters, {t['step
       f"{t['tokens_trained']:,} tokens in {t['train_seconds']:.0f} s ({t['tokens_per_second']:,.0f} tok/s), final loss {t['final_loss']:.3f}")
 PY
 cat "$dir/fp16/eval.md"
+
+step "3 calibration set (Polish-leaning Polish-English mix, counted with the model's tokenizer)"
+# Reused when calibration.jsonl still has the hash its card recorded.
+if ! python3 - "$dir/calib" <<'PY'
+import hashlib, json, sys, pathlib
+d = pathlib.Path(sys.argv[1])
+try:
+    ok = json.loads((d / "card.json").read_text())["calibration_sha256"] == hashlib.sha256((d / "calibration.jsonl").read_bytes()).hexdigest()
+except (OSError, ValueError, KeyError):
+    ok = False
+sys.exit(0 if ok else 1)
+PY
+then
+  $ORLIK calibrate build "$dir/fp16" --out "$dir/calib" >/dev/null
+fi
+python3 - "$dir/calib/card.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))["result"]
+print(f"{c['samples']} samples, {c['tokens']:,} tokens; by language {c['tokens_by_lang']}; by source {c['tokens_by_source']}")
+PY
+
+step "4 importance matrix (llama-imatrix on the F16 GGUF, Polish-English mix)"
+# Reused when its card matches the calibration set, the checkpoint and the chunk size.
+$ORLIK -q calibrate imatrix "$dir/fp16" --calib "$dir/calib" --lang mixed
+
+step "5 GGUF variants: Bielik Table 8 (Q8_0 .. Q2_K, each with and without imatrix) + IQ2_XXS"
+# Variants whose variant.json hashes verify are skipped; a damaged one is rebuilt.
+$ORLIK -q quantize "$dir/fp16" --recipe bielik-table8 --calib "$dir/calib" --out "$dir/variants" >/dev/null
+python3 - "$dir/variants" <<'PY'
+import json, sys, pathlib
+rows = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*/variant.json")]
+print(f"{'variant':<14} {'MiB':>7} {'bpw':>6} {'blocks bpw':>10}  imatrix")
+for v in sorted(rows, key=lambda v: -v["bpw"]):
+    print(f"{v['name']:<14} {v['bytes'] / 2**20:7.2f} {v['bpw']:6.2f} {v['extra']['blocks_bpw']:10.2f}  {'yes' if v['imatrix_hash'] else 'no'}")
+PY
 
 echo
 echo "demo finished in $(( $(date +%s) - start )) s; outputs in $dir/"

@@ -164,6 +164,7 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, cors: lis
                   description="OpenAI-compatible serving of orlik variants (GGUF through llama-server, FP16 through transformers).")  # fmt: skip
     app.state.orlik = state
     app.include_router(router)
+    _publish_model_names(app, registry.names())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -214,6 +215,27 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, cors: lis
         app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "X-API-Key"])  # fmt: skip
     return app
+
+
+def _publish_model_names(app: FastAPI, names: list[str]) -> None:
+    """The OpenAPI document lists the served model ids, so generated clients and fuzzers know them."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = plain()
+            for props in (s.get("properties", {}) for s in schema.get("components", {}).get("schemas", {}).values()):
+                m = props.get("model")
+                if m is None:
+                    continue
+                if m.get("type") == "string":
+                    m["enum"] = list(names)
+                elif "anyOf" in m:
+                    m["anyOf"] = [{"type": "string", "enum": list(names)}, {"type": "null"}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _web_file(name: str) -> Response:

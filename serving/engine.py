@@ -68,6 +68,7 @@ def events(runtime: Runtime, req: GenRequest, cancel: threading.Event) -> Iterat
     held: list[tuple[int, int, TokenLogprob]] = []
     gen = runtime.generate(req.prompt, req.sampling)
     finish = "stop"  # the runtime ended on its own: an EOS it did not yield, or a finished grammar
+    unsent = ""
 
     def release(final: bool = False) -> list[TokenLogprob]:
         nonlocal held
@@ -101,20 +102,20 @@ def events(runtime: Runtime, req: GenRequest, cancel: threading.Event) -> Iterat
                 yield Event(out, release(final=True), "stop", n)
                 return
             if n >= req.sampling.max_tokens:
-                finish = "length"
+                finish, unsent = "length", out  # sent with the final event below
                 break
             if out or (held and held[0][1] <= pos_out):
                 yield Event(out, release(), None, n)
         if cancel.is_set():
             return
-        out = stops.push(detok.flush() if detok is not None else "")
-        out += stops.flush()
+        tail = stops.push(detok.flush() if detok is not None else "")
+        tail += stops.flush()
         if stops.stopped is not None:
             finish = "stop"
-        pos_out += len(out)
+        pos_out += len(tail)
         if stops.stopped is None:
             pos_out = pos_in  # everything generated was sent
-        yield Event(out, release(final=True), finish, n)
+        yield Event(unsent + tail, release(final=True), finish, n)
     finally:
         gen.close()
 

@@ -53,6 +53,8 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         if not (p.startswith(("list[", "str", "int", "function-")) or p in {"json-or-python", "TokenId"})
     ]
     param = ".".join(loc) or None
+    if e.get("type") == "model_attributes_type" and not loc:
+        return "the request body must be a JSON object, sent with 'Content-Type: application/json'", None
     if e.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
     if param == "n":

@@ -69,7 +69,7 @@ class ServedModel:
 
     def card(self) -> dict[str, Any]:
         info: dict[str, Any] = {"id": self.name, "object": "model", "created": self.created, "owned_by": "orlik",
-                                "format": self.format, "path": str(self.path), "state": self.state,
+                                "format": self.format, "state": self.state,
                                 "chat_template": self.template.origin}  # fmt: skip
         if self.runtime is not None:
             info["context_length"] = self.runtime.n_ctx

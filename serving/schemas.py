@@ -171,6 +171,8 @@ class Completion(BaseModel):
 
 
 class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="allow")  # orlik adds format, state, context_length, chat_template
+
     id: str
     object: Literal["model"]
     created: int

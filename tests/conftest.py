@@ -73,8 +73,9 @@ def tiny_calibration(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: 
     documents, Polish and English, token counts from the checkpoint's tokenizer."""
     import json
 
-    from orlik.checkpoint import Checkpoint
     from orlik.training import corpus
+
+    from orlik.checkpoint import Checkpoint
 
     tok = Checkpoint.open(tiny_checkpoint).load_tokenizer()
     out = tmp_path_factory.mktemp("calib")
@@ -93,3 +94,78 @@ def tiny_imatrix(gguf_cache: Path, tiny_checkpoint: Path, tiny_calibration: Path
     from orlik.calibration import imatrix
 
     return Path(imatrix.compute(tiny_checkpoint, tiny_calibration, lang="mixed", chunk=128, max_chunks=8)["path"])
+
+
+@pytest.fixture(scope="session")
+def serving_gguf(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint as a Q8_0 GGUF variant directory (llama.cpp's converter + llama-quantize)."""
+    import subprocess
+    import sys
+
+    from orlik import llamacpp
+    from orlik.checkpoint import Checkpoint
+    from orlik.errors import MissingDependencyError
+    from orlik.manifest import Variant, hash_files
+
+    try:
+        convert, quantize = llamacpp.converter(), llamacpp.tool("llama-quantize")
+    except MissingDependencyError as e:
+        pytest.skip(str(e))
+    work = tmp_path_factory.mktemp("serving-gguf")
+    f16, out = work / "f16.gguf", work / "tiny-q8_0"
+    out.mkdir()
+    subprocess.run([sys.executable, str(convert), str(tiny_checkpoint), "--outtype", "f16", "--outfile", str(f16)],
+                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run([str(quantize), str(f16), str(out / "model.gguf"), "Q8_0"], check=True, capture_output=True)
+    size = (out / "model.gguf").stat().st_size
+    ckpt = Checkpoint.open(tiny_checkpoint)
+    n_params = ckpt.weights_bytes // 2  # an fp16 checkpoint: 2 bytes per weight
+    Variant(name="tiny-q8_0", format="gguf", recipe={"name": "Q8_0", "format": "gguf", "type": "Q8_0"},
+            base_hash=ckpt.hash, files=hash_files(out), bytes=size, bpw=round(size * 8 / n_params, 3),
+            tools={"llama.cpp": llamacpp.build_info()}).save(out)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A corpus directory in the built-in layout holding a few real records: 4 Polish and 2 English
+    train documents, one held-out document per language, 20 parallel pairs and 8 chats.
+    Pretraining on it takes seconds, for tests of the training loop itself."""
+    import json
+
+    from orlik.training import corpus
+
+    root = tmp_path_factory.mktemp("small-corpus")
+
+    def write(path: Path, records: list[dict[str, object]]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+    for lang, n_train in (("pl", 4), ("en", 2)):
+        docs = corpus.documents(lang=lang, domain="news")
+        picked = [d for d in docs if d.split == "train"][:n_train] + [d for d in docs if d.split == "heldout"][:1]
+        write(root / lang / "news.jsonl", [vars(d) for d in picked])
+    write(root / "parallel.jsonl", corpus.parallel(split="train")[:20])
+    write(root / "chat.jsonl", corpus.chats(split="train")[:8])
+    return root
+
+
+@pytest.fixture(scope="session")
+def family_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, small_corpus: Path
+) -> Callable[[str], Path]:
+    """An FP16 checkpoint of any family (llama, mistral, qwen2), built once per family: 20 steps on
+    `small_corpus`. Cheap; for tests of export, templates and conversion, not of model quality."""
+    from orlik.training import pretrain
+
+    built: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in built:
+            out = tmp_path_factory.mktemp(f"family-{arch}") / "fp16"
+            pretrain.run(out, arch=arch, size="tiny", tokenizer_dir=tokenizer_dir, corpus_dir=small_corpus,
+                         steps=20, batch_size=4, seq_len=64, lr=3e-3, checkpoint_every=10_000)  # fmt: skip
+            built[arch] = out
+        return built[arch]
+
+    return make

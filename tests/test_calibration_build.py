@@ -26,7 +26,9 @@ def read(out: Path) -> list[dict[str, Any]]:
 def heldout_sentence(lang: str = "pl") -> str:
     """A long sentence of a held-out document (so it holds several word 8-grams)."""
     doc = corpus.documents(lang=lang, split="heldout")[0]
-    return max(corpus.sentences(doc.text), key=lambda s: len(s.split()))
+    sentence = max(corpus.sentences(doc.text), key=lambda s: len(s.split()))
+    assert len(sentence.split()) >= 2 * dedup.HELDOUT_NGRAM
+    return sentence
 
 
 def train_paragraphs(lang: str, n: int) -> list[str]:
@@ -85,6 +87,7 @@ def test_only_train_split_and_card_matches_files(mixed: tuple[Path, dict[str, An
     recs = read(out)
     heldout_ids = {d.id for d in corpus.documents(split="heldout")}
     heldout_ids |= {p["id"] for p in corpus.parallel(split="heldout")}
+    heldout_ids |= {c["id"] for c in corpus.chats(split="heldout")}
     used = {r["source"].split(":")[1].split("#")[0].split(" ")[0] for r in recs}
     assert not used & heldout_ids
     assert card["calibration_sha256"] == sha256_file(out / "calibration.jsonl")
@@ -149,8 +152,7 @@ def test_user_file_with_only_heldout_text_is_an_empty_result(tiny_checkpoint: Pa
 
 def test_duplicates_and_language_checks_are_counted(tiny_checkpoint: Path, tmp_path: Path) -> None:
     pl, en = train_paragraphs("pl", 3), train_paragraphs("en", 2)
-    ws = pl[1].split()
-    near = " ".join([*ws[:-3], "zupełnie", "inne", "zakończenie."])  # same paragraph, last words changed
+    near = pl[1].rsplit(" ", 1)[0] + " inaczej."  # the same paragraph with its last word changed
     german = ("Die Stadtverwaltung hat am Dienstag beschlossen, die Straßenbahnlinie in die südlichen "
               "Bezirke zu verlängern, nachdem der Streit fast drei Jahre gedauert hatte.")  # fmt: skip
     rows = [
@@ -173,6 +175,27 @@ def test_duplicates_and_language_checks_are_counted(tiny_checkpoint: Path, tmp_p
     assert any("took the detected language" in n for n in card["notes"])
     recs = read(tmp_path / "out")
     assert {r["domain"] for r in recs} <= {"mine", "user"}
+
+
+def test_directory_of_user_files(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    pl, en = train_paragraphs("pl", 2), train_paragraphs("en", 1)
+    d = tmp_path / "texts"
+    (d / "sub").mkdir(parents=True)
+    (d / ".git").mkdir()
+    (d / "a.txt").write_text(pl[0], encoding="utf-8-sig")  # a BOM is not part of the text
+    (d / "sub" / "b.jsonl").write_text(
+        json.dumps({"text": pl[1], "lang": "pl-PL", "domain": "notes"}) + "\n\n"
+        + json.dumps({"text": en[0]}) + "\n"
+    )  # fmt: skip
+    (d / ".git" / "c.txt").write_text("ignored")
+    (d / "d.bin").write_bytes(b"\x00")
+    card = calib.build(tiny_checkpoint, tmp_path / "out", tokens=60, lang="pl", user_files=[d],
+                       include_corpus=False, include_chat=False, include_parallel=False)  # fmt: skip
+    assert [s["path"] for s in card["sources"]] == [str(d / "a.txt"), str(d / "sub" / "b.jsonl")]
+    assert card["drops"] == {} and any("1 user samples in the other language" in n for n in card["notes"])
+    recs = read(tmp_path / "out")
+    assert {r["domain"] for r in recs} <= {"user", "notes"} and all(r["lang"] == "pl" for r in recs)
+    assert not any(r["text"].startswith("\ufeff") for r in recs)
 
 
 def test_near_duplicate_index() -> None:

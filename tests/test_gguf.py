@@ -11,6 +11,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from orlik.quantize import run
+from orlik.quantize.backends.gguf import LOG_FILE, MODEL_FILE, glob_to_regex
+from orlik.quantize.recipe import GGUF_REQUIRES_IMATRIX, GGUF_TYPES, TABLE8, Recipe
 
 from orlik import gguf_read, llamacpp
 from orlik.checkpoint import Checkpoint
@@ -18,9 +21,6 @@ from orlik.cli import main
 from orlik.errors import CheckpointError, InputError, OutputError, UnknownNameError
 from orlik.gguf_convert import f16_gguf
 from orlik.manifest import Variant
-from orlik.quantize import run
-from orlik.quantize.backends.gguf import LOG_FILE, MODEL_FILE, glob_to_regex
-from orlik.quantize.recipe import GGUF_REQUIRES_IMATRIX, GGUF_TYPES, TABLE8, Recipe
 
 pytestmark = pytest.mark.usefixtures("gguf_cache")
 
@@ -39,13 +39,17 @@ def tiny_f16(gguf_cache: Path, tiny_checkpoint: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def table8(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_imatrix: Path) -> list[run.Outcome]:
+def table8(
+    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, tiny_imatrix: Path
+) -> list[run.Outcome]:
     out = tmp_path_factory.mktemp("variants")
     calib = run.calibration_for(imatrix=tiny_imatrix)
     return run.quantize_all(tiny_checkpoint, ["bielik-table8"], out, calib=calib)
 
 
-def test_f16_conversion_is_cached_by_checkpoint_hash(tiny_checkpoint: Path, tiny_f16: Path, monkeypatch) -> None:
+def test_f16_conversion_is_cached_by_checkpoint_hash(
+    tiny_checkpoint: Path, tiny_f16: Path, monkeypatch
+) -> None:
     ckpt = Checkpoint.open(tiny_checkpoint)
     assert tiny_f16.name == "model-f16.gguf" and tiny_f16.parent.name == ckpt.hash
     s = gguf_read.summarize(tiny_f16)
@@ -64,9 +68,13 @@ def test_unconvertible_architecture_names_it(checkpoint_copy: Path) -> None:
     cfg = json.loads(cfg_path.read_text())
     cfg.update(model_type="orlik_fake", architectures=["OrlikFakeForCausalLM"])
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"cannot convert architecture OrlikFakeForCausalLM.*orlik_fake"):
+    with pytest.raises(
+        CheckpointError, match=r"cannot convert architecture OrlikFakeForCausalLM.*orlik_fake"
+    ):
         f16_gguf(Checkpoint.open(checkpoint_copy))
-    assert not list((Path(llamacpp.cache_root()) / "gguf").glob(f"{Checkpoint.open(checkpoint_copy).hash}/*.gguf"))
+    assert not list(
+        (Path(llamacpp.cache_root()) / "gguf").glob(f"{Checkpoint.open(checkpoint_copy).hash}/*.gguf")
+    )
 
 
 def test_requires_imatrix_list_matches_llama_quantize(tiny_f16: Path) -> None:
@@ -154,7 +162,9 @@ def test_types_with_orlik_imatrix_and_overrides_match_gguf(
                     output_type="Q8_0", embedding_type="Q4_K",
                     overrides=(("blk.*.ffn_down.weight", "Q6_K"), ("blk.0.attn_?.weight", "Q5_K")))  # fmt: skip
     (v,) = run.quantize(tiny_checkpoint, [recipe], tmp_path, calib=run.calibration_for(imatrix=tiny_imatrix))
-    got = gguf_read.summarize(v.main_file(), keys=("quantize.imatrix.dataset", "quantize.imatrix.entries_count"))
+    got = gguf_read.summarize(
+        v.main_file(), keys=("quantize.imatrix.dataset", "quantize.imatrix.entries_count")
+    )
     logged = _log_types((v.path / LOG_FILE).read_text(), gguf_read.summarize(tiny_f16))
     assert got.types() == logged == v.extra["tensor_type_by_name"]
     assert got.types()["output.weight"] == "Q8_0" and got.types()["token_embd.weight"] == "Q4_K"
@@ -181,7 +191,9 @@ def test_tied_embeddings_take_the_output_type(make_checkpoint, tmp_path: Path) -
     assert llm.create_completion("Hej", max_tokens=4, temperature=0.0)["usage"]["completion_tokens"] >= 1
 
 
-def test_rerun_skips_verified_and_redoes_tampered(tiny_checkpoint: Path, tiny_f16: Path, tmp_path: Path) -> None:
+def test_rerun_skips_verified_and_redoes_tampered(
+    tiny_checkpoint: Path, tiny_f16: Path, tmp_path: Path
+) -> None:
     first = run.quantize_all(tiny_checkpoint, ["Q8_0", "Q4_0"], tmp_path)
     assert [o.status for o in first] == ["built", "built"]
     again = run.quantize_all(tiny_checkpoint, ["Q8_0", "Q4_0"], tmp_path)
@@ -201,7 +213,9 @@ def test_rerun_skips_verified_and_redoes_tampered(tiny_checkpoint: Path, tiny_f1
     assert run.quantize_all(tiny_checkpoint, [changed], tmp_path)[0].reason == "the recipe changed"
 
 
-def test_interrupted_variant_is_not_left_behind(tiny_checkpoint: Path, tiny_f16: Path, tmp_path: Path, monkeypatch):
+def test_interrupted_variant_is_not_left_behind(
+    tiny_checkpoint: Path, tiny_f16: Path, tmp_path: Path, monkeypatch
+):
     def interrupted(tool: str, args: list[str], on_output=None):
         Path(args[-3]).write_bytes(b"half a model")
         raise KeyboardInterrupt

@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
+from orlik.calibration import imatrix
 
 from orlik import gguf_read, llamacpp
-from orlik.calibration import imatrix
 from orlik.checkpoint import Checkpoint
 from orlik.cli import main
 from orlik.errors import InputError
@@ -44,7 +44,9 @@ def test_imatrix_is_llama_cpp_format_with_provenance(
     calib_sha = sha256_file(tiny_calibration / "calibration.jsonl")
     assert r.fields[gguf_read.KEY_CALIB_SHA].contents() == calib_sha
     assert r.fields[gguf_read.KEY_CALIB_LANG].contents() == "mixed"
-    assert r.fields[gguf_read.KEY_CALIB_TOKENS].contents() == sum(x["tokens"] for x in _records(tiny_calibration))
+    assert r.fields[gguf_read.KEY_CALIB_TOKENS].contents() == sum(
+        x["tokens"] for x in _records(tiny_calibration)
+    )
     assert r.fields[gguf_read.KEY_BASE_SHA].contents() == Checkpoint.open(tiny_checkpoint).hash
     # Every weight matrix of every block has an entry of the right width.
     ckpt = Checkpoint.open(tiny_checkpoint)
@@ -58,7 +60,9 @@ def test_imatrix_is_llama_cpp_format_with_provenance(
     assert card["perplexity_f16"] > 1
 
 
-def test_rerun_reuses_and_force_recomputes(tiny_imatrix: Path, tiny_checkpoint: Path, tiny_calibration: Path) -> None:
+def test_rerun_reuses_and_force_recomputes(
+    tiny_imatrix: Path, tiny_checkpoint: Path, tiny_calibration: Path
+) -> None:
     mtime = tiny_imatrix.stat().st_mtime_ns
     card = imatrix.compute(tiny_checkpoint, tiny_calibration, lang="mixed", chunk=128, max_chunks=8)
     assert card.get("reused") and tiny_imatrix.stat().st_mtime_ns == mtime
@@ -108,7 +112,9 @@ def test_imatrix_from_another_model_is_a_shape_mismatch(tiny_imatrix: Path, tmp_
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(InputError, match=r"shape mismatch: blk\.\d+\.\w+\.weight has \d+x1 values, the model needs"):
+    with pytest.raises(
+        InputError, match=r"shape mismatch: blk\.\d+\.\w+\.weight has \d+x1 values, the model needs"
+    ):
         gguf_read.check_imatrix(tiny_imatrix, model)
 
 
@@ -117,7 +123,9 @@ def test_bad_input(tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path
     assert "does not exist" in capsys.readouterr().err
     small = tmp_path / "small"
     small.mkdir()
-    (small / "calibration.jsonl").write_text(json.dumps({"text": "Ala ma kota.", "lang": "pl", "tokens": 5}) + "\n")
+    (small / "calibration.jsonl").write_text(
+        json.dumps({"text": "Ala ma kota.", "lang": "pl", "tokens": 5}) + "\n"
+    )
     with pytest.raises(InputError, match=r"has 5 tokens .*at least 2 x --chunk = 1024"):
         imatrix.compute(tiny_checkpoint, small, chunk=512)
     with pytest.raises(InputError, match="no records with lang 'en'"):
@@ -142,4 +150,8 @@ def test_cli_writes_beside_the_calibration_set(tiny_checkpoint: Path, tiny_calib
     res = json.loads(capsys.readouterr().out)
     assert res["out"] == str(calib / "imatrix-en.gguf") and res["chunks"] == 2 and not res["reused"]
     assert (calib / "imatrix-en.card.json").is_file()
-    assert sorted(p.name for p in calib.iterdir()) == ["calibration.jsonl", "imatrix-en.card.json", "imatrix-en.gguf"]
+    assert sorted(p.name for p in calib.iterdir()) == [
+        "calibration.jsonl",
+        "imatrix-en.card.json",
+        "imatrix-en.gguf",
+    ]

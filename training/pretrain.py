@@ -123,9 +123,17 @@ def run(
     root = Path(corpus_dir or corpus.DATA_DIR)
     if not root.is_dir():
         raise InputError(f"corpus directory {root} does not exist")
+    # Fail before training, not after it: the run ends with a held-out evaluation.
+    if not corpus.documents(split="heldout", root=root):
+        raise InputError(f"the corpus under {root} has no held-out documents to evaluate on")
+    if tokenizer_dir is not None and not any((Path(tokenizer_dir) / n).is_file() for n in tokenizer.HF_FILES):
+        raise InputError(f"{tokenizer_dir} holds no tokenizer ({' or '.join(tokenizer.HF_FILES)})")
     d = DEFAULTS[size]
-    steps, batch_size = steps or d["steps"], batch_size or d["batch_size"]
-    seq_len, lr = seq_len or d["seq_len"], lr or d["lr"]
+    # `is None`, not `or`: an explicit 0 is an error to report, not a request for the default.
+    steps = d["steps"] if steps is None else steps
+    batch_size = d["batch_size"] if batch_size is None else batch_size
+    seq_len = d["seq_len"] if seq_len is None else seq_len
+    lr = d["lr"] if lr is None else lr
     if min(steps, batch_size, seq_len) <= 0 or lr <= 0:
         raise InputError("steps, batch size, sequence length and learning rate must be positive")
     torch.set_num_threads(threads or os.cpu_count() or 1)

@@ -16,6 +16,7 @@ from orlik.training import corpus
 
 SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]  # ChatML markers, single tokens for the qwen2 family
+HF_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def training_lines(corpus_dir: Path | None = None, langs: Iterable[str] = corpus.LANGS) -> list[str]:

@@ -1,0 +1,220 @@
+"""The core types: variant.json (strict schema, tamper detection), the name registry, atomic output
+directories, and recipe names and presets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orlik.errors import ManifestError, OrlikError, OutputError, UnknownNameError
+from orlik.fsutil import atomic_dir, sha256_file
+from orlik.manifest import MANIFEST, SCHEMA_VERSION, Variant, hash_files
+from orlik.quantize.recipe import GGUF_TYPES, PRESETS, Recipe, expand
+from orlik.registry import Registry
+
+
+# ---------------------------------------------------------------- variant.json
+@pytest.fixture
+def variant_dir(tmp_path: Path) -> tuple[Path, Variant]:
+    d = tmp_path / "tiny-q4_k_m"
+    d.mkdir()
+    (d / "model.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    (d / "README.md").write_text("Zażółć gęślą jaźń\n", encoding="utf-8")
+    v = Variant(name="tiny-q4_k_m", format="gguf", recipe=Recipe.from_name("Q4_K_M-imat").to_dict(),
+                base_hash="ab" * 32, files=hash_files(d, ["model.gguf", "README.md"]), bytes=2052, bpw=4.85,
+                tools={"llama.cpp": "b1 (0c1e570)"}, calibration_hash="cd" * 32, imatrix_hash="ef" * 32,
+                extra={"ppl": 12.5})  # fmt: skip
+    v.save(d)
+    return d, v
+
+
+def test_variant_round_trips_through_dict_and_file(variant_dir: tuple[Path, Variant]) -> None:
+    d, v = variant_dir
+    assert Variant.from_dict(v.to_dict()) == v
+    loaded = Variant.load(d)
+    assert loaded == v and loaded.path == d
+    on_disk = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+    assert on_disk["schema_version"] == SCHEMA_VERSION
+    assert "path" not in on_disk  # where a variant lives is not part of its identity
+    assert set(on_disk["files"]) == {"model.gguf", "README.md"}  # the manifest does not hash itself
+    assert on_disk["files"]["model.gguf"] == sha256_file(d / "model.gguf")
+    assert hash_files(d) == on_disk["files"]  # listing the directory finds the same files and hashes
+    assert loaded.main_file() == d / "model.gguf"  # the order written is the order read back
+
+
+def _broken(v: Variant, **change: Any) -> dict[str, Any]:
+    d = v.to_dict()
+    for k, val in change.items():
+        if val is _DROP:
+            d.pop(k)
+        else:
+            d[k] = val
+    return d
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"schema_version": 2}, "schema_version 2 is not 1"),
+        ({"schema_version": _DROP}, "schema_version None is not 1"),
+        ({"colour": "blue"}, "unknown field.*colour"),
+        ({"bytes": "2052"}, "'bytes' has the wrong type"),
+        ({"bpw": True}, "'bpw' has the wrong type"),
+        ({"recipe": "Q4_K_M"}, "'recipe' has the wrong type"),
+        ({"format": _DROP}, "missing field.*format"),
+        ({"files": {"model.gguf": "not-a-sha"}}, "'files' must map each file to its sha256"),
+        ({"files": {}}, "'files' must map each file to its sha256"),
+        ({"bytes": 0}, "implausible bytes/bpw"),
+        ({"bpw": 64.0}, "implausible bytes/bpw"),
+    ],
+)
+def test_variant_validation_is_strict(variant_dir: tuple[Path, Variant], change: dict[str, Any], message: str) -> None:
+    _, v = variant_dir
+    with pytest.raises(ManifestError, match=message):
+        Variant.from_dict(_broken(v, **change))
+
+
+def test_variant_load_errors_are_one_line(tmp_path: Path, variant_dir: tuple[Path, Variant]) -> None:
+    with pytest.raises(ManifestError, match="has no variant.json"):
+        Variant.load(tmp_path / "nowhere")
+    d, _ = variant_dir
+    (d / MANIFEST).write_text('{"name": "x",', encoding="utf-8")
+    with pytest.raises(ManifestError, match="is corrupt") as e:
+        Variant.load(d)
+    assert "\n" not in str(e.value)
+    (d / MANIFEST).write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ManifestError, match="expected a JSON object"):
+        Variant.load(d)
+
+
+def test_verify_detects_tampered_and_missing_files(variant_dir: tuple[Path, Variant]) -> None:
+    d, v = variant_dir
+    assert Variant.load(d).verify() == []
+    raw = bytearray((d / "model.gguf").read_bytes())
+    raw[100] ^= 1  # one flipped bit
+    (d / "model.gguf").write_bytes(bytes(raw))
+    assert Variant.load(d).verify() == ["model.gguf"]
+    (d / "README.md").unlink()
+    assert sorted(Variant.load(d).verify()) == ["README.md", "model.gguf"]
+
+
+# ---------------------------------------------------------------- registry
+def test_registry_unknown_name_lists_the_valid_ones() -> None:
+    reg: Registry[int] = Registry("backend")
+    reg.register("gguf")(1)
+    reg.register("awq")(2)
+    assert reg.get("gguf") == 1 and "awq" in reg and list(reg) == ["awq", "gguf"]
+    with pytest.raises(UnknownNameError) as e:
+        reg.get("gptq")
+    assert str(e.value) == "unknown backend 'gptq'; valid: awq, gguf"
+    assert isinstance(e.value, OrlikError) and e.value.exit_code == 2
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.register("gguf")(3)
+
+
+# ---------------------------------------------------------------- atomic_dir
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    final = tmp_path / "variant"
+    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
+        (tmp / "half.bin").write_bytes(b"x" * 10)
+        raise RuntimeError("quantizer crashed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_keeps_previous_result_on_failure_and_replaces_on_success(tmp_path: Path) -> None:
+    final = tmp_path / "variant"
+    with atomic_dir(final) as tmp:
+        (tmp / "model.gguf").write_text("v1")
+    assert (final / "model.gguf").read_text() == "v1"
+    with pytest.raises(KeyboardInterrupt), atomic_dir(final) as tmp:
+        (tmp / "model.gguf").write_text("v2-half")
+        raise KeyboardInterrupt
+    assert (final / "model.gguf").read_text() == "v1"
+    with atomic_dir(final) as tmp:
+        (tmp / "model.gguf").write_text("v2")
+        (tmp / "variant.json").write_text("{}")
+    assert sorted(p.name for p in final.iterdir()) == ["model.gguf", "variant.json"]
+    assert (final / "model.gguf").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["variant"]  # no .partial, no .old
+    with pytest.raises(OutputError, match="already exists"), atomic_dir(final, replace=False) as tmp:
+        (tmp / "model.gguf").write_text("v3")
+    assert (final / "model.gguf").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["variant"]
+
+
+def test_atomic_dir_under_a_file_is_an_output_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "runs"
+    blocker.write_text("not a directory")
+    with pytest.raises(OutputError, match="cannot write to"), atomic_dir(blocker / "variant"):
+        pass
+
+
+# ---------------------------------------------------------------- recipes
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("Q4_K_M", {"format": "gguf", "qtype": "Q4_K_M", "imatrix": False, "calibration": False}),
+        ("q4_k_m-imat", {"name": "Q4_K_M-imat", "format": "gguf", "qtype": "Q4_K_M", "imatrix": True,
+                         "calibration": True}),
+        ("IQ2_XXS-imat", {"format": "gguf", "qtype": "IQ2_XXS", "imatrix": True}),
+        ("gptq-w4g128", {"format": "gptq", "bits": 4, "group_size": 128, "calibration": True}),
+        ("gptq-w8", {"format": "gptq", "bits": 8, "group_size": None}),
+        ("awq-w4g128", {"format": "awq", "bits": 4, "group_size": 128, "calibration": True}),
+        ("hqq-3bit-g64", {"format": "hqq", "bits": 3, "group_size": 64, "calibration": False}),
+        ("exl2-4.0bpw", {"format": "exl2", "bits": 4.0, "calibration": True, "options": {"head_bits": 6}}),
+        ("exl2-2.5bpw-h8", {"format": "exl2", "bits": 2.5, "options": {"head_bits": 8}}),
+        ("mlx-q4", {"format": "mlx", "bits": 4, "group_size": 64}),
+        ("MLX-Q3-G32", {"name": "mlx-q3-g32", "format": "mlx", "bits": 3, "group_size": 32}),
+    ],
+)  # fmt: skip
+def test_recipe_from_name(name: str, expected: dict[str, Any]) -> None:
+    r = Recipe.from_name(name)
+    for k, v in expected.items():
+        assert getattr(r, k) == v, (k, getattr(r, k))
+    assert Recipe.from_dict(r.to_dict()) == r
+    assert Recipe.from_dict({"name": name}) == r
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("Q9_K", "unknown GGUF type 'Q9_K'; valid: .*Q4_K_M"),
+        ("gptq-4bit", "unknown recipe 'gptq-4bit'; valid: .*bielik-table8.*gptq-w4g128"),
+        ("", "unknown recipe ''"),
+    ],
+)
+def test_unknown_recipe_lists_valid_names(name: str, message: str) -> None:
+    with pytest.raises(UnknownNameError, match=message):
+        Recipe.from_name(name)
+
+
+def test_recipe_from_dict_validates() -> None:
+    r = Recipe.from_dict({"format": "gguf", "qtype": "Q4_K_M", "imatrix": True,
+                          "overrides": {"*attn_v*": "Q6_K", "output.weight": "Q8_0"}})  # fmt: skip
+    assert r.name == "Q4_K_M-imat" and r.overrides == (("*attn_v*", "Q6_K"), ("output.weight", "Q8_0"))
+    assert Recipe.from_dict(r.to_dict()) == r
+    with pytest.raises(UnknownNameError, match="unknown format 'onnx'"):
+        Recipe.from_dict({"format": "onnx"})
+    with pytest.raises(OrlikError, match="unknown field.*bitz"):
+        Recipe.from_dict({"format": "gptq", "bitz": 4})
+
+
+def test_presets_cover_bielik_table8() -> None:
+    recipes = expand(["bielik-table8"])
+    names = [r.name for r in recipes]
+    # Table 8: six K/legacy types, each without and with the importance matrix, plus IQ2_XXS.
+    assert names[:4] == ["Q8_0", "Q8_0-imat", "Q6_K", "Q6_K-imat"]
+    assert len(names) == 13 and names[-1] == "IQ2_XXS-imat"
+    assert {r.qtype for r in recipes} == {"Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ2_XXS"}
+    assert all(r.imatrix == r.name.endswith("-imat") for r in recipes)
+    # Duplicates collapse, order is kept, and every preset entry is a valid recipe name.
+    assert [r.name for r in expand(["Q4_K_M", "bielik-table8", "Q4_K_M"])][0] == "Q4_K_M"
+    assert len(expand(["Q4_K_M", "bielik-table8"])) == 13
+    for preset in PRESETS:
+        assert all(r.qtype in GGUF_TYPES for r in expand([preset]) if r.format == "gguf")
