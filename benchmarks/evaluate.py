@@ -1,10 +1,16 @@
-"""The scoring loop: a variant's runtime over every chunk of a text, scored against the FP16
-reference (compressed, or streamed beside it for exact figures)."""
+"""The scoring loops: variants' runtimes over every chunk of a text, scored against FP16.
+
+Two ways, same figures:
+- exact: FP16 and a group of variants run chunk by chunk side by side; each chunk's FP16 logits
+  are computed once for the whole group, used over the full vocabulary, and dropped. Nothing is
+  approximated; the compact reference is written during the same pass for later runs.
+- topk: variants one at a time against the cached compact reference; the KLD is an estimate with
+  an exact bound (see scoring.py).
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,8 +18,8 @@ import numpy as np
 
 from orlik import progress
 from orlik.benchmarks.reference import Chunks, Reference
-from orlik.benchmarks.scoring import ChunkScores, score_exact, score_topk
-from orlik.benchmarks.stats import Series, summarize
+from orlik.benchmarks.scoring import ChunkScores, TopK, compress, score_exact, score_topk
+from orlik.benchmarks.stats import Series
 from orlik.errors import InputError
 
 MODES = ("auto", "topk", "exact")
@@ -23,45 +29,20 @@ MODES = ("auto", "topk", "exact")
 class TextScore:
     series: Series
     mode: str  # "topk" or "exact": how the KLD was computed
-    seconds: float
+    seconds: float  # time in this variant's own forward passes and scoring
     notes: list[str] = field(default_factory=list)
 
 
 def _series(parts: list[ChunkScores]) -> Series:
-    cat = {f: np.concatenate([getattr(p, f) for p in parts]) for f in ChunkScores.__dataclass_fields__}
-    return Series(**cat)
+    return Series(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in ChunkScores.__dataclass_fields__})
 
 
-def _variant_logits(rt: Any, chunks: Chunks, c: int) -> np.ndarray:
+def _scored_logits(rt: Any, chunks: Chunks, c: int) -> np.ndarray:
+    """Logits of the scored positions ctx/2 .. ctx−2 of chunk c."""
     q = rt.logits_from(chunks.tokens[c].tolist(), chunks.first)[:-1]
-    if q.shape != (chunks.targets.shape[1], q.shape[1]):
+    if q.ndim != 2 or q.shape[0] != chunks.targets.shape[1]:
         raise InputError(f"{rt.name} returned logits of shape {q.shape} for a chunk of {chunks.ctx} tokens")
     return q
-
-
-def score_with_reference(rt: Any, chunks: Chunks, ref: Reference, label: str) -> TextScore:
-    per = chunks.targets.shape[1]
-    parts = []
-    t0 = time.perf_counter()
-    with progress.bar(label, total=chunks.n_chunks) as bar:
-        for c in range(chunks.n_chunks):
-            q = _variant_logits(rt, chunks, c)
-            parts.append(score_topk(q, chunks.targets[c], ref.chunk(c, per)))
-            bar.advance()
-    return TextScore(_series(parts), "topk", time.perf_counter() - t0)
-
-
-def score_streaming(rt: Any, base: Any, chunks: Chunks, label: str) -> TextScore:
-    """Exact figures: the FP16 logits of each chunk are computed beside the variant's, never stored."""
-    parts = []
-    t0 = time.perf_counter()
-    with progress.bar(f"{label} (exact)", total=chunks.n_chunks) as bar:
-        for c in range(chunks.n_chunks):
-            q = _variant_logits(rt, chunks, c)
-            b = base.logits_from(chunks.tokens[c].tolist(), chunks.first)[:-1]
-            parts.append(score_exact(q, b, chunks.targets[c]))
-            bar.advance()
-    return TextScore(_series(parts), "exact", time.perf_counter() - t0)
 
 
 def check_tokenizer(rt: Any, name: str, text_name: str, text: str, ids: list[int], n_vocab: int) -> None:
@@ -79,28 +60,83 @@ def check_tokenizer(rt: Any, name: str, text_name: str, text: str, ids: list[int
         )
 
 
-def score_variant(rt: Any, name: str, texts: dict[str, tuple[Chunks, Reference | None]],
-                  base: Callable[[], Any], mode: str, max_kld_error: float) -> dict[str, TextScore]:  # fmt: skip
-    """Score one loaded variant on every text. In auto mode, a text whose top-K KLD bound exceeds
-    max_kld_error × KLD is rescored exactly, so every reported KLD is within that relative error."""
+def score_topk_text(rt: Any, chunks: Chunks, ref: Reference, label: str) -> TextScore:
+    per = chunks.targets.shape[1]
+    parts = []
+    t0 = time.perf_counter()
+    with progress.bar(label, total=chunks.n_chunks) as bar:
+        for c in range(chunks.n_chunks):
+            parts.append(score_topk(_scored_logits(rt, chunks, c), chunks.targets[c], ref.chunk(c, per)))
+            bar.advance()
+    return TextScore(_series(parts), "topk", time.perf_counter() - t0)
+
+
+def score_exact_text(rts: dict[str, Any], base: Any, chunks: Chunks, label: str,
+                     compress_to: tuple[int, float] | None = None) -> tuple[dict[str, TextScore], TopK | None]:  # fmt: skip
+    """All of `rts` against FP16, chunk by chunk. With compress_to=(kmax, tail_mass) the FP16 rows
+    are also compressed into a reference, returned for caching."""
+    parts: dict[str, list[ChunkScores]] = {n: [] for n in rts}
+    seconds = dict.fromkeys(rts, 0.0)
+    tops: list[TopK] = []
+    with progress.bar(label, total=chunks.n_chunks) as bar:
+        for c in range(chunks.n_chunks):
+            b = _scored_logits(base, chunks, c)
+            if compress_to is not None:
+                tops.append(compress(b, chunks.targets[c], *compress_to))
+            for name, rt in rts.items():
+                t0 = time.perf_counter()
+                parts[name].append(score_exact(_scored_logits(rt, chunks, c), b, chunks.targets[c]))
+                seconds[name] += time.perf_counter() - t0
+            bar.advance()
+    scores = {n: TextScore(_series(p), "exact", seconds[n]) for n, p in parts.items()}
+    return scores, (TopK.concat(tops) if compress_to is not None else None)
+
+
+def plan_groups(sizes: list[int], budget: int) -> list[list[int]] | None:
+    """Indices of variants to run side by side, each group's total size within `budget` bytes;
+    None when not even one variant fits beside FP16 (then only the top-K path is possible)."""
+    if not sizes or min(sizes) > budget:
+        return None if sizes else []
+    groups: list[list[int]] = []
+    used = budget + 1
+    for i, s in enumerate(sizes):
+        if s > budget:
+            return None
+        if used + s > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += s
+    return groups
+
+
+def available_memory() -> int:
+    """Bytes the system can give without swapping (MemAvailable), or a conservative 4 GiB."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        try:
+            with open("/proc/meminfo") as f:
+                return int(next(ln.split()[1] for ln in f if ln.startswith("MemAvailable"))) * 1024
+        except (OSError, StopIteration):
+            return 4 << 30
+
+
+def choose_mode(mode: str, sizes: list[int], fp16_bytes: int) -> tuple[str, list[list[int]] | None, str]:
+    """(mode, groups, why): auto is exact when FP16 fits beside at least one variant in memory."""
     if mode not in MODES:
         raise InputError(f"unknown reference mode {mode!r}; valid: {', '.join(MODES)}")
-    out: dict[str, TextScore] = {}
-    for tname, (chunks, ref) in texts.items():
-        label = f"{name} · {tname}"
-        if mode == "exact" or ref is None:
-            out[tname] = score_streaming(rt, base(), chunks, label)
-            continue
-        res = score_with_reference(rt, chunks, ref, label)
-        if mode == "auto":
-            s = summarize(res.series)
-            if s["kld_error_bound"] > max_kld_error * s["kld"]:
-                note = (f"{tname}: top-K KLD bound ±{s['kld_error_bound']:.2e} > {max_kld_error:g} × KLD "
-                        f"{s['kld']:.2e}; rescored exactly")  # fmt: skip
-                progress.info(f"[dim]{name}: {note}[/]")
-                exact = score_streaming(rt, base(), chunks, label)
-                exact.seconds += res.seconds
-                exact.notes.append(note)
-                res = exact
-        out[tname] = res
-    return out
+    budget = int(0.8 * available_memory()) - fp16_bytes
+    groups = plan_groups(sizes, budget)
+    if mode == "topk":
+        return "topk", None, "asked for (--reference topk)"
+    if groups is None:
+        if mode == "exact":
+            raise InputError(f"--reference exact needs FP16 ({fp16_bytes / (1 << 30):.1f} GiB in memory) beside the "
+                             "largest variant, and this machine has too little free memory; use --reference topk")  # fmt: skip
+        return "topk", None, "FP16 and a variant do not fit in memory together"
+    why = "asked for (--reference exact)" if mode == "exact" else "FP16 fits in memory beside the variants"
+    return "exact", groups, f"{why}; {len(groups)} group(s) scored side by side"
+

@@ -49,7 +49,9 @@ def pareto(results: dict[str, Any], path: Path) -> None:
     quants = [v for v in results["variants"] if v["format"] != "fp16"]
     fp16 = next((v for v in results["variants"] if v["format"] == "fp16"), None)
     floor = min((v["rows"][text]["kld"] for v in quants if v["rows"][text]["kld"] > 0), default=1e-6)
-    pts = [(v["bytes"] / GIB, max(v["rows"][text]["kld"], floor)) for v in quants]
+    # MiB for small models, so the axis reads 4, 6, 10 rather than 4e-3, 6e-3, 1e-2.
+    unit, div = ("GiB", GIB) if max((v["bytes"] for v in results["variants"]), default=0) >= GIB else ("MiB", MIB)
+    pts = [(v["bytes"] / div, max(v["rows"][text]["kld"], floor)) for v in quants]
     fig, ax = plt.subplots(figsize=(9, 6), dpi=130)
     for fmt in dict.fromkeys(v["format"] for v in quants):
         idx = [i for i, v in enumerate(quants) if v["format"] == fmt]
@@ -67,12 +69,13 @@ def pareto(results: dict[str, Any], path: Path) -> None:
         ax.annotate(v["name"], pts[i], textcoords="offset points", xytext=(6, dy), fontsize=8.5,
                     fontweight="bold" if i in front else "normal")  # fmt: skip
     if fp16:
-        ax.axvline(fp16["bytes"] / GIB, color=COLOURS["fp16"], ls="--", lw=1)
-        ax.annotate("FP16 (KLD 0)", (fp16["bytes"] / GIB, floor), textcoords="offset points", xytext=(-4, 4),
+        ax.axvline(fp16["bytes"] / div, color=COLOURS["fp16"], ls="--", lw=1)
+        ax.annotate("FP16 (KLD 0)", (fp16["bytes"] / div, floor), textcoords="offset points", xytext=(-4, 4),
                     rotation=90, ha="right", va="bottom", fontsize=8.5, color=COLOURS["fp16"])  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("Size [GiB] (log scale)")
+    ax.margins(x=0.08, y=0.12)
+    ax.set_xlabel(f"Size [{unit}] (log scale)")
     ax.set_ylabel("Mean KLD against FP16 [nats] (log scale)")
     tokens = sum(t["scored_tokens"] for t in results["texts"].values())
     ax.set_title(f"{results['model']['name']}: size vs KLD ({text}, ctx {results['settings']['ctx']}, "

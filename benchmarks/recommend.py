@@ -86,6 +86,6 @@ def recommend(results: dict[str, Any], budget: int, ctx: int) -> dict[str, Any]:
     why += (f" + {pick['overhead'] / GIB:.3f} runtime memory measured by bench --speed." if pick["overhead_measured"]
             else "; runtime buffers are not counted (run `orlik bench --speed` to measure them).")  # fmt: skip
     if better:
-        b = min(better, key=lambda r: r["kld"])
+        b = min(better, key=lambda r: r["need"])  # the cheapest step up in quality
         why += f" {b['name']} would be better (KLD {b['kld']:.4g}) but needs {b['need'] / GIB:.3f} GiB."
     return {"pick": pick["name"], "why": why, "budget": budget, "ctx": ctx, "text": text, "candidates": rows}

@@ -132,21 +132,14 @@ def build(base: Any, chunks: Chunks, *, kmax: int = KMAX, tail_mass: float = TAI
     return TopK.concat(parts)
 
 
-def get(base_loader: Any, ckpt_hash: str, chunks: Chunks, cache_dir: Path, name: str, *,
-        kmax: int = KMAX, tail_mass: float = TAIL_MASS) -> tuple[Reference, bool]:  # fmt: skip
-    """The reference for `chunks`: from the cache when it is there, else built and cached.
-    Returns (reference, whether it came from the cache)."""
-    key = cache_key(ckpt_hash, chunks, kmax, tail_mass)
-    path = cache_path(cache_dir, name, key)
-    ref = load(path, key)
-    if ref is not None:
-        return ref, True
-    top = build(base_loader(), chunks, kmax=kmax, tail_mass=tail_mass, label=name)
+def store(cache_dir: Path, name: str, key: str, top: TopK, ckpt_hash: str, chunks: Chunks, kmax: int,
+          tail_mass: float) -> Reference:  # fmt: skip
+    """Save a freshly built reference under its key and return it."""
+    counts = np.diff(top.offsets)
     meta = {"key": key, "format_version": FORMAT_VERSION, "orlik": __version__, "checkpoint_hash": ckpt_hash,
             "tokens_sha256": chunks.digest, "ctx": chunks.ctx, "n_chunks": chunks.n_chunks,
             "scored_tokens": chunks.n_scored, "kmax": kmax, "tail_mass": tail_mass,
-            "mean_k": float(np.diff(top.offsets).mean()),
-            "positions_over_tail_mass": int((top.tail_mass > tail_mass).sum())}  # fmt: skip
+            "mean_k": float(counts.mean()), "positions_over_tail_mass": int((top.tail_mass > tail_mass).sum())}  # fmt: skip
     ref = Reference(meta=meta, top=top)
-    save(path, ref)
-    return ref, False
+    save(cache_path(cache_dir, name, key), ref)
+    return ref

@@ -53,13 +53,19 @@ def model_facts(ckpt: Checkpoint) -> dict[str, Any]:
 
 
 def fmt_pm(v: float | None, e: float | None = None, scale: float = 1.0) -> str:
-    """value ± error with the error to two significant digits and the value to the same place."""
+    """value ± error, the error to two significant digits and the value to the same place; values
+    below 1e-3 share a power of ten, "(8.04 ± 0.15)e-05", so small KLDs stay readable."""
     if v is None or not math.isfinite(v):
         return "–"
     v *= scale
     if e is None or not math.isfinite(e) or e <= 0:
-        return f"{v:.4g}"
+        return f"{v:.4g}" if v != int(v) or abs(v) >= 1e6 else f"{v:.1f}"
     e *= scale
+    p = math.floor(math.log10(abs(v))) if v else 0
+    if p < -3 and e < abs(v):
+        v, e = v / 10.0**p, e / 10.0**p
+        d = max(0, 1 - math.floor(math.log10(e)))
+        return f"({v:.{d}f} ± {e:.{d}f})e{p:03d}"
     d = max(0, 1 - math.floor(math.log10(e)))
     return f"{v:.{d}f} ± {e:.{d}f}"
 
@@ -172,10 +178,10 @@ def notes_md(results: dict[str, Any]) -> list[str]:
                      f"{s['tail_mass']:g}, K <= {s['kmax']}) plus the exact left-out mass and Σp·log p; "
                      f"{size / MIB:.1f} MiB for {sum(t['scored_tokens'] for t in results['texts'].values()):,} "
                      f"scored tokens (mean K {mean_k}).")  # fmt: skip
-    lines.append(f"- Reference mode `{s['reference']}`: a KLD from the top-K reference carries an exact bound (the "
-                 "true mean lies in [lo, hi] below); in `auto` mode a text whose bound exceeds "
-                 f"{100 * s['max_kld_error']:g}% of its KLD is rescored exactly, streaming FP16 beside the variant.")  # fmt: skip
-    for v in results["variants"]:
+    lines.append(f"- KLD computed `{s['kld_mode']}` ({s['kld_mode_why']}). `exact`: FP16 logits streamed beside the "
+                 "variants, KLD over the full vocabulary. `topk`: against the compact reference; the estimate is exact "
+                 "for the kept tokens and bounds the left-out tail, and the true mean KLD lies in [lo, hi] below.")  # fmt: skip
+    for v in results["variants"] if s["kld_mode"] == "topk" else []:
         if v["format"] == "fp16":
             continue
         parts = []
@@ -233,4 +239,7 @@ def print_table(results: dict[str, Any], text: str | None = None) -> None:
         t.add_column(h, justify="left" if i < 2 else "right", no_wrap=i >= 2)
     for v in results["variants"]:
         t.add_row(*table_cells(v, name))
-    Console().print(t)
+    con = Console()
+    if not con.is_terminal:
+        con = Console(width=200)  # a pipe or a log file: do not squeeze the table into 80 columns
+    con.print(t)

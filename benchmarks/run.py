@@ -16,7 +16,7 @@ from typing import Any
 
 from orlik import __version__, progress
 from orlik.benchmarks import reference, speed, texts
-from orlik.benchmarks.evaluate import TextScore, check_tokenizer, score_variant
+from orlik.benchmarks.evaluate import TextScore, check_tokenizer, choose_mode, score_exact_text, score_topk_text
 from orlik.benchmarks.stats import Series, baseline_row, summarize
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ManifestError
@@ -31,7 +31,6 @@ class Options:
     calib: Path | None = None
     speed: bool = False
     mode: str = "auto"
-    max_kld_error: float = 0.01
     kmax: int = reference.KMAX
     tail_mass: float = reference.TAIL_MASS
     threads: int | None = None
@@ -94,12 +93,12 @@ class BaseModel:
 def _rows(scores: dict[str, TextScore]) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for name, sc in scores.items():
-        rows[name] = {**summarize(sc.series), "mode": sc.mode, "seconds": sc.seconds, "notes": sc.notes}
+        rows[name] = {**summarize(sc.series), "mode": sc.mode, "seconds": sc.seconds}
     if len(scores) > 1:
         all_ = Series.concat([sc.series for sc in scores.values()])
         modes = {sc.mode for sc in scores.values()}
         rows["all"] = {**summarize(all_), "mode": modes.pop() if len(modes) == 1 else "mixed",
-                       "seconds": sum(sc.seconds for sc in scores.values()), "notes": []}  # fmt: skip
+                       "seconds": sum(sc.seconds for sc in scores.values())}  # fmt: skip
     return rows
 
 
@@ -131,50 +130,89 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
     overlap = texts.check_overlap(eval_texts, calib) if calib else None
 
     base = BaseModel(ckpt, opts.threads)
-    ids: dict[str, list[int]] = {}
-    chunked: dict[str, reference.Chunks] = {}
     brt = base()
     if opts.ctx > brt.n_ctx:
         raise InputError(f"--ctx {opts.ctx} exceeds the model's context of {brt.n_ctx} tokens")
     bos_in = brt.tokenize("a", add_bos=True)
     bos = brt.bos_id if bos_in and bos_in[0] == brt.bos_id else None
-    for t in eval_texts:
-        ids[t.name] = brt.tokenize(t.text, add_bos=True)
-        chunked[t.name] = reference.make_chunks(ids[t.name], opts.ctx, bos, name=t.name)
+    ids = {t.name: brt.tokenize(t.text, add_bos=True) for t in eval_texts}
+    chunked = {t.name: reference.make_chunks(ids[t.name], opts.ctx, bos, name=t.name) for t in eval_texts}
     n_vocab = brt.n_vocab
 
-    refs: dict[str, reference.Reference | None] = dict.fromkeys(chunked)
-    ref_info: dict[str, Any] = {}
-    if opts.mode != "exact":
-        for name, ch in chunked.items():
-            ref, cached = reference.get(base, ckpt.hash, ch, out / "reference", name, kmax=opts.kmax,
-                                        tail_mass=opts.tail_mass)  # fmt: skip
-            refs[name] = ref
-            path = reference.cache_path(out / "reference", name, ref.meta["key"])
-            ref_info[name] = {"path": str(path), "bytes": path.stat().st_size, "cached": cached,
-                              **{k: ref.meta[k] for k in ("mean_k", "positions_over_tail_mass", "kmax", "tail_mass")}}  # fmt: skip
-    if opts.mode != "exact":
-        base.release()
+    # transformers holds the fp16 weights as fp32, hence twice the file.
+    mode, groups, why = choose_mode(opts.mode, [v.bytes for v in variants], 2 * ckpt.weights_bytes)
+    progress.info(f"KLD: {mode} ({why})")
+    cache_dir = out / "reference"
+    keys = {n: reference.cache_key(ckpt.hash, ch, opts.kmax, opts.tail_mass) for n, ch in chunked.items()}
+    refs: dict[str, reference.Reference] = {}
+    cached: dict[str, bool] = {}
+    for n, ch in chunked.items():
+        ref = reference.load(reference.cache_path(cache_dir, n, keys[n]), keys[n])
+        cached[n] = ref is not None
+        if ref is not None:
+            refs[n] = ref
+    scores: dict[str, dict[str, TextScore]] = {v.name: {} for v in variants}
+    seconds: dict[str, float] = dict.fromkeys(scores, 0.0)
+    runtimes: dict[str, str] = {}
 
-    results_v: list[dict[str, Any]] = []
-    fp16_nll: dict[str, Any] = {}  # the base NLL series, identical for every variant's scores
-    for v in variants:
+    def load(v: Variant) -> Runtime:
         t0 = time.perf_counter()
         rt = runtime_class(v.format).load(v, n_ctx=opts.ctx, threads=opts.threads)
-        try:
-            for t in eval_texts:
-                check_tokenizer(rt, v.name, t.name, t.text, ids[t.name], n_vocab)
-            scores = score_variant(rt, v.name, {n: (chunked[n], refs[n]) for n in chunked}, base, opts.mode,
-                                   opts.max_kld_error)  # fmt: skip
-            runtime_name = rt.name
-        finally:
-            rt.close()
-        results_v.append({"name": v.name, "format": v.format, "bytes": v.bytes, "bpw": v.bpw, "path": str(v.path),
-                          "runtime": runtime_name, "recipe": v.recipe, "files": v.files, "tools": v.tools,
-                          "calibration_hash": v.calibration_hash, "imatrix_hash": v.imatrix_hash,
-                          "rows": _rows(scores), "eval_seconds": time.perf_counter() - t0})  # fmt: skip
-        fp16_nll = fp16_nll or {n: sc.series.nll_b for n, sc in scores.items()}
+        runtimes[v.name] = rt.name
+        for t in eval_texts:
+            check_tokenizer(rt, v.name, t.name, t.text, ids[t.name], n_vocab)
+        seconds[v.name] += time.perf_counter() - t0
+        return rt
+
+    if mode == "exact":
+        for gi, group in enumerate(groups or []):
+            rts: dict[str, Runtime] = {}
+            try:
+                for i in group:
+                    rts[variants[i].name] = load(variants[i])
+                for n, ch in chunked.items():
+                    want_ref = gi == 0 and n not in refs
+                    label = f"{', '.join(rts)} · {n}" if len(rts) <= 3 else f"{len(rts)} variants · {n}"
+                    got, top = score_exact_text(rts, base(), ch, label,
+                                                (opts.kmax, opts.tail_mass) if want_ref else None)  # fmt: skip
+                    for name, sc in got.items():
+                        scores[name][n] = sc
+                    if top is not None:
+                        refs[n] = reference.store(cache_dir, n, keys[n], top, ckpt.hash, ch, opts.kmax, opts.tail_mass)
+            finally:
+                for rt in rts.values():
+                    rt.close()
+    else:
+        for n, ch in chunked.items():
+            if n not in refs:
+                top = reference.build(base(), ch, kmax=opts.kmax, tail_mass=opts.tail_mass, label=n)
+                refs[n] = reference.store(cache_dir, n, keys[n], top, ckpt.hash, ch, opts.kmax, opts.tail_mass)
+        base.release()
+        for v in variants:
+            rt = load(v)
+            try:
+                for n, ch in chunked.items():
+                    scores[v.name][n] = score_topk_text(rt, ch, refs[n], f"{v.name} · {n}")
+            finally:
+                rt.close()
     base.release()
+
+    ref_info: dict[str, Any] = {}
+    for n in chunked:
+        if n in refs:
+            path = reference.cache_path(cache_dir, n, keys[n])
+            ref_info[n] = {"path": str(path), "bytes": path.stat().st_size, "reused": cached[n],
+                           **{k: refs[n].meta[k] for k in ("mean_k", "positions_over_tail_mass", "kmax", "tail_mass")}}  # fmt: skip
+
+    results_v: list[dict[str, Any]] = []
+    for v in variants:
+        results_v.append({"name": v.name, "format": v.format, "bytes": v.bytes, "bpw": v.bpw, "path": str(v.path),
+                          "runtime": runtimes[v.name], "recipe": v.recipe, "files": v.files, "tools": v.tools,
+                          "calibration_hash": v.calibration_hash, "imatrix_hash": v.imatrix_hash,
+                          "rows": _rows(scores[v.name]),
+                          "eval_seconds": seconds[v.name] + sum(sc.seconds for sc in scores[v.name].values())})  # fmt: skip
+    # The base NLL series is the same for every variant (same tokens, same FP16 logits).
+    fp16_nll = {n: sc.series.nll_b for n, sc in scores[variants[0].name].items()}
 
     fp16_rows = {n: baseline_row(fp16_nll[n]) for n in fp16_nll}
     if len(fp16_nll) > 1:
@@ -200,7 +238,7 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
         "machine": speed.machine(),
         "tools": report.tool_versions(),
         "model": report.model_facts(ckpt),
-        "settings": {"ctx": opts.ctx, "reference": opts.mode, "max_kld_error": opts.max_kld_error,
+        "settings": {"ctx": opts.ctx, "reference": opts.mode, "kld_mode": mode, "kld_mode_why": why,
                      "kmax": opts.kmax, "tail_mass": opts.tail_mass, "threads": opts.threads,
                      "scored_positions_per_chunk": opts.ctx - 1 - opts.ctx // 2},  # fmt: skip
         "texts": {t.name: {"source": t.source, "tokens": len(ids[t.name]), "chunks": chunked[t.name].n_chunks,

@@ -166,7 +166,8 @@ def _score_topk_block(qlogits: np.ndarray, targets: np.ndarray, ref: TopK) -> Ch
     csum = np.cumsum(np.where(np.isfinite(qs), qs, 0.0), axis=1)
     rows = np.arange(n)
     before = np.where(m >= 2, csum[rows, np.maximum(m - 2, 0)], 0.0)
-    fill = cap * before + (T - (m - 1) * cap) * qs[rows, m - 1]
+    with np.errstate(invalid="ignore"):  # rows without a tail (T = 0) meet inf·0 here; they are masked
+        fill = cap * before + (T - (m - 1) * cap) * qs[rows, m - 1]
     upper = np.where(T > 0, S - fill, 0.0)
     kld = top + lower
     return ChunkScores(nll_q, nll_b, kld, kld - rounding, kld + np.maximum(upper - lower, 0.0) + rounding, dp, same)

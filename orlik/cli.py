@@ -246,9 +246,9 @@ def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix:
 @click.option("--speed", is_flag=True, help="Also measure prompt/decode speed, TTFT and peak RSS (child processes).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Report dir  [default: MODEL/../reports]")
 @click.option("--reference", "mode", type=click.Choice(["auto", "topk", "exact"]), default="auto", show_default=True,
-              help="topk: cached compact FP16 reference with a KLD bound; exact: stream FP16 beside each variant; "
-                   "auto: topk, rescored exactly where the bound exceeds --max-kld-error.")
-@click.option("--max-kld-error", default=0.01, show_default=True, help="Relative KLD bound that auto mode accepts.")
+              help="exact: FP16 runs beside the variants, full-vocabulary KLD; topk: variants against the cached "
+                   "compact FP16 reference, KLD with an exact error bound; auto: exact when FP16 fits in memory "
+                   "beside a variant, else topk.")
 @click.option("--kmax", default=1024, show_default=True, help="Most top tokens kept per position in the reference.")
 @click.option("--tail-mass", default=1e-4, show_default=True, help="FP16 probability mass the reference may leave out.")
 @click.option("--threads", default=None, type=int, help="CPU threads per runtime (default: all cores).")
@@ -257,7 +257,7 @@ def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix:
 @click.option("--license", "license_", default=None, help="Model-card license  [default: the base README's, else 'other']")
 @click.option("--base-model", default=None, help="Model-card base_model  [default: the checkpoint's name]")
 def bench(model: Path, variants: tuple[str, ...], variants_dir: Path | None, ctx_len: int, text_files: tuple[Path, ...],
-          calib: Path | None, speed: bool, out: Path | None, mode: str, max_kld_error: float, kmax: int,
+          calib: Path | None, speed: bool, out: Path | None, mode: str, kmax: int,
           tail_mass: float, threads: int | None, no_verify: bool, no_cards: bool, license_: str | None,
           base_model: str | None) -> None:  # fmt: skip
     """Table 8: every VARIANT against the FP16 checkpoint MODEL on the same tokens (llama.cpp's method).
@@ -269,7 +269,7 @@ def bench(model: Path, variants: tuple[str, ...], variants_dir: Path | None, ctx
     from orlik.benchmarks.run import Options, bench as run_bench
 
     opts = Options(ctx=ctx_len, text_files=text_files, calib=calib, speed=speed, mode=mode,
-                   max_kld_error=max_kld_error, kmax=kmax, tail_mass=tail_mass, threads=threads,
+                   kmax=kmax, tail_mass=tail_mass, threads=threads,
                    verify=not no_verify, cards=not no_cards, license=license_, base_model=base_model)  # fmt: skip
     results = run_bench(model, variants, variants_dir=variants_dir, out=out, opts=opts)
     if click.get_current_context().find_root().obj.get("json"):

@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from safetensors import safe_open
+
 from orlik import llamacpp
 from orlik.checkpoint import Checkpoint
 from orlik.manifest import Variant, hash_files
@@ -32,7 +35,8 @@ def make_variant(gguf: Path, name: str, root: Path, ckpt: Path, *, base_hash: st
     shutil.copy(gguf, d / "model.gguf")
     c = Checkpoint.open(ckpt)
     size = (d / "model.gguf").stat().st_size
-    params = sum(p.numel() for p in c.load_model().parameters())
+    with safe_open(c.weight_files[0], "np") as f:
+        params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
     Variant(name=name, format="gguf", recipe={"name": name, "format": "gguf", "qtype": name.split("-")[0]},
             base_hash=base_hash or c.hash, files=hash_files(d, ["model.gguf"]), bytes=size,
             bpw=round(size * 8 / params, 4), tools={"llama.cpp": llamacpp.build_info()}).save(d)  # fmt: skip

@@ -169,3 +169,19 @@ def family_checkpoint(
         return built[arch]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def bench_ggufs(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> dict[str, Path]:
+    """The tiny checkpoint as GGUF files made directly with llama.cpp's converter and llama-quantize
+    ("F16", "Q8_0", "Q4_K_M", "Q2_K"), plus "variants": a dir holding the three quantized ones as
+    variants with hand-written manifests. The evaluator's tests use these, not orlik's GGUF backend."""
+    from bench_helpers import convert_f16, make_variant, quantize
+
+    root = tmp_path_factory.mktemp("bench-gguf")
+    out = {"F16": convert_f16(tiny_checkpoint, root / "f16.gguf")}
+    for q in ("Q8_0", "Q4_K_M", "Q2_K"):
+        out[q] = quantize(out["F16"], q, root / f"{q}.gguf")
+        make_variant(out[q], q, root / "variants", tiny_checkpoint)
+    out["variants"] = root / "variants"
+    return out

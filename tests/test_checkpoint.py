@@ -69,7 +69,10 @@ def missing_shard(ckpt: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (truncate, r"corrupt safetensors file .*model.safetensors: tensor data ends at \d+ but the file has \d+ bytes"),
+        (
+            truncate,
+            r"corrupt safetensors file .*model.safetensors: tensor data ends at \d+ but the file has \d+ bytes",
+        ),
         (garbage_header_length, r"corrupt safetensors file .*: header length out of range"),
         (garbage_header_json, r"corrupt safetensors file .*model.safetensors"),
         (pickle_only, r"holds only pickle weights \(pytorch_model.bin\); orlik loads safetensors only"),

@@ -61,7 +61,9 @@ def test_cli_import_pulls_in_no_heavy_library() -> None:
 
 def test_version_from_script_and_module() -> None:
     a = run("--version")
-    b = subprocess.run([sys.executable, "-m", "orlik", "--version"], capture_output=True, text=True, timeout=60)
+    b = subprocess.run(
+        [sys.executable, "-m", "orlik", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert a.returncode == b.returncode == 0
     assert a.stdout.strip() == b.stdout.strip() == f"orlik, version {__version__}"
 
@@ -69,7 +71,9 @@ def test_version_from_script_and_module() -> None:
 def test_orlik_error_is_one_line_and_exit_2(tmp_path: Path) -> None:
     proc = run("inspect", str(tmp_path / "missing"))
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"orlik: error: checkpoint {tmp_path / 'missing'} does not exist or is not a directory"]
+    assert proc.stderr.strip().splitlines() == [
+        f"orlik: error: checkpoint {tmp_path / 'missing'} does not exist or is not a directory"
+    ]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
@@ -87,7 +91,9 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2 and "No such command" in err
 
 
-def test_not_built_stage_says_so_plainly(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_not_built_stage_says_so_plainly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A stage that does not exist yet exits 2 with one line naming it, never pretending to work."""
     from orlik import cli as cli_mod
 
@@ -98,7 +104,9 @@ def test_not_built_stage_says_so_plainly(monkeypatch: pytest.MonkeyPatch, capsys
     monkeypatch.setitem(cli.commands, "future-stage", future)
     code, out, err = in_process(["future-stage"], capsys)
     assert code == 2 and out == ""
-    assert err.strip().splitlines() == [f"orlik: error: `orlik future-stage` is not built yet in orlik {__version__} (issue 99)"]
+    assert err.strip().splitlines() == [
+        f"orlik: error: `orlik future-stage` is not built yet in orlik {__version__} (issue 99)"
+    ]
     assert issubclass(NotBuiltError, cli_mod.OrlikError)
 
 

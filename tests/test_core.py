@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from orlik.quantize.recipe import GGUF_TYPES, PRESETS, Recipe, expand
 
 from orlik.errors import ManifestError, OrlikError, OutputError, UnknownNameError
 from orlik.fsutil import atomic_dir, sha256_file
 from orlik.manifest import MANIFEST, SCHEMA_VERSION, Variant, hash_files
-from orlik.quantize.recipe import GGUF_TYPES, PRESETS, Recipe, expand
 from orlik.registry import Registry
 
 
@@ -74,14 +74,16 @@ _DROP = object()
         ({"bpw": 64.0}, "implausible bytes/bpw"),
     ],
 )
-def test_variant_validation_is_strict(variant_dir: tuple[Path, Variant], change: dict[str, Any], message: str) -> None:
+def test_variant_validation_is_strict(
+    variant_dir: tuple[Path, Variant], change: dict[str, Any], message: str
+) -> None:
     _, v = variant_dir
     with pytest.raises(ManifestError, match=message):
         Variant.from_dict(_broken(v, **change))
 
 
 def test_variant_load_errors_are_one_line(tmp_path: Path, variant_dir: tuple[Path, Variant]) -> None:
-    with pytest.raises(ManifestError, match="has no variant.json"):
+    with pytest.raises(ManifestError, match=r"has no variant\.json"):
         Variant.load(tmp_path / "nowhere")
     d, _ = variant_dir
     (d / MANIFEST).write_text('{"name": "x",', encoding="utf-8")
@@ -94,7 +96,7 @@ def test_variant_load_errors_are_one_line(tmp_path: Path, variant_dir: tuple[Pat
 
 
 def test_verify_detects_tampered_and_missing_files(variant_dir: tuple[Path, Variant]) -> None:
-    d, v = variant_dir
+    d, _ = variant_dir
     assert Variant.load(d).verify() == []
     raw = bytearray((d / "model.gguf").read_bytes())
     raw[100] ^= 1  # one flipped bit
@@ -201,7 +203,7 @@ def test_recipe_from_dict_validates() -> None:
     assert Recipe.from_dict(r.to_dict()) == r
     with pytest.raises(UnknownNameError, match="unknown format 'onnx'"):
         Recipe.from_dict({"format": "onnx"})
-    with pytest.raises(OrlikError, match="unknown field.*bitz"):
+    with pytest.raises(OrlikError, match=r"unknown field.*bitz"):
         Recipe.from_dict({"format": "gptq", "bitz": 4})
 
 
@@ -214,7 +216,7 @@ def test_presets_cover_bielik_table8() -> None:
     assert {r.qtype for r in recipes} == {"Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ2_XXS"}
     assert all(r.imatrix == r.name.endswith("-imat") for r in recipes)
     # Duplicates collapse, order is kept, and every preset entry is a valid recipe name.
-    assert [r.name for r in expand(["Q4_K_M", "bielik-table8", "Q4_K_M"])][0] == "Q4_K_M"
+    assert expand(["Q4_K_M", "bielik-table8", "Q4_K_M"])[0].name == "Q4_K_M"
     assert len(expand(["Q4_K_M", "bielik-table8"])) == 13
     for preset in PRESETS:
         assert all(r.qtype in GGUF_TYPES for r in expand([preset]) if r.format == "gguf")

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from orlik.training import corpus
 
 MAX_ABS = 1e-2
@@ -82,7 +81,11 @@ def test_gguf_metadata(arch: str, f16: Callable[[str], Path], family_path: Calla
     r = GGUFReader(str(f16(arch)))
     field = lambda k: r.fields[k].contents()  # noqa: E731
     cfg = json.loads((family_path(arch) / "config.json").read_text())
-    assert field("general.architecture") == arch if arch != "mistral" else field("general.architecture") in ("llama", "mistral")
+    assert (
+        field("general.architecture") == arch
+        if arch != "mistral"
+        else field("general.architecture") in ("llama", "mistral")
+    )
     assert field(f"{field('general.architecture')}.embedding_length") == cfg["hidden_size"]
     assert field(f"{field('general.architecture')}.attention.head_count_kv") == cfg["num_key_value_heads"]
     assert field("tokenizer.ggml.model") == "llama"  # SentencePiece, from tokenizer.model
@@ -97,7 +100,9 @@ def test_gguf_metadata(arch: str, f16: Callable[[str], Path], family_path: Calla
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_llamacpp_logits_match_transformers(arch: str, family_path: Callable[[str], Path], llama: Any) -> None:
+def test_llamacpp_logits_match_transformers(
+    arch: str, family_path: Callable[[str], Path], llama: Any
+) -> None:
     import torch
 
     from orlik.checkpoint import Checkpoint

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from orlik.training import tokenizer
 
 from orlik.errors import InputError
-from orlik.training import tokenizer
 
 POLISH = "Zażółć gęślą jaźń. ŹDŹBŁO, Łódź i Ćmielów — żółw źle śpi; ĄĘ ńó."
 UNSEEN = "漢字 🙂 ŉ ß Ω"  # characters the corpus never shows: byte fallback, never <unk>
@@ -23,7 +23,7 @@ def test_report_has_cpt_and_tpw_for_each_tokenizer(tokenizer_dir: Path) -> None:
     for lang, rows in rep["heldout"].items():
         assert set(rows) == {"orlik pl-en", "English-only", "bytes (UTF-8)"}, lang
         for name, m in rows.items():
-            assert m["tokens"] > 1000 and 0 < m["chars_per_token"] and 0 < m["tokens_per_word"], (lang, name)
+            assert m["tokens"] > 1000 and m["chars_per_token"] > 0 and m["tokens_per_word"] > 0, (lang, name)
             assert m["chars_per_token"] * m["tokens_per_word"] == pytest.approx(
                 rows["bytes (UTF-8)"]["chars_per_token"] * rows["bytes (UTF-8)"]["tokens_per_word"], rel=1e-9
             )  # both are ratios of the same characters and words
@@ -43,8 +43,12 @@ def test_polish_english_tokenizer_beats_english_only_on_polish(tokenizer_dir: Pa
         assert lang["orlik pl-en"]["chars_per_token"] > 2 * lang["bytes (UTF-8)"]["chars_per_token"]
 
 
-@pytest.mark.parametrize("text", [POLISH, UNSEEN, "  dwie spacje\n\ttab\n\nakapit  ", "Cena: 12 345,67 zł (23% VAT)"])
+@pytest.mark.parametrize(
+    "text", [POLISH, UNSEEN, "dwie  spacje\n\ttab\n\nakapit  ", "Cena: 12 345,67 zł (23% VAT)"]
+)
 def test_text_round_trips_exactly(text: str, tokenizer_dir: Path) -> None:
+    """Internal and trailing whitespace included. (A *leading* space is the one thing transformers'
+    SentencePiece decoding drops: it strips what it takes for the dummy prefix.)"""
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
@@ -72,7 +76,9 @@ def test_chatml_markers_are_single_tokens(tokenizer_dir: Path) -> None:
         (i,) = tok.encode(marker, add_special_tokens=False)
         assert tok.convert_ids_to_tokens(i) == marker
     ids = tok.encode("<|im_start|>user\nCześć<|im_end|>", add_special_tokens=False)
-    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids[-1] == tok.convert_tokens_to_ids(
+        "<|im_end|>"
+    )
     # convert_hf_to_gguf.py reads this to mark them as control tokens for llama.cpp.
     decoder = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["added_tokens_decoder"]
     assert {v["content"] for v in decoder.values()} >= {"<s>", "</s>", *tokenizer.CHAT_TOKENS}

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from orlik import progress
-from orlik.errors import InputError
+from orlik.errors import InputError, UnknownNameError
 from orlik.fsutil import atomic_dir, atomic_write_text, check_writable
 from orlik.training import configs, corpus, evaluate, tokenizer
 
@@ -113,11 +113,11 @@ def run(
     checkpoint_every: int = 200,
     resume: bool = True,
 ) -> dict[str, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    if arch not in configs.ARCHS or size not in configs.SIZES:
-        configs.make_config(arch, size, 300)  # raises the UnknownNameError listing valid names
+    # Bad input is reported before torch and transformers are imported: that takes seconds.
+    if arch not in configs.ARCHS:
+        raise UnknownNameError("architecture", arch, configs.ARCHS)
+    if size not in configs.SIZES:
+        raise UnknownNameError("size", size, list(configs.SIZES))
     out = Path(out)
     check_writable(out.parent)
     root = Path(corpus_dir or corpus.DATA_DIR)
@@ -136,6 +136,9 @@ def run(
     lr = d["lr"] if lr is None else lr
     if min(steps, batch_size, seq_len) <= 0 or lr <= 0:
         raise InputError("steps, batch size, sequence length and learning rate must be positive")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
     if tokenizer_dir is None:

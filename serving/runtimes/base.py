@@ -121,6 +121,10 @@ class Runtime(ABC):
 RUNTIME_MODULES: dict[str, str] = {
     "fp16": "hf",
     "gguf": "llamacpp",
+    "gptq": "hfquant",
+    "awq": "hfquant",
+    "hqq": "hqq",
+    "mlx": "mlx",
 }
 
 

@@ -102,6 +102,17 @@ class HFRuntime(Runtime):
             out = self.model(torch.tensor([tokens], dtype=torch.long), use_cache=False)
         return out.logits[0].float().numpy()
 
+    def logits_from(self, tokens: list[int], first: int) -> np.ndarray:
+        # logits_to_keep applies the output layer to the last positions only (the evaluator's second half).
+        import torch
+
+        if first >= len(tokens):
+            return np.zeros((0, self.n_vocab), dtype=np.float32)
+        with torch.inference_mode():
+            out = self.model(torch.tensor([tokens], dtype=torch.long), use_cache=False,
+                             logits_to_keep=max(1, len(tokens) - first))  # fmt: skip
+        return out.logits[0].float().numpy()
+
     def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
         import torch
 

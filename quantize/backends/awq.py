@@ -1,0 +1,53 @@
+"""AWQ backend: GPTQModel's activation-aware scale search on the calibration set, 4-bit with group
+size 128 or 64, written in the standard AWQ GEMM format (`quant_method: awq`, `version: gemm`).
+
+GPTQModel picks its CUDA GEMM kernel to pack AWQ weights; its portable torch kernel writes the
+same GEMM layout, so on CPU the backend asks for that one explicitly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orlik.quantize.backends import Backend, Calibration
+from orlik.quantize.backends import common, gptqmodel_driver
+from orlik.quantize.recipe import Recipe
+
+from orlik.checkpoint import Checkpoint
+from orlik.errors import InputError
+from orlik.manifest import Variant
+
+BITS = (4,)  # the GEMM layout packs eight 4-bit values per int32
+GROUPS = (32, 64, 128)
+
+
+class AWQBackend(Backend):
+    name = "gptqmodel-awq"
+    formats = ("awq",)
+
+    @classmethod
+    def missing(cls) -> str | None:
+        return common.missing_modules(gptqmodel_driver.MODULES, "awq")
+
+    def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
+        gptqmodel_driver.prepare_env()
+        from gptqmodel import BACKEND as KERNEL
+        from gptqmodel.quantization.config import AWQConfig
+
+        bits, group = int(recipe.bits or 4), recipe.group_size or 128
+        if bits not in BITS:
+            raise InputError(f"AWQ (GEMM format) is 4-bit only, not {bits}-bit")
+        if group not in GROUPS:
+            raise InputError(f"AWQ group size must be one of {', '.join(map(str, GROUPS))}, not {group}")
+        # Asymmetric with a zero point is what the AWQ format and its kernels expect.
+        qcfg = AWQConfig(bits=bits, group_size=group, sym=bool(recipe.options.get("sym", False)))
+        facts = gptqmodel_driver.run(ckpt, recipe, calib, out, qcfg, KERNEL.AWQ_TORCH)
+        return common.manifest(
+            ckpt, recipe, calib, out, fmt="awq", marker=".qweight",
+            tools={"gptqmodel": common.version("gptqmodel"), "transformers": common.version("transformers"),
+                   "torch": common.version("torch")},
+            extra={"zero_point": not qcfg.sym, "awq_version": "gemm", **facts},
+        )  # fmt: skip
+
+
+BACKEND = AWQBackend

@@ -1,0 +1,57 @@
+"""GPTQ backend: GPTQModel on CPU, 2/3/4/8-bit, group size 32/64/128 or per-channel, act-order,
+damping; writes the standard GPTQ checkpoint (`quant_method: gptq`) that transformers and vLLM load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orlik.quantize.backends import Backend, Calibration
+from orlik.quantize.backends import common, gptqmodel_driver
+from orlik.quantize.recipe import Recipe
+
+from orlik.checkpoint import Checkpoint
+from orlik.errors import InputError
+from orlik.manifest import Variant
+
+BITS = (2, 3, 4, 8)
+GROUPS = (32, 64, 128, None)  # None: one scale per output channel
+
+
+class GPTQBackend(Backend):
+    name = "gptqmodel"
+    formats = ("gptq",)
+
+    @classmethod
+    def missing(cls) -> str | None:
+        return common.missing_modules(gptqmodel_driver.MODULES, "gptq")
+
+    def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
+        gptqmodel_driver.prepare_env()
+        from gptqmodel import BACKEND as KERNEL
+        from gptqmodel.quantization.config import GPTQConfig
+
+        bits, group = int(recipe.bits or 4), recipe.group_size
+        if bits not in BITS:
+            raise InputError(f"GPTQ bits must be one of {', '.join(map(str, BITS))}, not {bits}")
+        if group not in GROUPS and (group is None or group <= 0 or group % 32):
+            raise InputError(f"GPTQ group size must be a positive multiple of 32 or per-channel, not {group}")
+        opts = recipe.options
+        qcfg = GPTQConfig(
+            bits=bits,
+            group_size=group or -1,
+            desc_act=bool(opts.get("act_order", False)),
+            damp_percent=float(opts.get("damp", 0.01)),
+            sym=bool(opts.get("sym", True)),
+            true_sequential=bool(opts.get("true_sequential", True)),
+        )
+        facts = gptqmodel_driver.run(ckpt, recipe, calib, out, qcfg, KERNEL.GPTQ_TORCH)
+        return common.manifest(
+            ckpt, recipe, calib, out, fmt="gptq", marker=".qweight",
+            tools={"gptqmodel": common.version("gptqmodel"), "transformers": common.version("transformers"),
+                   "torch": common.version("torch")},
+            extra={"act_order": qcfg.desc_act, "damp_percent": qcfg.damp_percent, "sym": qcfg.sym, **facts},
+        )  # fmt: skip
+
+
+BACKEND = GPTQBackend

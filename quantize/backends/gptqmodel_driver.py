@@ -1,0 +1,108 @@
+"""GPTQModel, driven on CPU for the GPTQ and AWQ backends: load lazily, calibrate, pack, save,
+and leave a directory whose bytes depend only on the inputs.
+
+GPTQModel (the maintained successor of AutoGPTQ and AutoAWQ) writes the standard formats
+(`quant_method: gptq` with qweight/qzeros/scales/g_idx; `quant_method: awq`, GEMM packing) that
+transformers, GPTQModel itself and vLLM load.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from orlik.quantize.backends import Calibration
+from orlik.quantize.backends.common import calibration_batches, calibration_texts, check_arch, seed_everything
+from orlik.quantize.recipe import Recipe
+
+from orlik import progress
+from orlik.checkpoint import Checkpoint
+from orlik.errors import InputError, ToolError
+
+MODULES = ("gptqmodel", "optimum")
+# Written by GPTQModel but not part of the format: run timings, and a scratch path in the config.
+_LOG = "quant_log.csv"
+_VOLATILE_META = ("offload_to_disk_path",)
+_CONFIGS = ("config.json", "quantize_config.json")
+
+
+def prepare_env() -> None:
+    """GPTQModel defaults to half the cores for CPU work; on small machines that is one worker."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def supported_archs() -> list[str]:
+    prepare_env()
+    from gptqmodel.models.auto import MODEL_MAP
+
+    return list(MODEL_MAP)
+
+
+def run(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path, qcfg: Any, backend: Any) -> dict[str, Any]:
+    """Quantize `ckpt` with the GPTQModel config `qcfg` into `out`; returns facts for the manifest."""
+    prepare_env()
+    import torch
+    from gptqmodel import GPTQModel
+
+    check_arch(ckpt, supported_archs(), "GPTQModel")
+    seed_everything(int(recipe.options.get("seed", 0)))
+    tokenizer = ckpt.load_tokenizer()
+    batches = calibration_batches(calibration_texts(calib, recipe, tokenizer), tokenizer, recipe)
+    scratch = out / ".offload"
+    # Layer-by-layer: GPTQModel reads each layer from the safetensors file when it reaches it
+    # and writes finished layers out, so the whole FP16 model is never resident.
+    qcfg.offload_to_disk = bool(recipe.options.get("offload", True))
+    qcfg.offload_to_disk_path = str(scratch)
+    progress.info(f"{recipe.name}: GPTQModel on {len(batches)} calibration samples ({qcfg.method}, CPU)")
+    try:
+        model = GPTQModel.load(str(ckpt.path), qcfg, device="cpu", dtype=torch.float16)
+        model.quantize(batches, batch_size=1, tokenizer=tokenizer, backend=backend)
+        model.save(str(out))
+    except (ValueError, RuntimeError, NotImplementedError) as e:
+        raise ToolError(f"GPTQModel failed on {ckpt.path}: {str(e).splitlines()[0]}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    del model
+    losses = _read_losses(out / _LOG)
+    _normalize(out, ckpt)
+    return {"calibration_samples": len(batches), "calibration_tokens": sum(len(b["input_ids"]) for b in batches),
+            **losses}  # fmt: skip
+
+
+def _read_losses(log: Path) -> dict[str, Any]:
+    """GPTQModel's per-layer reconstruction losses; the log itself holds timings, so it is not kept."""
+    if not log.is_file():
+        return {}
+    with open(log, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    log.unlink()
+    losses = [float(r["loss"]) for r in rows if r.get("loss")]
+    if not losses:
+        return {}
+    worst = max(rows, key=lambda r: float(r.get("loss") or 0))
+    return {"layer_loss_mean": sum(losses) / len(losses), "layer_loss_max": max(losses),
+            "layer_loss_worst": f"{worst['layer']}.{worst['module']}"}  # fmt: skip
+
+
+def _normalize(out: Path, ckpt: Checkpoint) -> None:
+    """Drop run-dependent values, and keep the checkpoint's own generation config and template."""
+    for name in _CONFIGS:
+        p = out / name
+        if not p.is_file():
+            continue
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+        q = cfg.get("quantization_config", cfg)
+        for key in _VOLATILE_META:
+            (q.get("meta") or {}).pop(key, None)
+        p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    # GPTQModel rewrites sampling defaults into generation_config.json; the user's are the truth.
+    for name in ("generation_config.json", "chat_template.jinja"):
+        if (ckpt.path / name).is_file():
+            shutil.copyfile(ckpt.path / name, out / name)
+    if not (out / "config.json").is_file():
+        raise InputError(f"GPTQModel wrote no config.json into {out}")

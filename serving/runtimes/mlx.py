@@ -1,0 +1,94 @@
+"""MLX variants through mlx-lm: Metal on Apple Silicon, mlx-cpu on Linux.
+
+Weights stay in MLX's packed affine layout and run through `quantized_matmul`; tokenization is the
+variant's Hugging Face tokenizer, exactly as for the other Python runtimes, and sampling is
+orlik's numpy sampler, so every format decodes the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from orlik.checkpoint import Checkpoint
+from orlik.errors import InputError
+from orlik.manifest import Variant
+from orlik.serving.runtimes.base import Sampling, Token
+from orlik.serving.runtimes.hf import HFRuntime
+
+
+class MLXRuntime(HFRuntime):
+    name = "mlx-lm"
+    formats = ("mlx",)
+
+    def __init__(self, source: Variant, model: Any, tokenizer: Any, config: dict[str, Any]) -> None:
+        self.config = config
+        super().__init__(source, model, tokenizer, None)  # type: ignore[arg-type]
+
+    @classmethod
+    def missing(cls) -> str | None:
+        import importlib.util
+
+        absent = [m for m in ("mlx", "mlx_lm", "transformers") if importlib.util.find_spec(m) is None]
+        return f'{", ".join(absent)} not installed; pip install "orlik[mlx]"' if absent else None
+
+    @classmethod
+    def load(cls, source: Variant | Checkpoint, **options: Any) -> MLXRuntime:
+        from mlx_lm.utils import load_model
+        from transformers import AutoTokenizer
+
+        if not isinstance(source, Variant) or source.format != "mlx" or source.path is None:
+            raise InputError(f"{getattr(source, 'path', source)} is not an MLX variant")
+        model, config = load_model(source.path, lazy=False)
+        tok = AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False)
+        return cls(source, model, tok, config)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.config.get("max_position_embeddings", 2048))
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self.config["vocab_size"])
+
+    @property
+    def eos_ids(self) -> set[int]:
+        eos = self.config.get("eos_token_id")
+        ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
+        if self.tok.eos_token_id is not None:
+            ids.add(int(self.tok.eos_token_id))
+        return ids
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        import mlx.core as mx
+
+        out = self.model(mx.array([tokens]))
+        return np.array(out[0].astype(mx.float32))
+
+    def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from orlik.serving.sampling import Sampler
+
+        sampler = Sampler(sampling, tokens)
+        cache = make_prompt_cache(self.model)
+        inp = mx.array([tokens])
+        eos = self.eos_ids
+        for _ in range(sampling.max_tokens):
+            out = self.model(inp, cache=cache)
+            t = sampler.sample(np.array(out[0, -1].astype(mx.float32)))
+            yield t
+            if t.id in eos:
+                return
+            inp = mx.array([[t.id]])
+
+    def resident_weight_bytes(self) -> int:
+        from mlx.utils import tree_flatten
+
+        return sum(int(v.nbytes) for _, v in tree_flatten(self.model.parameters()))
+
+
+RUNTIME = MLXRuntime
