@@ -13,7 +13,7 @@ MODEL ?= tiny
 ARCH ?= llama
 export ORLIK_CACHE
 
-.PHONY: demo test test-all lint llamacpp clean-demo help
+.PHONY: demo test test-all lint llamacpp clean-demo help chromium
 
 help:
 	@echo "make demo   - set up, train the tiny model, quantize, benchmark, print the table"
@@ -39,10 +39,18 @@ $(VENV)/.llamacpp-$(LLAMA_CPP_PYTHON): $(VENV)/.installed scripts/build-llamacpp
 
 llamacpp: $(VENV)/.llamacpp-$(LLAMA_CPP_PYTHON)
 
+# Debian's Chromium for the web chat page test (tests/test_serving_web.py skips, saying so, without it).
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	    || echo "could not install chromium with apt-get; the web page test will skip"; \
+	else echo "chromium not installed: run 'sudo apt-get install -y chromium' (the web page test skips without it)"; fi
+
 demo: llamacpp
 	bash scripts/demo.sh
 
-test: llamacpp
+test: llamacpp chromium
 	$(VENV)/bin/pytest -q -m "not slow and not gpu"
 
 test-all: llamacpp

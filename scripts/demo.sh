@@ -68,3 +68,17 @@ PY
 
 echo
 echo "demo finished in $(( $(date +%s) - start )) s; outputs in $dir/"
+
+# How to use what the demo built (kept last, so it is what the terminal shows at the end).
+serve_target="$dir/fp16"
+for v in "$dir"/variants/*/; do
+  if [ -f "$v/variant.json" ] && grep -q '"format": "gguf"' "$v/variant.json"; then serve_target="${v%/}"; break; fi
+done
+printf '\n\033[1m== try it\033[0m\n'
+echo "serve it (OpenAI-compatible API at http://127.0.0.1:8080/v1, web chat at http://127.0.0.1:8080/):"
+echo "  $ORLIK serve demo=$serve_target"
+echo "then, from another terminal:"
+echo "  curl -s http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\"
+echo "    -d '{\"model\": \"demo\", \"messages\": [{\"role\": \"user\", \"content\": \"Cześć!\"}], \"max_tokens\": 32}'"
+echo "or chat in the terminal:"
+echo "  $ORLIK chat $serve_target"

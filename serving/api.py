@@ -39,8 +39,6 @@ from orlik.serving.schemas import (
     error_responses,
 )
 
-from orlik.errors import OrlikError
-
 router = APIRouter()
 _STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
 
@@ -133,32 +131,59 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _respond(request, st, model, rt, gen, fmt, body.stream, t0)
 
 
+class _Lease:
+    """The request's claim on its model and generation; released exactly once, however it ends."""
+
+    def __init__(self, model: ServedModel) -> None:
+        self.model, self.run, self.done = model, None, False
+        model.active += 1
+
+    def release(self) -> None:
+        if not self.done:
+            self.done = True
+            self.model.active -= 1
+            if self.run is not None:
+                self.run.cancel.set()  # the worker stops at its next token and frees the slot
+
+
+class _Body:
+    """The SSE body iterator. If the client leaves before Starlette starts iterating, the generator
+    never runs its `finally`; dropping this object still releases the lease."""
+
+    def __init__(self, agen: AsyncIterator[str], lease: _Lease) -> None:
+        self.agen, self.lease = agen, lease
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self.agen.__anext__()
+
+    def __del__(self) -> None:
+        self.lease.release()
+
+
 async def _respond(request: Request, st: ServerState, model: ServedModel, rt: Runtime, gen: GenRequest,
                    fmt: ChatFormat | CompletionFormat, stream: bool, t0: float) -> Response:  # fmt: skip
-    model.active += 1
+    lease = _Lease(model)
     try:
-        run = await st.scheduler.start(rt, st.registry.semaphore(model), gen, t0 + st.scheduler.timeout)
-    except BaseException:
-        model.active -= 1
-        raise
-    try:
+        lease.run = run = await st.scheduler.start(
+            rt, st.registry.semaphore(model), gen, t0 + st.scheduler.timeout
+        )
         # The first event decides the status: an error before any output is still a plain HTTP error.
         first = await run.next()
     except BaseException:
-        run.cancel.set()
-        model.active -= 1
+        lease.release()
         raise
     usage = {"prompt_tokens": len(gen.prompt)}
     if stream:
-        return StreamingResponse(
-            _sse(request, st, model, run, first, fmt, usage, t0), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )  # fmt: skip
+        body = _Body(_sse(request, st, model, run, first, fmt, usage, lease), lease)
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
     try:
         events = await _collect(request, run, first)
     finally:
-        run.cancel.set()
-        model.active -= 1
+        lease.release()
     if events is None:  # the client went away; nobody reads this
         return Response(status_code=499)
     last = events[-1]
@@ -200,7 +225,7 @@ def _account(
 
 
 async def _sse(request: Request, st: ServerState, model: ServedModel, run: Run, first: Event | None,
-               fmt: ChatFormat | CompletionFormat, usage: dict[str, int], t0: float) -> AsyncIterator[str]:  # fmt: skip
+               fmt: ChatFormat | CompletionFormat, usage: dict[str, int], lease: _Lease) -> AsyncIterator[str]:  # fmt: skip
     try:
         for chunk in fmt.start():
             yield f"data: {_dumps(chunk)}\n\n"
@@ -213,17 +238,16 @@ async def _sse(request: Request, st: ServerState, model: ServedModel, run: Run, 
                 if fmt.include_usage:
                     yield f"data: {_dumps(fmt.usage_chunk(usage))}\n\n"
                 break
-            ev = await run.next()
+            ev = await run.next_merged()
         yield "data: [DONE]\n\n"
-    except (OrlikError, asyncio.TimeoutError) as e:
+    except Exception as e:
         # Headers are sent: report in the stream, as OpenAI does (the openai client raises on it).
         status, payload, _ = http_errors.for_exception(e)
         request.state.stream_error = status
         yield f"data: {_dumps(payload)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        run.cancel.set()  # a disconnect lands here too: the worker stops at its next token
-        model.active -= 1
+        lease.release()  # a disconnect lands here too (as a cancellation)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 401, 404, 413))

@@ -224,7 +224,9 @@ def _publish_model_names(app: FastAPI, names: list[str]) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = plain()
-            for props in (s.get("properties", {}) for s in schema.get("components", {}).get("schemas", {}).values()):
+            for props in (
+                s.get("properties", {}) for s in schema.get("components", {}).get("schemas", {}).values()
+            ):
                 m = props.get("model")
                 if m is None:
                     continue

@@ -43,11 +43,16 @@ def run(model: str, *, system: str | None = None, temperature: float = 0.7, top_
             progress.info(f"[dim]{HELP}[/]")
         head: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         turns: list[dict[str, Any]] = []
+        if interactive:
+            import readline  # noqa: F401 - line editing and history for input()
         while True:
             if interactive:
-                stdout.write("\n\033[1myou>\033[0m ")
-                stdout.flush()
-            line = stdin.readline()
+                try:
+                    line = input("\n\033[1myou>\033[0m ") + "\n"
+                except EOFError:
+                    break
+            else:
+                line = stdin.readline()
             if not line:
                 break
             text = line.strip()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,37 +121,86 @@ def events(runtime: Runtime, req: GenRequest, cancel: threading.Event) -> Iterat
         gen.close()
 
 
-@dataclass
+def merge(evs: list[Event]) -> Event:
+    """Several events as one chunk (the finish reason, if any, is on the last)."""
+    if len(evs) == 1:
+        return evs[0]
+    last = evs[-1]
+    lps = [lp for e in evs for lp in e.logprobs]
+    return Event("".join(e.text for e in evs), lps, last.finish_reason, last.completion_tokens)
+
+
 class Run:
-    """One scheduled generation as seen from the event loop."""
+    """One scheduled generation as seen from the event loop.
 
-    queue: asyncio.Queue[Any]
-    cancel: threading.Event
-    deadline: float
-    timeout: float
-    started: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
+    The worker appends to a deque and wakes the loop only when it is not already due to wake, so a
+    loop that falls behind a fast model drains many tokens per wake-up instead of one.
+    """
 
-    async def next(self) -> Event | None:
-        """The next event, None at the end; raises the worker's error or RequestTimeout."""
-        left = self.deadline - time.monotonic()
-        try:
-            item = await asyncio.wait_for(self.queue.get(), timeout=max(left, 0.001))
-        except asyncio.TimeoutError:
-            self.cancel.set()
-            raise RequestTimeout(f"the request ran past the server's {self.timeout:g} s timeout") from None
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float, timeout: float) -> None:
+        self.loop, self.deadline, self.timeout = loop, deadline, timeout
+        self.cancel = threading.Event()
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self._items: deque[Any] = deque()
+        self._lock = threading.Lock()
+        self._signalled = False
+        self._wake = asyncio.Event()
+        self._ready: deque[Any] = deque()
+
+    def put(self, item: Any) -> None:
+        """Worker side: an Event, None (done) or the exception that ended the generation."""
+        with self._lock:
+            self._items.append(item)
+            if self._signalled:
+                return
+            self._signalled = True
+        self.loop.call_soon_threadsafe(self._wake.set)
+
+    async def _fill(self) -> None:
+        while not self._ready:
+            with self._lock:
+                self._ready.extend(self._items)
+                self._items.clear()
+                self._signalled = False
+            if self._ready:
+                break
+            self._wake.clear()
+            left = self.deadline - time.monotonic()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(left, 0.001))
+            except asyncio.TimeoutError:
+                self.cancel.set()
+                raise RequestTimeout(
+                    f"the request ran past the server's {self.timeout:g} s timeout"
+                ) from None
+
+    def _take(self) -> Event | None:
+        item = self._ready.popleft()
         if isinstance(item, BaseException):
             raise item
         if item is not None and self.first_token_at is None:
             self.first_token_at = time.monotonic()
-        return item
+        return item  # type: ignore[no-any-return]
 
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        while (ev := await self.next()) is not None:
-            yield ev
+    async def next(self) -> Event | None:
+        """The next event, None at the end; raises the worker's error or RequestTimeout."""
+        await self._fill()
+        return self._take()
 
-
-_DONE = None
+    async def next_merged(self) -> Event | None:
+        """All events that are ready, as one (None at the end): one SSE chunk per wake-up."""
+        await self._fill()
+        evs: list[Event] = []
+        while self._ready and not isinstance(self._ready[0], BaseException) and self._ready[0] is not None:
+            ev = self._take()
+            assert ev is not None
+            evs.append(ev)
+            if ev.finish_reason is not None:
+                break
+        if not evs:
+            return self._take()
+        return merge(evs)
 
 
 class Scheduler:
@@ -187,7 +237,7 @@ class Scheduler:
         """Take a slot and start generating in a worker thread; the slot frees when the worker ends."""
         await self.acquire(sem, deadline)
         loop = asyncio.get_running_loop()
-        run = Run(asyncio.Queue(), threading.Event(), deadline, self.timeout)
+        run = Run(loop, deadline, self.timeout)
         self.running += 1
 
         def done() -> None:
@@ -195,13 +245,12 @@ class Scheduler:
             sem.release()
 
         def work() -> None:
-            put = run.queue.put_nowait
             try:
                 for ev in events(runtime, req, run.cancel):
-                    loop.call_soon_threadsafe(put, ev)
-                loop.call_soon_threadsafe(put, _DONE)
+                    run.put(ev)
+                run.put(None)
             except BaseException as e:  # handed to the request, which maps it to an HTTP error
-                loop.call_soon_threadsafe(put, e)
+                run.put(e)
             finally:
                 loop.call_soon_threadsafe(done)
 

@@ -169,7 +169,7 @@ def gen_request(req: ChatCompletionRequest | CompletionRequest, model: ServedMod
     sampling = Sampling(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
         min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty, seed=req.seed, logprobs=logprobs,
+        frequency_penalty=req.frequency_penalty, seed=req.seed, logprobs=logprobs, ignore_eos=req.ignore_eos,
         json_schema=json_schema_of(req, model, runtime),
     )  # fmt: skip
     return GenRequest(prompt=prompt, sampling=sampling, stop=stop_list(req.stop), logprobs=logprobs)

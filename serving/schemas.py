@@ -58,6 +58,9 @@ class SamplingParams(_Strict):
     response_format: ResponseFormat | None = None
     user: str | None = Field(None, max_length=256)
     logit_bias: dict[str, float] | None = Field(None, description="Not supported; must be empty.")
+    ignore_eos: bool = Field(
+        False, description="Extension (as in vLLM and llama.cpp): generate max_tokens tokens."
+    )
 
 
 class TextPart(_Strict):

@@ -20,7 +20,9 @@ def free_port() -> int:
 
 
 class OrlikServer:
-    def __init__(self, models: list[str], *args: str, api_key: str | None = None, log: Path | None = None) -> None:
+    def __init__(
+        self, models: list[str], *args: str, api_key: str | None = None, log: Path | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key

@@ -18,14 +18,19 @@ GGUF, FP16 = "tiny-q8_0", "tiny-fp16"
 MODELS = [GGUF, FP16]
 SCHEMA = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
     "required": ["name", "age"],
     "additionalProperties": False,
 }
 
 
 @pytest.fixture(scope="module")
-def server(serving_gguf: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrlikServer]:
+def server(
+    serving_gguf: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OrlikServer]:
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     srv = OrlikServer([f"{GGUF}={serving_gguf}", f"{FP16}={tiny_checkpoint}"], "--parallel", "2",
                       "--queue-size", "4", "--max-body", "65536", "--threads", "1", api_key=KEY, log=log)  # fmt: skip
@@ -72,7 +77,9 @@ def test_chat_stream_with_include_usage(client: Any, model: str) -> None:
 
 @pytest.mark.parametrize("model", MODELS)
 def test_stop_string_across_token_boundary_is_held_back(client: Any, model: str) -> None:
-    kw = dict(model=model, prompt="Dzisiaj rano poszedłem do", max_tokens=40, temperature=1.0, seed=3, logprobs=0)
+    kw = dict(
+        model=model, prompt="Dzisiaj rano poszedłem do", max_tokens=40, temperature=1.0, seed=3, logprobs=0
+    )
     ref = client.completions.create(**kw)
     text, toks = ref.choices[0].text, ref.choices[0].logprobs.tokens
     # A stop string made of the end of one token and the start of the next, first seen there.
@@ -191,7 +198,9 @@ def test_tokenize_detokenize_round_trip(server: OrlikServer) -> None:
         t = httpx.post(f"{server.url}/tokenize", json={"model": model, "prompt": "Zażółć gęślą jaźń",
                        "add_special_tokens": False}, headers=h).json()  # fmt: skip
         assert t["count"] == len(t["tokens"]) > 3 and t["max_model_len"] == 1024
-        d = httpx.post(f"{server.url}/detokenize", json={"model": model, "tokens": t["tokens"]}, headers=h).json()
+        d = httpx.post(
+            f"{server.url}/detokenize", json={"model": model, "tokens": t["tokens"]}, headers=h
+        ).json()
         assert d["prompt"].strip() == "Zażółć gęślą jaźń"
     chat = httpx.post(f"{server.url}/tokenize", json={"model": FP16, "messages": [{"role": "user", "content": "hi"}]},
                       headers=h).json()  # fmt: skip

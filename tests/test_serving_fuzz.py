@@ -15,7 +15,9 @@ KEY = "fuzz-key"
 
 
 @pytest.fixture(scope="module")
-def server(serving_gguf: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrlikServer]:
+def server(
+    serving_gguf: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OrlikServer]:
     # A 48-token context keeps each generated request short, so hundreds fit in the time budget.
     log = tmp_path_factory.mktemp("serve-fuzz") / "serve.log"
     srv = OrlikServer([f"gguf={serving_gguf}", f"fp16={tiny_checkpoint}"], "--ctx-size", "48", "--preload",
@@ -39,7 +41,10 @@ def test_schemathesis_finds_no_server_error(server: OrlikServer) -> None:
     for result in schema.get_all_operations():
         op = result.ok()
         post = op.method.upper() == "POST"
-        for mode, n in ((GenerationMode.POSITIVE, 90 if post else 25), (GenerationMode.NEGATIVE, 50 if post else 10)):
+        for mode, n in (
+            (GenerationMode.POSITIVE, 90 if post else 25),
+            (GenerationMode.NEGATIVE, 50 if post else 10),
+        ):
 
             @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
                       suppress_health_check=list(HealthCheck))  # fmt: skip
@@ -48,7 +53,9 @@ def test_schemathesis_finds_no_server_error(server: OrlikServer) -> None:
                 r = case.call(headers=headers, timeout=60)
                 statuses[r.status_code] += 1
                 if r.status_code >= 500:
-                    failures.append(f"{r.status_code} {case.method} {case.path} {case.body!r:.300} -> {r.text[:300]}")
+                    failures.append(
+                        f"{r.status_code} {case.method} {case.path} {case.body!r:.300} -> {r.text[:300]}"
+                    )
                 elif r.status_code >= 400:
                     err = r.json()["error"]
                     assert isinstance(err["message"], str) and err["message"], r.text
@@ -58,5 +65,7 @@ def test_schemathesis_finds_no_server_error(server: OrlikServer) -> None:
     total = sum(statuses.values())
     assert not failures, "\n".join(failures[:10])
     assert total >= 500, f"only {total} cases ran ({dict(statuses)})"
-    assert statuses[200] >= 50 and statuses[400] >= 50, dict(statuses)  # both valid and invalid requests got through
+    assert statuses[200] >= 50 and statuses[400] >= 50, dict(
+        statuses
+    )  # both valid and invalid requests got through
     assert took < 180, f"fuzzing took {took:.0f} s"

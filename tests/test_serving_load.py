@@ -19,14 +19,19 @@ from serving_helpers import OrlikServer
 MODEL = "tiny-fp16"
 # A JSON string of at least 1500 characters: the model cannot end early, so a request surely
 # outlives the few milliseconds the other requests take to arrive.
-LONG = {"type": "json_schema", "json_schema": {"name": "long", "schema": {"type": "string", "minLength": 1500}}}
+LONG = {
+    "type": "json_schema",
+    "json_schema": {"name": "long", "schema": {"type": "string", "minLength": 1500}},
+}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrlikServer]:
     # One slot and no queue: a leaked slot shows up as a 429 on the next request.
     log = tmp_path_factory.mktemp("serve-load") / "serve.log"
-    srv = OrlikServer([f"{MODEL}={tiny_checkpoint}"], "--parallel", "1", "--queue-size", "1", "--preload", log=log)
+    srv = OrlikServer(
+        [f"{MODEL}={tiny_checkpoint}"], "--parallel", "1", "--queue-size", "1", "--preload", log=log
+    )
     try:
         yield srv.wait()
     finally:
@@ -67,7 +72,10 @@ def test_full_queue_gets_429_with_retry_after(server: OrlikServer) -> None:
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(server: OrlikServer) -> None:
-    with httpx.Client(timeout=120) as c, c.stream("POST", f"{server.url}/v1/chat/completions", json=_long_body(True)) as r:
+    with (
+        httpx.Client(timeout=120) as c,
+        c.stream("POST", f"{server.url}/v1/chat/completions", json=_long_body(True)) as r,
+    ):
         assert r.status_code == 200
         got = 0
         for line in r.iter_lines():
@@ -91,7 +99,9 @@ def test_llama_server_child_dies_with_orlik(serving_gguf: Path) -> None:
     srv = OrlikServer([str(serving_gguf)], "--preload", "--parallel", "1")
     try:
         srv.wait()
-        children = [p for p in psutil.Process(srv.proc.pid).children(recursive=True) if "llama-server" in p.name()]
+        children = [
+            p for p in psutil.Process(srv.proc.pid).children(recursive=True) if "llama-server" in p.name()
+        ]
         assert len(children) == 1
         child = children[0]
         os.kill(srv.proc.pid, signal.SIGKILL)  # no chance to clean up: the kernel must end the child

@@ -7,9 +7,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from orlik.serving.textstream import IncrementalDetokenizer, StopBuffer
 
 from orlik.errors import InputError
-from orlik.serving.textstream import IncrementalDetokenizer, StopBuffer
 
 
 def _feed(stops: list[str], pieces: list[str]) -> tuple[list[str], str, str | None]:
@@ -62,7 +62,9 @@ def test_detokenizer_holds_back_partial_utf8_and_keeps_spaces(tiny_checkpoint: P
 def test_template_renders_in_a_sandbox() -> None:
     from orlik.serving.templates import ChatTemplate, TemplateRenderError
 
-    tpl = ChatTemplate("{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}", "<s>", "</s>", "t")
+    tpl = ChatTemplate(
+        "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}", "<s>", "</s>", "t"
+    )
     assert tpl.render([{"role": "user", "content": "hej"}]) == "<s><user>hej"
     evil = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}", origin="evil")
     with pytest.raises(TemplateRenderError):
@@ -79,7 +81,7 @@ def test_missing_chat_template_fails_at_load_with_the_override_named(checkpoint_
     cfg = json.loads((checkpoint_copy / "tokenizer_config.json").read_text())
     cfg.pop("chat_template", None)
     (checkpoint_copy / "tokenizer_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(InputError, match="no chat template.*--chat-template"):
+    with pytest.raises(InputError, match=r"no chat template.*--chat-template"):
         ModelRegistry([str(checkpoint_copy)])
     override = checkpoint_copy.parent / "t.jinja"
     override.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
@@ -117,6 +119,7 @@ def test_engine_stops_at_max_tokens_and_sends_the_last_token(tiny_checkpoint: Pa
     from orlik.serving.engine import GenRequest, events
     from orlik.serving.runtimes.base import Sampling
     from orlik.serving.runtimes.hf import HFRuntime
+
     from orlik.checkpoint import Checkpoint
 
     rt = HFRuntime.load(Checkpoint.open(tiny_checkpoint))
@@ -126,7 +129,10 @@ def test_engine_stops_at_max_tokens_and_sends_the_last_token(tiny_checkpoint: Pa
     ids = [t.id for t in rt.generate(prompt, Sampling(max_tokens=12, temperature=0))]
     eos = rt.eos_ids
     cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
-    assert "".join(e.text for e in evs) == rt.detokenize(prompt[-5:] + ids[:cut])[len(rt.detokenize(prompt[-5:])) :]
+    assert (
+        "".join(e.text for e in evs)
+        == rt.detokenize(prompt[-5:] + ids[:cut])[len(rt.detokenize(prompt[-5:])) :]
+    )
     assert evs[-1].finish_reason == ("length" if cut == 12 else "stop")
     assert evs[-1].completion_tokens == cut
     assert sum(len(e.logprobs) for e in evs) == cut  # one logprob per generated token

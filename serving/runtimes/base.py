@@ -38,6 +38,7 @@ class Sampling:
     logprobs: int | None = None  # number of top alternatives to return per token, or None
     grammar: str | None = None  # GBNF grammar, where the runtime supports constrained decoding
     json_schema: dict[str, Any] | None = None
+    ignore_eos: bool = False  # never sample EOS: exactly max_tokens tokens (benchmarks)
 
 
 @dataclass

@@ -131,7 +131,10 @@ class HFRuntime(Runtime):
             for _ in range(sampling.max_tokens):
                 out = self.model(inp, past_key_values=past, use_cache=True)
                 past = out.past_key_values
-                t = sampler.sample(out.logits[0, -1].float().numpy())
+                logits = out.logits[0, -1].float().numpy()
+                if sampling.ignore_eos:
+                    logits[list(eos)] = -np.inf
+                t = sampler.sample(logits)
                 yield t
                 if t.id in eos:
                     return

@@ -264,7 +264,7 @@ class LlamaServerRuntime(Runtime):
             "presence_penalty": float(s.presence_penalty), "frequency_penalty": float(s.frequency_penalty),
             "dry_multiplier": 0.0, "xtc_probability": 0.0, "mirostat": 0,
             "seed": -1 if s.seed is None else int(s.seed) % 2**32,
-            "n_probs": max(1, s.logprobs) if s.logprobs is not None else 0,
+            "n_probs": max(1, s.logprobs) if s.logprobs is not None else 0, "ignore_eos": bool(s.ignore_eos),
         }  # fmt: skip
         if s.json_schema is not None:
             body["json_schema"] = s.json_schema
