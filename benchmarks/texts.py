@@ -52,6 +52,8 @@ def file_texts(paths: list[Path]) -> list[EvalText]:
             raise InputError(f"--text {p} is not UTF-8: {e}") from None
         if not text.strip():
             raise InputError(f"--text {p} is empty")
+        if text.endswith("\n"):  # as llama-perplexity -f reads a file, so both see the same tokens
+            text = text[:-1]
         name = p.stem
         while name in names or name == "all":
             name += "_"

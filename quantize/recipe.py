@@ -8,7 +8,7 @@ matrix), "gptq-w4g128", "awq-w4g128", "hqq-3bit-g64", "exl2-4.0bpw", "mlx-q4" (g
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from orlik.errors import InputError, UnknownNameError
@@ -92,7 +92,8 @@ GGUF_TENSOR_TYPES = (
 )  # fmt: skip
 GGUF_TENSOR_TYPES_REQUIRING_IMATRIX = ("IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 
-_EXAMPLES = ["gptq-w4g128", "awq-w4g128", "hqq-3bit-g64", "exl2-4.0bpw", "mlx-q4", "mlx-q4-g32"]
+_EXAMPLES = ["gptq-w4g128", "gptq-w4g128-act", "awq-w4g128", "hqq-3bit-g64", "exl2-4.0bpw", "mlx-q4",
+             "mlx-q4-g32", "mlx-q4-h6"]  # fmt: skip
 
 
 def _gguf(m: re.Match[str], name: str) -> Recipe:
@@ -114,22 +115,31 @@ def _grouped(fmt: str, calibration: bool) -> Any:
     return build
 
 
+def _gptq(m: re.Match[str], name: str) -> Recipe:
+    # "-act": GPTQ with act-order (desc_act), quantizing columns by decreasing Hessian diagonal.
+    r = _grouped("gptq", True)(m, name)
+    return replace(r, options={"act_order": True}) if m.group(3) else r
+
+
 def _exl2(m: re.Match[str], name: str) -> Recipe:
     return Recipe(name=name.lower(), format="exl2", bits=float(m.group(1)), calibration=True,
                   options={"head_bits": int(m.group(2) or 6)})  # fmt: skip
 
 
 def _mlx(m: re.Match[str], name: str) -> Recipe:
-    return Recipe(name=name.lower(), format="mlx", bits=int(m.group(1)), group_size=int(m.group(2) or 64))
+    # "-h6": embeddings and output head at 6 bits over the body's bits (mlx-lm's mixed recipes).
+    head = (("lm_head", m.group(3)), ("model.embed_tokens", m.group(3))) if m.group(3) else ()
+    return Recipe(name=name.lower(), format="mlx", bits=int(m.group(1)), group_size=int(m.group(2) or 64),
+                  overrides=head)  # fmt: skip
 
 
 _PARSERS: list[tuple[str, Any]] = [
     (r"([A-Z0-9_]+?)(-imat)?", _gguf),
-    (r"gptq-w(\d)(?:g(\d+))?", _grouped("gptq", True)),
+    (r"gptq-w(\d)(?:g(\d+))?(-act)?", _gptq),
     (r"awq-w(\d)(?:g(\d+))?", _grouped("awq", True)),
     (r"hqq-(\d)bit(?:-g(\d+))?", _grouped("hqq", False)),
     (r"exl2-(\d+(?:\.\d+)?)bpw(?:-h(\d))?", _exl2),
-    (r"mlx-q(\d)(?:-g(\d+))?", _mlx),
+    (r"mlx-q(\d)(?:-g(\d+))?(?:-h(\d))?", _mlx),
 ]
 # The GGUF pattern matches any upper-case word; try the specific patterns first.
 _PARSERS = _PARSERS[1:] + _PARSERS[:1]
@@ -138,6 +148,8 @@ TABLE8 = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
 PRESETS: dict[str, tuple[str, ...]] = {
     # Bielik 7B Table 8: each type without and with the importance matrix, plus IQ2_XXS for phones.
     "bielik-table8": (*(n for t in TABLE8 for n in (t, f"{t}-imat")), "IQ2_XXS-imat"),
+    # The non-GGUF variants the Bielik models ship, as the demo builds them beside the GGUF ones.
+    "bielik-other": ("gptq-w4g128", "awq-w4g128", "hqq-3bit-g64", "hqq-4bit-g64", "mlx-q4", "mlx-q3"),
     "gguf-all": tuple(t for t in GGUF_TYPES if t not in ("F16", "BF16") and t not in GGUF_REQUIRES_IMATRIX)
     + tuple(f"{t}-imat" for t in GGUF_TYPES if t not in ("F16", "BF16")),
 }

@@ -60,6 +60,9 @@ class HQQBackend(Backend):
             raise InputError(f"HQQ bits must be one of {', '.join(map(str, BITS))}, not {bits}")
         if group not in GROUPS:
             raise InputError(f"HQQ group size must be one of {', '.join(map(str, GROUPS))}, not {group}")
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        common.check_arch(ckpt, CONFIG_MAPPING_NAMES, "HQQ (through transformers' model classes)")
         common.seed_everything(int(recipe.options.get("seed", 0)))
         HQQLinear.set_backend(HQQBackend.PYTORCH)
         qcfg = BaseQuantizeConfig(nbits=bits, group_size=group, axis=axis)

@@ -72,9 +72,11 @@ class TransformersQuantRuntime(HFRuntime):
         threads = options.get("threads")
         if threads:
             torch.set_num_threads(int(threads))
-        # FP16 keeps the unquantized tensors (embeddings, norms, head) exactly as the checkpoint has them.
+        # GPTQModel's CPU kernels compute in bfloat16 (they convert scales at load); the dense
+        # tensors follow, as float16 matmuls are several times slower on CPU.
+        dtype = getattr(torch, str(options.get("dtype", "bfloat16")))
         model = AutoModelForCausalLM.from_pretrained(
-            str(source.path), device_map="cpu", dtype=torch.float16, trust_remote_code=False
+            str(source.path), device_map="cpu", dtype=dtype, trust_remote_code=False
         )
         model.eval()
         tok = AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False)

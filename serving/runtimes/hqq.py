@@ -40,7 +40,9 @@ class HQQRuntime(HFRuntime):
         threads = options.get("threads")
         if threads:
             torch.set_num_threads(int(threads))
-        dtype = getattr(torch, str(options.get("dtype", "float16")))
+        # bfloat16 on CPU: twice as fast as float16 there and the packed size stays as stored;
+        # dtype="float32" computes exactly at the cost of upcasting scales and dense tensors.
+        dtype = getattr(torch, str(options.get("dtype", "bfloat16")))
         model = load_model(source.path, dtype)
         tok = AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False)
         return cls(source, model, tok, threads)  # type: ignore[arg-type]

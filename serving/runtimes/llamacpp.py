@@ -152,7 +152,17 @@ class LlamaCppRuntime(Runtime):
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
     def detokenize(self, tokens: list[int]) -> str:
-        return self.llm.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
+        """llama.cpp's own llama_detokenize: special tokens rendered, and the leading space that
+        SentencePiece adds to the first word removed, as transformers' decode does."""
+        arr = (self._lc.llama_token * len(tokens))(*[int(t) for t in tokens])
+        size = 8 * len(tokens) + 16
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = self._lc.llama_detokenize(self._vocab, arr, len(tokens), buf, size, False, True)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n  # too small: llama.cpp says how many bytes it needs
+        raise ToolError("llama_detokenize failed")
 
     def token_piece(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(256)
