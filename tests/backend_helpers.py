@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orlik.quantize.backends import Calibration, backend_for
-from orlik.quantize.recipe import Recipe
-
 from orlik.checkpoint import Checkpoint
 from orlik.manifest import Variant
+from orlik.quantize.backends import Calibration, backend_for
+from orlik.quantize.recipe import Recipe
 
 
 def quantize(ckpt: Path, name: str, out: Path, calib_dir: Path | None = None, **options: Any) -> Variant:

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 from backend_helpers import measure, quantize
 
-from orlik.quantize.backends import backend_for
-from orlik.quantize.recipe import Recipe
-
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, MissingDependencyError
 from orlik.manifest import Variant
+from orlik.quantize.backends import backend_for
+from orlik.quantize.recipe import Recipe
 from orlik.serving.runtimes.base import runtime_class
 
 # Bounds for the tiny test model (60 training steps, so its outputs move little under any weight
@@ -85,12 +84,16 @@ def test_hqq_linear_reads_the_layout(hqq_variants: dict[int, Path]) -> None:
 
 
 @pytest.mark.slow
-def test_hashes_stable_across_runs(tiny_checkpoint: Path, hqq_variants: dict[int, Path], tmp_path: Path) -> None:
+def test_hashes_stable_across_runs(
+    tiny_checkpoint: Path, hqq_variants: dict[int, Path], tmp_path: Path
+) -> None:
     again = quantize(tiny_checkpoint, "hqq-3bit-g64", tmp_path / "again")
     assert again.files == Variant.load(hqq_variants[3]).files
 
 
-def test_bad_recipe_and_missing_library(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_recipe_and_missing_library(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(InputError, match="group size"):
         quantize(tiny_checkpoint, "hqq-4bit-g48", tmp_path / "bad")
     with pytest.raises(InputError, match="bits"):
@@ -107,4 +110,6 @@ def test_unknown_architecture_is_named(checkpoint_copy: Path, tmp_path: Path) ->
     cfg["model_type"] = "orlik_unknown"
     (checkpoint_copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError, match="orlik_unknown"):
-        backend_for("hqq").quantize(Checkpoint.open(checkpoint_copy), Recipe.from_name("hqq-4bit-g64"), None, tmp_path)  # type: ignore[arg-type]
+        backend_for("hqq").quantize(
+            Checkpoint.open(checkpoint_copy), Recipe.from_name("hqq-4bit-g64"), None, tmp_path
+        )  # type: ignore[arg-type]

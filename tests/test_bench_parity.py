@@ -44,7 +44,8 @@ def test_table8_agrees_with_llama_perplexity(qtype: str, orlik_rows: dict[str, d
     work.mkdir(exist_ok=True)
     ref = llama_perplexity_kld(bench_ggufs["F16"], bench_ggufs[qtype], parity_text, CTX, work)
     ours = orlik_rows[qtype]
-    assert ours["tokens"] >= 4000
+    print(qtype, {k: ours[k] for k in ("ppl", "ppl_base", "kld", "same_top")}, ref)
+    assert ours["tokens"] >= 3000
     assert ours["ppl"] == pytest.approx(ref["ppl"], rel=0.005)
     assert ours["ppl_base"] == pytest.approx(ref["ppl_base"], rel=0.005)
     assert ours["kld"] == pytest.approx(ref["kld"], rel=0.02)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orlik.quantize.backends import Backend, Calibration
-from orlik.quantize.backends import common, gptqmodel_driver
-from orlik.quantize.recipe import Recipe
-
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError
 from orlik.manifest import Variant
+from orlik.quantize.backends import Backend, Calibration, common, gptqmodel_driver
+from orlik.quantize.recipe import Recipe
 
 BITS = (4,)  # the GEMM layout packs eight 4-bit values per int32
 GROUPS = (32, 64, 128)
@@ -29,16 +27,21 @@ class AWQBackend(Backend):
     def missing(cls) -> str | None:
         return common.missing_modules(gptqmodel_driver.MODULES, "awq")
 
-    def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
-        gptqmodel_driver.prepare_env()
-        from gptqmodel import BACKEND as KERNEL
-        from gptqmodel.quantization.config import AWQConfig
-
+    def check(self, recipe: Recipe, calib: Calibration) -> None:
         bits, group = int(recipe.bits or 4), recipe.group_size or 128
         if bits not in BITS:
             raise InputError(f"AWQ (GEMM format) is 4-bit only, not {bits}-bit")
         if group not in GROUPS:
             raise InputError(f"AWQ group size must be one of {', '.join(map(str, GROUPS))}, not {group}")
+        common.require_calibration(recipe, calib)
+
+    def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
+        self.check(recipe, calib)
+        gptqmodel_driver.prepare_env()
+        from gptqmodel import BACKEND as KERNEL
+        from gptqmodel.quantization.config import AWQConfig
+
+        bits, group = int(recipe.bits or 4), recipe.group_size or 128
         # Asymmetric with a zero point is what the AWQ format and its kernels expect.
         qcfg = AWQConfig(bits=bits, group_size=group, sym=bool(recipe.options.get("sym", False)))
         facts = gptqmodel_driver.run(ckpt, recipe, calib, out, qcfg, KERNEL.AWQ_TORCH)

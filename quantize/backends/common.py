@@ -13,13 +13,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from orlik.quantize.backends import Calibration
-from orlik.quantize.recipe import Recipe
-
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError
 from orlik.fsutil import sha256_file
 from orlik.manifest import Variant, hash_files
+from orlik.quantize.backends import Calibration
+from orlik.quantize.recipe import Recipe
 
 BPW_DEFINITION = "8 x tensor-data bytes / parameters of the FP16 checkpoint, over all tensors (as GGUF's BPW)"
 
@@ -53,17 +52,23 @@ _COMMON_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3
 # --- calibration -------------------------------------------------------------------------------
 
 
+def require_calibration(recipe: Recipe, calib: Calibration) -> None:
+    if calib is None or calib.jsonl is None:
+        raise InputError(
+            f"recipe {recipe.name} needs a calibration set (--calib DIR from `orlik calibrate build`)"
+        )
+    if not Path(calib.jsonl).is_file():
+        raise InputError(f"calibration file {calib.jsonl} does not exist")
+
+
 def calibration_texts(calib: Calibration, recipe: Recipe, tokenizer: Any) -> list[str]:
     """The calibration set's texts, rendered through the chat template when the recipe asks.
 
     Records come from `orlik calibrate build` ({"text", "lang", ...} per line); chat samples in it
     are already rendered, so the option only wraps plain texts as a user turn.
     """
-    if calib.jsonl is None:
-        raise InputError(f"recipe {recipe.name} needs a calibration set; run `orlik calibrate build` first")
-    path = Path(calib.jsonl)
-    if not path.is_file():
-        raise InputError(f"calibration file {path} does not exist")
+    require_calibration(recipe, calib)
+    path = Path(calib.jsonl)  # type: ignore[arg-type]
     texts: list[str] = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

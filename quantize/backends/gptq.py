@@ -6,16 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orlik.quantize.backends import Backend, Calibration
-from orlik.quantize.backends import common, gptqmodel_driver
-from orlik.quantize.recipe import Recipe
-
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError
 from orlik.manifest import Variant
+from orlik.quantize.backends import Backend, Calibration, common, gptqmodel_driver
+from orlik.quantize.recipe import Recipe
 
 BITS = (2, 3, 4, 8)
-GROUPS = (32, 64, 128, None)  # None: one scale per output channel
 
 
 class GPTQBackend(Backend):
@@ -26,16 +23,23 @@ class GPTQBackend(Backend):
     def missing(cls) -> str | None:
         return common.missing_modules(gptqmodel_driver.MODULES, "gptq")
 
+    def check(self, recipe: Recipe, calib: Calibration) -> None:
+        bits, group = int(recipe.bits or 4), recipe.group_size
+        if bits not in BITS:
+            raise InputError(f"GPTQ bits must be one of {', '.join(map(str, BITS))}, not {bits}")
+        if group is not None and (group <= 0 or group % 32):
+            raise InputError(f"GPTQ group size must be a positive multiple of 32 or per-channel, not {group}")
+        if not 0 < float(recipe.options.get("damp", 0.01)) < 1:
+            raise InputError("GPTQ damp (fraction of the mean Hessian diagonal) must be in (0, 1)")
+        common.require_calibration(recipe, calib)
+
     def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
+        self.check(recipe, calib)
         gptqmodel_driver.prepare_env()
         from gptqmodel import BACKEND as KERNEL
         from gptqmodel.quantization.config import GPTQConfig
 
         bits, group = int(recipe.bits or 4), recipe.group_size
-        if bits not in BITS:
-            raise InputError(f"GPTQ bits must be one of {', '.join(map(str, BITS))}, not {bits}")
-        if group not in GROUPS and (group is None or group <= 0 or group % 32):
-            raise InputError(f"GPTQ group size must be a positive multiple of 32 or per-channel, not {group}")
         opts = recipe.options
         qcfg = GPTQConfig(
             bits=bits,

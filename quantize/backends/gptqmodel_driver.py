@@ -15,13 +15,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from orlik.quantize.backends import Calibration
-from orlik.quantize.backends.common import calibration_batches, calibration_texts, check_arch, seed_everything
-from orlik.quantize.recipe import Recipe
-
 from orlik import progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ToolError
+from orlik.quantize.backends import Calibration
+from orlik.quantize.backends.common import calibration_batches, calibration_texts, check_arch, seed_everything
+from orlik.quantize.recipe import Recipe
 
 MODULES = ("gptqmodel", "optimum")
 # Written by GPTQModel but not part of the format: run timings, and a scratch path in the config.
@@ -43,7 +42,9 @@ def supported_archs() -> list[str]:
     return list(MODEL_MAP)
 
 
-def run(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path, qcfg: Any, backend: Any) -> dict[str, Any]:
+def run(
+    ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path, qcfg: Any, backend: Any
+) -> dict[str, Any]:
     """Quantize `ckpt` with the GPTQModel config `qcfg` into `out`; returns facts for the manifest."""
     prepare_env()
     import torch
@@ -81,12 +82,20 @@ def _read_losses(log: Path) -> dict[str, Any]:
     with open(log, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     log.unlink()
-    losses = [float(r["loss"]) for r in rows if r.get("loss")]
-    if not losses:
+    scored = [(_float(r.get("loss")), r) for r in rows]
+    scored = [(x, r) for x, r in scored if x is not None]  # AWQ writes "not applicable" for some rows
+    if not scored:
         return {}
-    worst = max(rows, key=lambda r: float(r.get("loss") or 0))
-    return {"layer_loss_mean": sum(losses) / len(losses), "layer_loss_max": max(losses),
-            "layer_loss_worst": f"{worst['layer']}.{worst['module']}"}  # fmt: skip
+    worst, row = max(scored, key=lambda p: p[0])
+    return {"layer_loss_mean": sum(x for x, _ in scored) / len(scored), "layer_loss_max": worst,
+            "layer_loss_worst": f"{row.get('layer')}.{row.get('module')}"}  # fmt: skip
+
+
+def _float(v: str | None) -> float | None:
+    try:
+        return float(v) if v not in (None, "") else None
+    except ValueError:
+        return None
 
 
 def _normalize(out: Path, ckpt: Checkpoint) -> None:

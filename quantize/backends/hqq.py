@@ -15,13 +15,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from orlik.quantize.backends import Backend, Calibration, common
-from orlik.quantize.recipe import Recipe
-
 from orlik import progress
 from orlik.checkpoint import TOKENIZER_FILES, Checkpoint
 from orlik.errors import InputError
 from orlik.manifest import Variant
+from orlik.quantize.backends import Backend, Calibration, common
+from orlik.quantize.recipe import Recipe
 
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128)
@@ -49,17 +48,23 @@ class HQQBackend(Backend):
     def missing(cls) -> str | None:
         return common.missing_modules(("hqq", "transformers", "torch"), "hqq")
 
+    def check(self, recipe: Recipe, calib: Calibration) -> None:
+        bits, group = int(recipe.bits or 4), recipe.group_size or 64
+        if bits not in BITS:
+            raise InputError(f"HQQ bits must be one of {', '.join(map(str, BITS))}, not {bits}")
+        if group not in GROUPS:
+            raise InputError(f"HQQ group size must be one of {', '.join(map(str, GROUPS))}, not {group}")
+        if int(recipe.options.get("axis", 1)) not in (0, 1):
+            raise InputError("HQQ axis must be 0 or 1")
+
     def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
         import torch
         from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
         from safetensors.torch import save_file
 
+        self.check(recipe, calib)
         bits, group = int(recipe.bits or 4), recipe.group_size or 64
         axis = int(recipe.options.get("axis", 1))
-        if bits not in BITS:
-            raise InputError(f"HQQ bits must be one of {', '.join(map(str, BITS))}, not {bits}")
-        if group not in GROUPS:
-            raise InputError(f"HQQ group size must be one of {', '.join(map(str, GROUPS))}, not {group}")
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
         common.check_arch(ckpt, CONFIG_MAPPING_NAMES, "HQQ (through transformers' model classes)")
@@ -71,14 +76,16 @@ class HQQBackend(Backend):
         targets = [
             (name, mod)
             for name, mod in model.named_modules()
-            if isinstance(mod, torch.nn.Linear) and not name.split(".")[-1] in SKIP
+            if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] not in SKIP
         ]
         if not targets:
             raise InputError(f"architecture {ckpt.arch!r} has no linear layers HQQ can quantize")
         with progress.bar(f"{recipe.name}: HQQ", total=len(targets)) as bar:
             for name, lin in targets:
                 if lin.in_features % group:
-                    raise InputError(f"{name}: {lin.in_features} inputs are not a multiple of group size {group}")
+                    raise InputError(
+                        f"{name}: {lin.in_features} inputs are not a multiple of group size {group}"
+                    )
                 parent = model.get_submodule(name.rsplit(".", 1)[0])
                 # Quantized one layer at a time and the FP16 weight dropped, so memory only falls.
                 q = HQQLinear(lin, qcfg, compute_dtype=torch.float16, device="cpu", del_orig=True)
@@ -100,7 +107,9 @@ class HQQBackend(Backend):
         del model, tensors
         config = json.loads((ckpt.path / "config.json").read_text(encoding="utf-8"))
         config["quantization_config"] = quant_config(bits, group, axis)
-        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (out / "config.json").write_text(
+            json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
         for name in _COPIED:
             if (ckpt.path / name).is_file():
                 shutil.copyfile(ckpt.path / name, out / name)

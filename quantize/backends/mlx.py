@@ -13,13 +13,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from orlik.quantize.backends import Backend, Calibration, common
-from orlik.quantize.recipe import Recipe
-
 from orlik import progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ToolError
 from orlik.manifest import Variant
+from orlik.quantize.backends import Backend, Calibration, common
+from orlik.quantize.recipe import Recipe
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
@@ -64,17 +63,22 @@ class MLXBackend(Backend):
     def missing(cls) -> str | None:
         return common.missing_modules(("mlx", "mlx_lm"), "mlx")
 
+    def check(self, recipe: Recipe, calib: Calibration) -> None:
+        bits, group = int(recipe.bits or 4), recipe.group_size or 64
+        if bits not in BITS:
+            raise InputError(f"MLX bits must be one of {', '.join(map(str, BITS))}, not {bits}")
+        if group not in GROUPS:
+            raise InputError(f"MLX group size must be one of {', '.join(map(str, GROUPS))}, not {group}")
+        predicate(recipe, group)  # parses the overrides, so a bad type fails before any work
+
     def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
         import importlib.util
 
         from mlx_lm import convert
         from mlx_lm.utils import MODEL_REMAPPING
 
+        self.check(recipe, calib)
         bits, group = int(recipe.bits or 4), recipe.group_size or 64
-        if bits not in BITS:
-            raise InputError(f"MLX bits must be one of {', '.join(map(str, BITS))}, not {bits}")
-        if group not in GROUPS:
-            raise InputError(f"MLX group size must be one of {', '.join(map(str, GROUPS))}, not {group}")
         arch = MODEL_REMAPPING.get(ckpt.arch, ckpt.arch)
         if importlib.util.find_spec(f"mlx_lm.models.{arch}") is None:
             raise InputError(f"mlx-lm has no model definition for architecture {ckpt.arch!r}")

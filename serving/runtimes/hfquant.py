@@ -58,7 +58,11 @@ class TransformersQuantRuntime(HFRuntime):
     def missing(cls) -> str | None:
         import importlib.util
 
-        absent = [m for m in ("torch", "transformers", "gptqmodel", "optimum") if importlib.util.find_spec(m) is None]
+        absent = [
+            m
+            for m in ("torch", "transformers", "gptqmodel", "optimum")
+            if importlib.util.find_spec(m) is None
+        ]
         return f'{", ".join(absent)} not installed; pip install "orlik[gptq]"' if absent else None
 
     @classmethod

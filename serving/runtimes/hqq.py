@@ -27,7 +27,9 @@ class HQQRuntime(HFRuntime):
     def missing(cls) -> str | None:
         import importlib.util
 
-        absent = [m for m in ("torch", "transformers", "hqq", "accelerate") if importlib.util.find_spec(m) is None]
+        absent = [
+            m for m in ("torch", "transformers", "hqq", "accelerate") if importlib.util.find_spec(m) is None
+        ]
         return f'{", ".join(absent)} not installed; pip install "orlik[hqq]"' if absent else None
 
     @classmethod
@@ -53,7 +55,6 @@ class HQQRuntime(HFRuntime):
 
 def load_model(path: Path, dtype: Any) -> Any:
     """Build the architecture with no weights allocated, then place HQQLinear and dense tensors."""
-    import torch
     from accelerate import init_empty_weights
     from hqq.core.quantize import HQQBackend, HQQLinear
     from safetensors.torch import load_file
@@ -83,7 +84,9 @@ def load_model(path: Path, dtype: Any) -> Any:
     dense = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     result = model.load_state_dict(dense, strict=False, assign=True)
     if result.unexpected_keys:
-        raise ManifestError(f"{path / WEIGHTS} has tensors the model lacks: {', '.join(result.unexpected_keys[:3])}")
+        raise ManifestError(
+            f"{path / WEIGHTS} has tensors the model lacks: {', '.join(result.unexpected_keys[:3])}"
+        )
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
