@@ -41,7 +41,9 @@ def import_floor(fmt: str) -> int:
     mods = ("orlik.cli", *LIBRARIES[fmt])
     code = "import importlib, psutil\n" + "".join(f"importlib.import_module({m!r})\n" for m in mods)
     code += "print(psutil.Process().memory_info().rss)"
-    env = dict(os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1)))
+    env = dict(
+        os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -55,11 +57,15 @@ def write_calibration(out: Path, docs: int) -> Path:
         for i, d in enumerate(corpus.documents(split="train")):
             if i >= docs:
                 break
-            f.write(json.dumps({"text": d.text, "lang": d.lang, "domain": d.domain}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"text": d.text, "lang": d.lang, "domain": d.domain}, ensure_ascii=False) + "\n"
+            )
     return out
 
 
-def measure_one(checkpoint: Path, recipe: str, calib: Path, workdir: Path, interval: float = 0.02) -> dict[str, Any]:
+def measure_one(
+    checkpoint: Path, recipe: str, calib: Path, workdir: Path, interval: float = 0.02
+) -> dict[str, Any]:
     import psutil
 
     out = workdir / "variants"
@@ -100,7 +106,12 @@ def run(checkpoint: Path, recipes: list[str], calib: Path | None, calib_docs: in
                        peak_ratio=round(row["peak_rss_bytes"] / fp16, 3), above_floor_ratio=round(above / fp16, 3),
                        within_target=above <= TARGET * fp16)  # fmt: skip
             rows.append(row)
-    return {"checkpoint": str(checkpoint), "fp16_safetensors_bytes": fp16, "target_ratio": TARGET, "rows": rows}
+    return {
+        "checkpoint": str(checkpoint),
+        "fp16_safetensors_bytes": fp16,
+        "target_ratio": TARGET,
+        "rows": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
         res = run(a.checkpoint, recipes, a.calib, a.calib_docs)
     mib = 2**20
     fp16 = res["fp16_safetensors_bytes"]
-    print(f"checkpoint {res['checkpoint']}: FP16 safetensors {fp16 / mib:.1f} MiB; target peak <= {TARGET}x FP16")
+    print(
+        f"checkpoint {res['checkpoint']}: FP16 safetensors {fp16 / mib:.1f} MiB; target peak <= {TARGET}x FP16"
+    )
     print(f"{'recipe':<14}{'peak MiB':>10}{'floor MiB':>11}{'above MiB':>11}{'above/FP16':>12}{'peak/FP16':>11}"
           f"{'ok':>5}{'s':>8}")  # fmt: skip
     for r in res["rows"]:

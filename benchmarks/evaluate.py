@@ -34,7 +34,9 @@ class TextScore:
 
 
 def _series(parts: list[ChunkScores]) -> Series:
-    return Series(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in ChunkScores.__dataclass_fields__})
+    return Series(
+        **{f: np.concatenate([getattr(p, f) for p in parts]) for f in ChunkScores.__dataclass_fields__}
+    )
 
 
 def _scored_logits(rt: Any, chunks: Chunks, c: int) -> np.ndarray:
@@ -53,7 +55,9 @@ def check_tokenizer(rt: Any, name: str, text_name: str, text: str, ids: list[int
                          "it was not made from this checkpoint")  # fmt: skip
     own = rt.tokenize(text, add_bos=True)
     if own != ids:
-        i = next((i for i, (a, b) in enumerate(zip(own, ids)) if a != b), min(len(own), len(ids)))
+        i = next(
+            (i for i, (a, b) in enumerate(zip(own, ids, strict=False)) if a != b), min(len(own), len(ids))
+        )
         raise InputError(
             f"variant {name} tokenizes the {text_name!r} text differently from the FP16 reference "
             f"(first difference at token {i} of {len(ids)}); its scores would not be comparable"
@@ -139,4 +143,3 @@ def choose_mode(mode: str, sizes: list[int], fp16_bytes: int) -> tuple[str, list
         return "topk", None, "FP16 and a variant do not fit in memory together"
     why = "asked for (--reference exact)" if mode == "exact" else "FP16 fits in memory beside the variants"
     return "exact", groups, f"{why}; {len(groups)} group(s) scored side by side"
-

@@ -45,10 +45,9 @@ def perplexity(args: list[str]) -> str:
 
 
 def run(model: Path, work: Path, tokens: int, chunk: int, ctx: int) -> dict[str, Any]:
-    from orlik.training import corpus
-
     from orlik.checkpoint import Checkpoint
     from orlik.gguf_convert import f16_gguf
+    from orlik.training import corpus
 
     work.mkdir(parents=True, exist_ok=True)
     threads = str(len(os.sched_getaffinity(0)))

@@ -90,7 +90,12 @@ def render(result: dict[str, Any], results: dict[str, Any], v: Variant, ckpt: Ch
             + ", ".join(f"{k} ({t['source']}, {t['scored_tokens']:,} scored tokens)" for k, t in results["texts"].items())
             + ".", ""]  # fmt: skip
     for name in texts_in_order(results):
-        body += [f"**{name}**", "", _md_table(HEADER, [table_cells(fp16, name), table_cells(result, name)]), ""]
+        body += [
+            f"**{name}**",
+            "",
+            _md_table(HEADER, [table_cells(fp16, name), table_cells(result, name)]),
+            "",
+        ]
     sp = result.get("speed")
     if sp and "error" not in sp:
         m = results["machine"]
@@ -106,7 +111,7 @@ def render(result: dict[str, Any], results: dict[str, Any], v: Variant, ckpt: Ch
     if card:
         body += ["## Calibration", "", card.strip(), ""]
     body += ["## Usage", "", usage(v, v.path.name if v.path else v.name), ""]
-    return "\n".join(front + [""] + body)
+    return "\n".join([*front, "", *body])
 
 
 def write_all(results: dict[str, Any], variants: list[Variant], ckpt: Checkpoint, out: Path, *,

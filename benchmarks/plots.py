@@ -50,7 +50,9 @@ def pareto(results: dict[str, Any], path: Path) -> None:
     fp16 = next((v for v in results["variants"] if v["format"] == "fp16"), None)
     floor = min((v["rows"][text]["kld"] for v in quants if v["rows"][text]["kld"] > 0), default=1e-6)
     # MiB for small models, so the axis reads 4, 6, 10 rather than 4e-3, 6e-3, 1e-2.
-    unit, div = ("GiB", GIB) if max((v["bytes"] for v in results["variants"]), default=0) >= GIB else ("MiB", MIB)
+    unit, div = (
+        ("GiB", GIB) if max((v["bytes"] for v in results["variants"]), default=0) >= GIB else ("MiB", MIB)
+    )
     pts = [(v["bytes"] / div, max(v["rows"][text]["kld"], floor)) for v in quants]
     fig, ax = plt.subplots(figsize=(9, 6), dpi=130)
     for fmt in dict.fromkeys(v["format"] for v in quants):
@@ -64,8 +66,8 @@ def pareto(results: dict[str, Any], path: Path) -> None:
                 drawstyle="steps-post", zorder=2, label="Pareto front")  # fmt: skip
         ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=170, facecolors="none",
                    edgecolors="#2a2a2a", linewidths=1.3, zorder=4)  # fmt: skip
-    for k, (i, v) in enumerate(zip(range(len(quants)), quants)):
-        dy = 9 if k % 2 == 0 else -15  # alternate above/below so neighbouring labels do not collide
+    for i, v in enumerate(quants):
+        dy = 9 if i % 2 == 0 else -15  # alternate above/below so neighbouring labels do not collide
         ax.annotate(v["name"], pts[i], textcoords="offset points", xytext=(6, dy), fontsize=8.5,
                     fontweight="bold" if i in front else "normal")  # fmt: skip
     if fp16:
@@ -98,10 +100,10 @@ def speed(results: dict[str, Any], path: Path) -> bool:
               ("Decode [tok/s]", [v["speed"]["decode_tps"] for v in rows], "{:.1f}"),
               ("Peak RSS during generation [MiB]", [v["speed"]["peak_rss_gen_bytes"] / MIB for v in rows], "{:.0f}")]  # fmt: skip
     fig, axes = plt.subplots(1, 3, figsize=(13, 0.45 * len(rows) + 2.2), dpi=130, sharey=True)
-    for ax, (title, vals, f) in zip(axes, panels):
+    for ax, (title, vals, f) in zip(axes, panels, strict=True):
         y = range(len(rows))
         ax.barh(list(y), vals, color=colours)
-        for yi, val in zip(y, vals):
+        for yi, val in zip(y, vals, strict=True):
             ax.text(val, yi, " " + f.format(val), va="center", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_xlim(0, max(vals) * 1.25 if max(vals) > 0 else 1)

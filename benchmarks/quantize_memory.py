@@ -6,7 +6,7 @@ process included) against the checkpoint's FP16 safetensors size. Target: <= 1.3
 
 `orlik quantize` runs as a subprocess with an empty GGUF cache, so the conversion is measured too.
 The process tree's summed RSS is sampled every 20 ms (shared library pages are counted once per
-process, so the figure errs high); getrusage's largest single-process peak is the cross-check.
+process, so the figure errs high); wait4's largest single-process peak is the cross-check.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -77,7 +76,7 @@ def _label(cmd: list[str]) -> str:
     for part in cmd:
         base = os.path.basename(part)
         if base.startswith("llama-") or base == "convert_hf_to_gguf.py":
-            return base
+            return base + (" --version" if "--version" in cmd else "")
     return "orlik (python)"
 
 
@@ -98,19 +97,25 @@ def measure(checkpoint: Path, recipes: list[str], interval: float = 0.02) -> dic
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         root = psutil.Process(proc.pid)
         peak, peak_by, per_tool = 0, {}, {}
-        while proc.poll() is None:
+        while True:
+            # wait4 on this child alone: its rusage covers it and its descendants, not the
+            # process that built a synthetic model earlier.
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                break
             total, by = _tree_rss(root)
             if total > peak:
                 peak, peak_by = total, by
             for k, v in by.items():
                 per_tool[k] = max(per_tool.get(k, 0), v)
             time.sleep(interval)
+        ru_max = usage.ru_maxrss * 1024  # KiB on Linux
         err = proc.stderr.read() if proc.stderr else ""
         if proc.returncode != 0:
             raise SystemExit(f"orlik quantize failed: {err.strip()[-500:]}")
         seconds = time.time() - t0
         out_bytes = sum(p.stat().st_size for p in (Path(td) / "v").rglob("*.gguf"))
-    ru_max = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
     fp16 = ckpt.weights_bytes
     return {
         "checkpoint": str(checkpoint),
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"peak RSS, tree    {res['peak_tree_rss_bytes'] / mib:9.1f} MiB  = {res['peak_ratio']:.2f}x FP16 "
           f"(target <= {res['target_ratio']}x)")  # fmt: skip
     print(f"peak RSS, 1 proc  {res['largest_single_process_maxrss_bytes'] / mib:9.1f} MiB  = "
-          f"{res['single_process_ratio']:.2f}x FP16 (getrusage)")  # fmt: skip
+          f"{res['single_process_ratio']:.2f}x FP16 (wait4 ru_maxrss)")  # fmt: skip
     for k, v in sorted(res["peak_by_process"].items()):
         print(f"  {k:<24}{v / mib:9.1f} MiB peak")
     print(f"recipes {', '.join(recipes)}: {res['seconds']} s")

@@ -64,7 +64,9 @@ def recommend(results: dict[str, Any], budget: int, ctx: int) -> dict[str, Any]:
             overhead = max(0, sp["peak_rss_gen_bytes"] - sp["rss_base_bytes"] - v["bytes"]
                            - kv_cache_bytes(model, speed_ctx))  # fmt: skip
             if v["format"] == "fp16" and sp.get("runtime") == "transformers":
-                overhead = 0  # transformers holds fp16 weights as fp32 for the reference; not a deployment figure
+                overhead = (
+                    0  # transformers holds fp16 weights as fp32 for the reference; not a deployment figure
+                )
         need = v["bytes"] + kv + overhead
         r = v["rows"][text]
         rows.append({"name": v["name"], "format": v["format"], "weights": v["bytes"], "kv_cache": kv,

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from orlik import __version__, progress
+from orlik.benchmarks.scoring import TopK, compress
 from orlik.errors import InputError
 from orlik.fsutil import check_writable, sha256_bytes
-from orlik.benchmarks.scoring import TopK, compress
 
 FORMAT_VERSION = 1
 KMAX = 1024
@@ -121,7 +121,9 @@ def save(path: Path, ref: Reference) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def build(base: Any, chunks: Chunks, *, kmax: int = KMAX, tail_mass: float = TAIL_MASS, label: str = "") -> TopK:
+def build(
+    base: Any, chunks: Chunks, *, kmax: int = KMAX, tail_mass: float = TAIL_MASS, label: str = ""
+) -> TopK:
     """Run the FP16 runtime over every chunk and compress its scored rows."""
     parts = []
     with progress.bar(f"FP16 reference {label}".strip(), total=chunks.n_chunks) as bar:

@@ -17,7 +17,17 @@ from orlik.fsutil import atomic_write_text
 
 GIB = 1 << 30
 MIB = 1 << 20
-HEADER = ("Variant", "Format", "Size [GiB]", "PPL", "ΔPPL", "KLD", "Mean Δp [%]", "RMS Δp [%]", "Same top p [%]")
+HEADER = (
+    "Variant",
+    "Format",
+    "Size [GiB]",
+    "PPL",
+    "ΔPPL",
+    "KLD",
+    "Mean Δp [%]",
+    "RMS Δp [%]",
+    "Same top p [%]",
+)
 
 
 def tool_versions() -> dict[str, str]:
@@ -128,8 +138,14 @@ def distributions_md(results: dict[str, Any]) -> list[str]:
     quants = [v for v in results["variants"] if v["format"] != "fp16"]
     kp = list(quants[0]["rows"][name]["kld_percentiles"]) if quants else []
     dp = list(quants[0]["rows"][name]["dp_percentiles"]) if quants else []
-    rows_k = [[v["name"], v["format"], *(f"{v['rows'][name]['kld_percentiles'][p]:.4g}" for p in kp)] for v in quants]
-    rows_p = [[v["name"], v["format"], *(f"{100 * v['rows'][name]['dp_percentiles'][p]:.3g}" for p in dp)] for v in quants]
+    rows_k = [
+        [v["name"], v["format"], *(f"{v['rows'][name]['kld_percentiles'][p]:.4g}" for p in kp)]
+        for v in quants
+    ]
+    rows_p = [
+        [v["name"], v["format"], *(f"{100 * v['rows'][name]['dp_percentiles'][p]:.3g}" for p in dp)]
+        for v in quants
+    ]
     rows_r = [[v["name"], v["format"], fmt_pm(v["rows"][name]["ppl_ratio"], v["rows"][name]["ppl_ratio_err"]),
                fmt_pm(v["rows"][name]["ln_ppl_ratio"], v["rows"][name]["ln_ppl_ratio_err"]),
                f"{100 * v['rows'][name]['cor_ln_ppl']:.2f}"] for v in quants]  # fmt: skip
@@ -140,6 +156,10 @@ def distributions_md(results: dict[str, Any]) -> list[str]:
             ""]  # fmt: skip
 
 
+def _ratio(sp: dict[str, Any], base: dict[str, Any], key: str) -> str:
+    return f"{sp[key] / base[key]:.2f}×" if base.get(key) else "–"
+
+
 def speed_md(results: dict[str, Any]) -> list[str]:
     mach = results["machine"]
     base = (results["variants"][0].get("speed") or {}) if results["variants"] else {}
@@ -148,11 +168,11 @@ def speed_md(results: dict[str, Any]) -> list[str]:
         sp = v.get("speed") or {}
         if "error" in sp or not sp:
             rows.append([v["name"], v["format"], "–", f"{v['bytes'] / MIB:.1f}", f"{v['bpw']:.2f}",
-                         *["–"] * 7, ])  # fmt: skip
+                         *["–"] * 7])  # fmt: skip
             continue
-        ratio = (lambda k: f"{sp[k] / base[k]:.2f}×" if base.get(k) else "–")  # noqa: E731
         rows.append([v["name"], v["format"], sp["runtime"], f"{v['bytes'] / MIB:.1f}", f"{v['bpw']:.2f}",
-                     f"{sp['prompt_tps']:.0f}", ratio("prompt_tps"), f"{sp['decode_tps']:.1f}", ratio("decode_tps"),
+                     f"{sp['prompt_tps']:.0f}", _ratio(sp, base, "prompt_tps"), f"{sp['decode_tps']:.1f}",
+                     _ratio(sp, base, "decode_tps"),
                      f"{1000 * sp['ttft_s']:.0f}", f"{sp['peak_rss_load_bytes'] / MIB:.0f}",
                      f"{sp['peak_rss_gen_bytes'] / MIB:.0f}"])  # fmt: skip
     threads = {str((v.get("speed") or {}).get("threads")) for v in results["variants"] if v.get("speed")}
@@ -218,7 +238,9 @@ def csv_text(results: dict[str, Any]) -> str:
 
 
 def write_json(results: dict[str, Any], out: Path) -> None:
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False, default=str) + "\n")
+    atomic_write_text(
+        out / "results.json", json.dumps(results, indent=2, ensure_ascii=False, default=str) + "\n"
+    )
 
 
 def write_all(results: dict[str, Any], out: Path) -> None:
@@ -234,7 +256,9 @@ def print_table(results: dict[str, Any], text: str | None = None) -> None:
     from rich.table import Table
 
     name = text or texts_in_order(results)[0]
-    t = Table(title=f"Table 8 · {results['model']['name']} · {_text_title(results, name)} · ctx {results['settings']['ctx']}")
+    t = Table(
+        title=f"Table 8 · {results['model']['name']} · {_text_title(results, name)} · ctx {results['settings']['ctx']}"
+    )
     for i, h in enumerate(HEADER):
         t.add_column(h, justify="left" if i < 2 else "right", no_wrap=i >= 2)
     for v in results["variants"]:

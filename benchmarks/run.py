@@ -16,7 +16,13 @@ from typing import Any
 
 from orlik import __version__, progress
 from orlik.benchmarks import reference, speed, texts
-from orlik.benchmarks.evaluate import TextScore, check_tokenizer, choose_mode, score_exact_text, score_topk_text
+from orlik.benchmarks.evaluate import (
+    TextScore,
+    check_tokenizer,
+    choose_mode,
+    score_exact_text,
+    score_topk_text,
+)
 from orlik.benchmarks.stats import Series, baseline_row, summarize
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ManifestError
@@ -48,7 +54,11 @@ def default_dirs(model: Path) -> tuple[Path, Path]:
 
 def resolve_variants(names: Sequence[str], variants_dir: Path) -> list[Variant]:
     """Each name is a variant directory or a name under variants_dir; none means all of them."""
-    available = sorted(p.name for p in variants_dir.iterdir() if (p / MANIFEST).is_file()) if variants_dir.is_dir() else []
+    available = (
+        sorted(p.name for p in variants_dir.iterdir() if (p / MANIFEST).is_file())
+        if variants_dir.is_dir()
+        else []
+    )
     if not names:
         if not available:
             raise InputError(f"no variants given and none found in {variants_dir}; run `orlik quantize` first "
@@ -117,7 +127,9 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
         if opts.verify:
             bad = v.verify()
             if bad:
-                raise ManifestError(f"variant {v.name}: files differ from {v.path}/{MANIFEST}: {', '.join(bad)}")
+                raise ManifestError(
+                    f"variant {v.name}: files differ from {v.path}/{MANIFEST}: {', '.join(bad)}"
+                )
         if v.base_hash != ckpt.hash:
             raise InputError(f"variant {v.name} was made from checkpoint {v.base_hash[:12]}, not from "
                              f"{ckpt.path} ({ckpt.hash[:12]}); compare it with its own FP16 checkpoint")  # fmt: skip
@@ -146,7 +158,7 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
     keys = {n: reference.cache_key(ckpt.hash, ch, opts.kmax, opts.tail_mass) for n, ch in chunked.items()}
     refs: dict[str, reference.Reference] = {}
     cached: dict[str, bool] = {}
-    for n, ch in chunked.items():
+    for n in chunked:
         ref = reference.load(reference.cache_path(cache_dir, n, keys[n]), keys[n])
         cached[n] = ref is not None
         if ref is not None:
@@ -178,7 +190,9 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
                     for name, sc in got.items():
                         scores[name][n] = sc
                     if top is not None:
-                        refs[n] = reference.store(cache_dir, n, keys[n], top, ckpt.hash, ch, opts.kmax, opts.tail_mass)
+                        refs[n] = reference.store(
+                            cache_dir, n, keys[n], top, ckpt.hash, ch, opts.kmax, opts.tail_mass
+                        )
             finally:
                 for rt in rts.values():
                     rt.close()
@@ -186,7 +200,9 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
         for n, ch in chunked.items():
             if n not in refs:
                 top = reference.build(base(), ch, kmax=opts.kmax, tail_mass=opts.tail_mass, label=n)
-                refs[n] = reference.store(cache_dir, n, keys[n], top, ckpt.hash, ch, opts.kmax, opts.tail_mass)
+                refs[n] = reference.store(
+                    cache_dir, n, keys[n], top, ckpt.hash, ch, opts.kmax, opts.tail_mass
+                )
         base.release()
         for v in variants:
             rt = load(v)
@@ -238,12 +254,27 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
         "machine": speed.machine(),
         "tools": report.tool_versions(),
         "model": report.model_facts(ckpt),
-        "settings": {"ctx": opts.ctx, "reference": opts.mode, "kld_mode": mode, "kld_mode_why": why,
-                     "kmax": opts.kmax, "tail_mass": opts.tail_mass, "threads": opts.threads,
-                     "scored_positions_per_chunk": opts.ctx - 1 - opts.ctx // 2},  # fmt: skip
-        "texts": {t.name: {"source": t.source, "tokens": len(ids[t.name]), "chunks": chunked[t.name].n_chunks,
-                           "scored_tokens": chunked[t.name].n_scored, "tokens_sha256": chunked[t.name].digest,
-                           "reference": ref_info.get(t.name)} for t in eval_texts},  # fmt: skip
+        "settings": {
+            "ctx": opts.ctx,
+            "reference": opts.mode,
+            "kld_mode": mode,
+            "kld_mode_why": why,
+            "kmax": opts.kmax,
+            "tail_mass": opts.tail_mass,
+            "threads": opts.threads,
+            "scored_positions_per_chunk": opts.ctx - 1 - opts.ctx // 2,
+        },
+        "texts": {
+            t.name: {
+                "source": t.source,
+                "tokens": len(ids[t.name]),
+                "chunks": chunked[t.name].n_chunks,
+                "scored_tokens": chunked[t.name].n_scored,
+                "tokens_sha256": chunked[t.name].digest,
+                "reference": ref_info.get(t.name),
+            }
+            for t in eval_texts
+        },
         "overlap": overlap,
         "variants": [fp16, *results_v],
         "seconds": time.perf_counter() - started,

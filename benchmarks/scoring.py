@@ -49,7 +49,11 @@ class TopK:
         for p in parts:
             offsets.append(p.offsets[1:] + base)
             base += int(p.offsets[-1])
-        cat = {f: np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__ if f != "offsets"}
+        cat = {
+            f: np.concatenate([getattr(p, f) for p in parts])
+            for f in cls.__dataclass_fields__
+            if f != "offsets"
+        }
         return cls(offsets=np.concatenate(offsets), **cat)
 
     def rows(self, start: int, stop: int) -> TopK:
@@ -120,7 +124,9 @@ class ChunkScores:
     same_top: np.ndarray
 
 
-def _common(q: np.ndarray, qlogits: np.ndarray, targets: np.ndarray, logp_obs: np.ndarray, argmax_b: np.ndarray):
+def _common(
+    q: np.ndarray, qlogits: np.ndarray, targets: np.ndarray, logp_obs: np.ndarray, argmax_b: np.ndarray
+):
     rows = np.arange(q.shape[0])
     nll_q = -q[rows, targets]
     nll_b = -logp_obs
@@ -135,7 +141,9 @@ def score_topk(qlogits: np.ndarray, targets: np.ndarray, ref: TopK) -> ChunkScor
     for s in range(0, ref.n, ROW_BLOCK):
         e = min(s + ROW_BLOCK, ref.n)
         parts.append(_score_topk_block(qlogits[s:e], targets[s:e], ref.rows(s, e)))
-    return ChunkScores(*(np.concatenate([getattr(p, f) for p in parts]) for f in ChunkScores.__dataclass_fields__))
+    return ChunkScores(
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in ChunkScores.__dataclass_fields__)
+    )
 
 
 def _score_topk_block(qlogits: np.ndarray, targets: np.ndarray, ref: TopK) -> ChunkScores:
@@ -173,7 +181,9 @@ def _score_topk_block(qlogits: np.ndarray, targets: np.ndarray, ref: TopK) -> Ch
         fill = cap * before + (T - (m - 1) * cap) * qs[rows, m - 1]
     upper = np.where(T > 0, S - fill, 0.0)
     kld = top + lower
-    return ChunkScores(nll_q, nll_b, kld, kld - rounding, kld + np.maximum(upper - lower, 0.0) + rounding, dp, same)
+    return ChunkScores(
+        nll_q, nll_b, kld, kld - rounding, kld + np.maximum(upper - lower, 0.0) + rounding, dp, same
+    )
 
 
 def score_exact(qlogits: np.ndarray, blogits: np.ndarray, targets: np.ndarray) -> ChunkScores:
@@ -187,4 +197,6 @@ def score_exact(qlogits: np.ndarray, blogits: np.ndarray, targets: np.ndarray) -
                                          blogits[s:e].argmax(axis=1))  # fmt: skip
         kld = (np.exp(b) * (b - q)).sum(axis=1)
         parts.append(ChunkScores(nll_q, nll_b, kld, kld, kld, dp, same))
-    return ChunkScores(*(np.concatenate([getattr(p, f) for p in parts]) for f in ChunkScores.__dataclass_fields__))
+    return ChunkScores(
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in ChunkScores.__dataclass_fields__)
+    )

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from orlik.benchmarks.serving_proc import orlik_serve
 from orlik.serving.runtimes.llamaserver import LlamaServer, gguf_file
 

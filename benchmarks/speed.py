@@ -91,7 +91,7 @@ def measure(path: Path, prompt_sets: list[list[int]], gen_tokens: int, threads: 
     src = open_source(path)
     cls = runtime_class(src.format if isinstance(src, Variant) else "fp16")
     if cls.name == "transformers":
-        import torch  # noqa: F401  # imported before the baseline so the library is not counted as model memory
+        import torch  # imported before the baseline so the library is not counted as model memory
     rss_base = _rss_now()
     t0 = time.perf_counter()
     n_ctx = max(len(p) for p in prompt_sets) + gen_tokens + 8

@@ -98,7 +98,12 @@ def check_overlap(texts: list[EvalText], calib: Path, max_fraction: float = MAX_
     seen: set[int] = set()
     for t in calibration_texts(calib):
         seen |= ngrams(t)
-    report: dict[str, Any] = {"calibration": str(calib), "ngram": NGRAM, "max_fraction": max_fraction, "texts": {}}
+    report: dict[str, Any] = {
+        "calibration": str(calib),
+        "ngram": NGRAM,
+        "max_fraction": max_fraction,
+        "texts": {},
+    }
     for t in texts:
         grams = ngrams(t.text)
         shared = len(grams & seen)

@@ -66,6 +66,12 @@ for v in sorted(rows, key=lambda v: -v["bpw"]):
     print(f"{v['name']:<14} {v['bytes'] / 2**20:7.2f} {v['bpw']:6.2f} {v['extra']['blocks_bpw']:10.2f}  {'yes' if v['imatrix_hash'] else 'no'}")
 PY
 
+step "6 Table 8: every variant against FP16 on the held-out text (llama.cpp's method), speed and memory"
+# The FP16 reference is cached under reports/reference/; pareto.png and speed.png sit beside table.md.
+$ORLIK bench "$dir/fp16" --variants-dir "$dir/variants" --out "$dir/reports" --speed --license apache-2.0
+echo "recommendation for a 64 MiB device at 4k context:"
+$ORLIK recommend --memory 64MiB --ctx 4096 --reports "$dir/reports" || true
+
 echo
 echo "demo finished in $(( $(date +%s) - start )) s; outputs in $dir/"
 

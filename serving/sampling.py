@@ -53,7 +53,8 @@ class Sampler:
         if self.constraint is not None:
             self.constraint.mask(x)
         s = self.s
-        if s.temperature <= 0:
+        # Temperatures this small are greedy in effect, and dividing by them overflows to inf/NaN.
+        if s.temperature <= 1e-4:
             tok = int(np.argmax(x))
         else:
             x = x / s.temperature

@@ -24,7 +24,9 @@ def convert_f16(ckpt: Path, out: Path) -> Path:
 
 
 def quantize(f16: Path, qtype: str, out: Path) -> Path:
-    subprocess.run([str(llamacpp.tool("llama-quantize")), str(f16), str(out), qtype], check=True, capture_output=True)
+    subprocess.run(
+        [str(llamacpp.tool("llama-quantize")), str(f16), str(out), qtype], check=True, capture_output=True
+    )
     return out
 
 
@@ -36,7 +38,7 @@ def make_variant(gguf: Path, name: str, root: Path, ckpt: Path, *, base_hash: st
     c = Checkpoint.open(ckpt)
     size = (d / "model.gguf").stat().st_size
     with safe_open(c.weight_files[0], "np") as f:
-        params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+        params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118 - safe_open is not a dict
     Variant(name=name, format="gguf", recipe={"name": name, "format": "gguf", "qtype": name.split("-")[0]},
             base_hash=base_hash or c.hash, files=hash_files(d, ["model.gguf"]), bytes=size,
             bpw=round(size * 8 / params, 4), tools={"llama.cpp": llamacpp.build_info()}).save(d)  # fmt: skip
@@ -78,17 +80,21 @@ _PPL_FIELDS = {
 }
 
 
-def llama_perplexity_kld(base_gguf: Path, quant_gguf: Path, text: Path, ctx: int, work: Path) -> dict[str, float]:
+def llama_perplexity_kld(base_gguf: Path, quant_gguf: Path, text: Path, ctx: int, work: Path,
+                         threads: int = 1) -> dict[str, float]:  # fmt: skip
     """llama-perplexity's own figures: its base-logits pass on base_gguf, then --kl-divergence."""
     tool = str(llamacpp.tool("llama-perplexity"))
+    t = ["-t", str(threads)]
     logits = work / f"base-{ctx}.kld"
     if not logits.is_file():
-        subprocess.run([tool, "-m", str(base_gguf), "-f", str(text), "-c", str(ctx), "--kl-divergence-base",
+        subprocess.run([tool, "-m", str(base_gguf), "-f", str(text), "-c", str(ctx), *t, "--kl-divergence-base",
                         str(logits)], check=True, capture_output=True)  # fmt: skip
-    r = subprocess.run([tool, "-m", str(quant_gguf), "-c", str(ctx), "--kl-divergence-base", str(logits),
+    r = subprocess.run([tool, "-m", str(quant_gguf), "-c", str(ctx), *t, "--kl-divergence-base", str(logits),
                         "--kl-divergence"], check=True, capture_output=True, text=True)  # fmt: skip
     out = r.stdout + r.stderr
     vals = {k: float(m.group(1)) for k, p in _PPL_FIELDS.items() if (m := re.search(p, out))}
+    if len(vals) != len(_PPL_FIELDS):
+        raise AssertionError("llama-perplexity printed no final statistics:\n" + out[-2000:])
     vals["same_top"] /= 100
     vals["dp_rms"] /= 100
     return vals

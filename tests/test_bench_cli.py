@@ -64,7 +64,10 @@ def test_report_files_and_figures(bench_run: dict) -> None:
     assert rows["Q8_0"]["mode"] == "exact" and rows["Q8_0"]["kld_lo"] == rows["Q8_0"]["kld_hi"]
 
     md = (out / "table.md").read_text()
-    assert "| Variant | Format | Size [GiB] | PPL | ΔPPL | KLD | Mean Δp [%] | RMS Δp [%] | Same top p [%] |" in md
+    assert (
+        "| Variant | Format | Size [GiB] | PPL | ΔPPL | KLD | Mean Δp [%] | RMS Δp [%] | Same top p [%] |"
+        in md
+    )
     assert "| Q2_K | gguf |" in md and "KLD percentiles" in md
     lines = (out / "table.csv").read_text().splitlines()
     assert lines[0].startswith("text,variant,format,bytes,size_gib,bpw,ppl,ppl_err") and len(lines) == 4
@@ -118,7 +121,9 @@ def test_recommend_from_the_report(capsys, bench_run: dict) -> None:
     res = bench_run["results"]
     sizes = {v["name"]: v["bytes"] for v in res["variants"]}
     budget = sizes["Q8_0"] + 64 * 1024 * 8  # Q8_0 and a small KV cache fit, FP16 does not
-    code, out, _ = run(capsys, "recommend", "--memory", f"{budget}B", "--ctx", "16", "--reports", str(bench_run["out"]))
+    code, out, _ = run(
+        capsys, "recommend", "--memory", f"{budget}B", "--ctx", "16", "--reports", str(bench_run["out"])
+    )
     assert code == 0 and out.startswith("Q8_0:") and "KV cache" in out
     code, _, err = run(capsys, "recommend", "--memory", "1MiB", "--reports", str(bench_run["out"]))
     assert code == 2 and "nothing fits" in err
@@ -133,13 +138,17 @@ def _bad(capsys, *args: str) -> str:
     return lines[0]
 
 
-def test_missing_variant(capsys, tiny_checkpoint: Path, bench_ggufs: dict[str, Path], text_file: Path) -> None:
+def test_missing_variant(
+    capsys, tiny_checkpoint: Path, bench_ggufs: dict[str, Path], text_file: Path
+) -> None:
     msg = _bad(capsys, str(tiny_checkpoint), "Q5_K_M", "--variants-dir", str(bench_ggufs["variants"]),
                "--text", str(text_file))  # fmt: skip
     assert "variant 'Q5_K_M' not found" in msg and "Q2_K" in msg
 
 
-def test_corrupt_manifest(capsys, tmp_path: Path, tiny_checkpoint: Path, bench_ggufs: dict[str, Path]) -> None:
+def test_corrupt_manifest(
+    capsys, tmp_path: Path, tiny_checkpoint: Path, bench_ggufs: dict[str, Path]
+) -> None:
     bad = tmp_path / "Q8_0"
     shutil.copytree(bench_ggufs["variants"] / "Q8_0", bad)
     (bad / "variant.json").write_text('{"name": "Q8_0", "format": ')
@@ -182,7 +191,9 @@ def test_speed_child_measures_a_variant(bench_ggufs: dict[str, Path], hf_ids: li
     from orlik.benchmarks import speed
 
     prompts = speed.prompts(hf_ids, 1, reps=2, n=64)
-    got = speed.measure_all([("Q8_0", bench_ggufs["variants"] / "Q8_0")], prompts, gen_tokens=16, threads=1)["Q8_0"]
+    got = speed.measure_all([("Q8_0", bench_ggufs["variants"] / "Q8_0")], prompts, gen_tokens=16, threads=1)[
+        "Q8_0"
+    ]
     assert "error" not in got, got
     assert got["runtime"] == "llama.cpp" and got["prompt_tokens"] == 64 and got["threads"] == 1
     assert got["prompt_tps"] > 0 and got["decode_tps"] > 0 and np.isfinite(got["ttft_s"])

@@ -20,7 +20,9 @@ CTX = 128
 @pytest.fixture(scope="module")
 def parity_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     f = tmp_path_factory.mktemp("parity") / "heldout.txt"
-    f.write_text(corpus.heldout_text("pl")[:12000] + "\n\n" + corpus.heldout_text("en")[:6000], encoding="utf-8")
+    f.write_text(
+        corpus.heldout_text("pl")[:6000] + "\n\n" + corpus.heldout_text("en")[:4000], encoding="utf-8"
+    )
     return f
 
 
@@ -31,7 +33,7 @@ def orlik_rows(tiny_checkpoint: Path, bench_ggufs: dict[str, Path], parity_text:
 
     res = bench(tiny_checkpoint, ["Q4_K_M", "Q2_K"], variants_dir=bench_ggufs["variants"],
                 out=tmp_path_factory.mktemp("parity-reports"),
-                opts=Options(ctx=CTX, text_files=[parity_text], mode="exact", cards=False))  # fmt: skip
+                opts=Options(ctx=CTX, text_files=[parity_text], mode="exact", cards=False, threads=1))  # fmt: skip
     return {v["name"]: v["rows"]["heldout"] for v in res["variants"]}
 
 
@@ -44,10 +46,10 @@ def test_table8_agrees_with_llama_perplexity(qtype: str, orlik_rows: dict[str, d
     work.mkdir(exist_ok=True)
     ref = llama_perplexity_kld(bench_ggufs["F16"], bench_ggufs[qtype], parity_text, CTX, work)
     ours = orlik_rows[qtype]
-    print(qtype, {k: ours[k] for k in ("ppl", "ppl_base", "kld", "same_top")}, ref)
-    assert ours["tokens"] >= 3000
+    assert ours["tokens"] >= 1500
     assert ours["ppl"] == pytest.approx(ref["ppl"], rel=0.005)
     assert ours["ppl_base"] == pytest.approx(ref["ppl_base"], rel=0.005)
-    assert ours["kld"] == pytest.approx(ref["kld"], rel=0.02)
+    # llama-perplexity prints the mean KLD with six decimals; allow that rounding on top of 2%.
+    assert ours["kld"] == pytest.approx(ref["kld"], rel=0.02, abs=5e-7)
     # Same top p is a count of argmax agreements; allow one standard error or 0.5 points.
     assert abs(ours["same_top"] - ref["same_top"]) <= max(ours["same_top_err"], 0.005)

@@ -3,6 +3,7 @@ chunking, overlap check, Pareto front and the memory recommendation."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -52,7 +53,9 @@ def test_percentile_interpolates_like_llama_cpp() -> None:
     assert stats.mean_and_uncertainty(10.0, 30.0, 5) == (2.0, 0.0)  # llama.cpp gives no error for N <= 10
 
 
-def _peaked_logits(rng: np.random.Generator, n: int, vocab: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
+def _peaked_logits(
+    rng: np.random.Generator, n: int, vocab: int, noise: float
+) -> tuple[np.ndarray, np.ndarray]:
     base = rng.standard_normal((n, vocab)).astype(np.float32) * 3.0
     base[np.arange(n), rng.integers(0, vocab, n)] += 12.0  # peaked, like a trained LM
     quant = (base + rng.standard_normal((n, vocab)).astype(np.float32) * noise).astype(np.float32)
@@ -116,7 +119,7 @@ def test_chunks_follow_llama_perplexity() -> None:
 def test_calibration_overlap_is_refused(tmp_path) -> None:
     calib = tmp_path / "calibration.jsonl"
     doc = " ".join(f"słowo{i} jest tutaj" for i in range(200))
-    calib.write_text('{"text": "%s"}\n' % doc, encoding="utf-8")
+    calib.write_text(json.dumps({"text": doc}) + "\n", encoding="utf-8")
     copied = texts.EvalText("copy", "Wstęp. " + doc, "test")
     fresh = texts.EvalText("fresh", " ".join(f"inne{i} zdanie" for i in range(300)), "test")
     rep = texts.check_overlap([fresh], calib)

@@ -70,7 +70,7 @@ def test_greedy_is_the_argmax_and_prefix_reuse_is_exact(f16) -> None:
         assert int(f16.logits(seq)[-1].argmax()) == tok
         seq.append(tok)
     # A second request sharing the prompt reuses the KV cache and must give the same tokens.
-    list(f16.generate(prompt + [5, 6], Sampling(max_tokens=2, temperature=0.0)))
+    list(f16.generate([*prompt, 5, 6], Sampling(max_tokens=2, temperature=0.0)))
     again = [t.id for t in f16.generate(prompt, Sampling(max_tokens=6, temperature=0.0))]
     assert again == out
 
@@ -87,7 +87,9 @@ def test_seeded_sampling_is_reproducible(f16) -> None:
 def test_repetition_penalty_changes_greedy_output(f16) -> None:
     prompt = f16.tokenize("to jest to jest to jest")
     plain = [t.id for t in f16.generate(prompt, Sampling(max_tokens=16, temperature=0.0))]
-    pen = [t.id for t in f16.generate(prompt, Sampling(max_tokens=16, temperature=0.0, repetition_penalty=2.0))]
+    pen = [
+        t.id for t in f16.generate(prompt, Sampling(max_tokens=16, temperature=0.0, repetition_penalty=2.0))
+    ]
     assert plain != pen
     assert len(set(pen)) >= len(set(plain))
 
@@ -97,9 +99,12 @@ def test_grammar_and_json_schema_constrain_the_output(f16) -> None:
     toks = [t.id for t in f16.generate(prompt, Sampling(max_tokens=8, temperature=1.0, seed=1,
                                                         grammar='root ::= [0-9]+ "."'))]  # fmt: skip
     digits = f16.detokenize([t for t in toks if t not in f16.eos_ids])  # EOS once the grammar is complete
-    assert digits[:-1].isdigit() and digits.endswith(".") or (digits.isdigit() and len(toks) == 8)
+    assert (digits[:-1].isdigit() and digits.endswith(".")) or (digits.isdigit() and len(toks) == 8)
     schema = {"type": "object", "properties": {"wiek": {"type": "integer"}}, "required": ["wiek"]}
-    toks = [t.id for t in f16.generate(prompt, Sampling(max_tokens=40, temperature=1.0, seed=2, json_schema=schema))]
+    toks = [
+        t.id
+        for t in f16.generate(prompt, Sampling(max_tokens=40, temperature=1.0, seed=2, json_schema=schema))
+    ]
     text = f16.detokenize([t for t in toks if t not in f16.eos_ids])
     assert isinstance(json.loads(text)["wiek"], int)
     with pytest.raises(InputError, match="grammar"):

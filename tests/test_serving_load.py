@@ -19,7 +19,10 @@ from serving_helpers import OrlikServer
 MODEL = "tiny-fp16"
 # A JSON string of at least 300 characters: the model cannot end early, so a request surely
 # outlives the few milliseconds the other requests take to arrive.
-LONG = {"type": "json_schema", "json_schema": {"name": "long", "schema": {"type": "string", "minLength": 300}}}
+LONG = {
+    "type": "json_schema",
+    "json_schema": {"name": "long", "schema": {"type": "string", "minLength": 300}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +81,9 @@ def test_client_disconnect_mid_stream_frees_the_slot(server: OrlikServer) -> Non
         for line in r.iter_lines():
             got += line.startswith("data: ")
             if got >= 5:
-                break  # leave with the generation far from done
-        assert _running(server) == 1
+                assert _running(server) == 1  # still generating: the JSON string is far from done
+                break  # leaving the iterator closes the connection
+        r.close()
     t0 = time.monotonic()
     while _running(server) and time.monotonic() - t0 < 10:
         time.sleep(0.05)

@@ -43,7 +43,12 @@ class AWQBackend(Backend):
 
         bits, group = int(recipe.bits or 4), recipe.group_size or 128
         # Asymmetric with a zero point is what the AWQ format and its kernels expect.
-        qcfg = AWQConfig(bits=bits, group_size=group, sym=bool(recipe.options.get("sym", False)))
+        qcfg = AWQConfig(
+            bits=bits,
+            group_size=group,
+            sym=bool(recipe.options.get("sym", False)),
+            **gptqmodel_driver.offload(recipe, out),
+        )
         facts = gptqmodel_driver.run(ckpt, recipe, calib, out, qcfg, KERNEL.AWQ_TORCH)
         return common.manifest(
             ckpt, recipe, calib, out, fmt="awq", marker=".qweight",

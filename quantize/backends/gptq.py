@@ -48,6 +48,7 @@ class GPTQBackend(Backend):
             damp_percent=float(opts.get("damp", 0.01)),
             sym=bool(opts.get("sym", True)),
             true_sequential=bool(opts.get("true_sequential", True)),
+            **gptqmodel_driver.offload(recipe, out),
         )
         facts = gptqmodel_driver.run(ckpt, recipe, calib, out, qcfg, KERNEL.GPTQ_TORCH)
         return common.manifest(

@@ -27,12 +27,21 @@ MODULES = ("gptqmodel", "optimum")
 _LOG = "quant_log.csv"
 _VOLATILE_META = ("offload_to_disk_path",)
 _CONFIGS = ("config.json", "quantize_config.json")
+SCRATCH = ".offload"
 
 
 def prepare_env() -> None:
     """GPTQModel defaults to half the cores for CPU work; on small machines that is one worker."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def offload(recipe: Recipe, out: Path) -> dict[str, Any]:
+    """Config keywords for layer-by-layer work: GPTQModel reads each layer from the safetensors file
+    when it reaches it and writes finished layers to a scratch dir inside the staging directory,
+    so the whole FP16 model is never resident (recipe option `offload: false` turns it off)."""
+    on = bool(recipe.options.get("offload", True))
+    return {"offload_to_disk": on, "offload_to_disk_path": str(out / SCRATCH) if on else None}
 
 
 def supported_archs() -> list[str]:
@@ -54,11 +63,7 @@ def run(
     seed_everything(int(recipe.options.get("seed", 0)))
     tokenizer = ckpt.load_tokenizer()
     batches = calibration_batches(calibration_texts(calib, recipe, tokenizer), tokenizer, recipe)
-    scratch = out / ".offload"
-    # Layer-by-layer: GPTQModel reads each layer from the safetensors file when it reaches it
-    # and writes finished layers out, so the whole FP16 model is never resident.
-    qcfg.offload_to_disk = bool(recipe.options.get("offload", True))
-    qcfg.offload_to_disk_path = str(scratch)
+    scratch = Path(qcfg.offload_to_disk_path or out / SCRATCH)
     progress.info(f"{recipe.name}: GPTQModel on {len(batches)} calibration samples ({qcfg.method}, CPU)")
     try:
         model = GPTQModel.load(str(ckpt.path), qcfg, device="cpu", dtype=torch.float16)

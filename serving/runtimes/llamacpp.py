@@ -62,6 +62,7 @@ def gguf_file(source: Variant | Path) -> Path:
 class LlamaCppRuntime(Runtime):
     name = "llama.cpp"
     formats = ("gguf",)
+    supports_json_schema = True  # through llama.cpp's grammar sampler (GBNF from the schema)
 
     def __init__(self, llm: Any, path: Path, threads: int) -> None:
         import llama_cpp
@@ -177,7 +178,9 @@ class LlamaCppRuntime(Runtime):
         self.llm._ctx.kv_cache_clear()
         self._cached = []
 
-    def _decode(self, tokens: list[int], n_past: int, first_output: int, out: list[np.ndarray] | None) -> None:
+    def _decode(
+        self, tokens: list[int], n_past: int, first_output: int, out: list[np.ndarray] | None
+    ) -> None:
         """Decode `tokens` at positions n_past.. in n_batch pieces. Positions >= first_output
         (relative to `tokens`) produce logits, copied into `out` when given; the others only fill
         the KV cache."""
@@ -194,7 +197,9 @@ class LlamaCppRuntime(Runtime):
             rc = self._lc.llama_decode(self.llm._ctx.ctx, b)
             if rc != 0:
                 self._cached = []
-                raise ToolError(f"llama_decode failed with code {rc} (context {self.n_ctx}, batch {len(piece)})")
+                raise ToolError(
+                    f"llama_decode failed with code {rc} (context {self.n_ctx}, batch {len(piece)})"
+                )
             n_out = len(piece) - min(len(piece), max(0, first_output - i))
             if n_out and out is not None:
                 ptr = self._lc.llama_get_logits(self.llm._ctx.ctx)
@@ -220,7 +225,7 @@ class LlamaCppRuntime(Runtime):
     def _prefill(self, tokens: list[int]) -> None:
         """Bring the KV cache to `tokens`, reusing the longest cached prefix (as llama-server does)."""
         keep = 0
-        for a, b in zip(self._cached, tokens):
+        for a, b in zip(self._cached, tokens, strict=False):
             if a != b:
                 break
             keep += 1
