@@ -93,7 +93,7 @@ GGUF_TENSOR_TYPES = (
 GGUF_TENSOR_TYPES_REQUIRING_IMATRIX = ("IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 
 _EXAMPLES = ["gptq-w4g128", "gptq-w4g128-act", "awq-w4g128", "hqq-3bit-g64", "exl2-4.0bpw", "mlx-q4",
-             "mlx-q4-g32", "mlx-q4-h6"]  # fmt: skip
+             "mlx-q4-g32", "mlx-q4-h6", "mlx-q4-awq"]  # fmt: skip
 
 
 def _gguf(m: re.Match[str], name: str) -> Recipe:
@@ -128,9 +128,11 @@ def _exl2(m: re.Match[str], name: str) -> Recipe:
 
 def _mlx(m: re.Match[str], name: str) -> Recipe:
     # "-h6": embeddings and output head at 6 bits over the body's bits (mlx-lm's mixed recipes).
+    # "-awq": mlx-lm's activation-aware quantization on the calibration set.
     head = (("lm_head", m.group(3)), ("model.embed_tokens", m.group(3))) if m.group(3) else ()
+    awq = bool(m.group(4))
     return Recipe(name=name.lower(), format="mlx", bits=int(m.group(1)), group_size=int(m.group(2) or 64),
-                  overrides=head)  # fmt: skip
+                  overrides=head, calibration=awq, options={"method": "awq"} if awq else {})  # fmt: skip
 
 
 _PARSERS: list[tuple[str, Any]] = [
@@ -139,7 +141,7 @@ _PARSERS: list[tuple[str, Any]] = [
     (r"awq-w(\d)(?:g(\d+))?", _grouped("awq", True)),
     (r"hqq-(\d)bit(?:-g(\d+))?", _grouped("hqq", False)),
     (r"exl2-(\d+(?:\.\d+)?)bpw(?:-h(\d))?", _exl2),
-    (r"mlx-q(\d)(?:-g(\d+))?(?:-h(\d))?", _mlx),
+    (r"mlx-q(\d)(?:-g(\d+))?(?:-h(\d))?(-awq)?", _mlx),
 ]
 # The GGUF pattern matches any upper-case word; try the specific patterns first.
 _PARSERS = _PARSERS[1:] + _PARSERS[:1]

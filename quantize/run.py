@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orlik.quantize.backends import Backend, Calibration, backend_for
-from orlik.quantize.recipe import Recipe, expand
-
 from orlik import progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ManifestError
 from orlik.fsutil import atomic_dir, check_writable, sha256_file
 from orlik.manifest import Variant
+from orlik.quantize.backends import Backend, Calibration, backend_for
+from orlik.quantize.recipe import Recipe, expand
 
 
 @dataclass
@@ -108,6 +107,8 @@ def quantize_all(
         backends[r.format].check(r, calib)
     out_root = Path(out_root)
     check_writable(out_root)
+    for r in plan:
+        backends[r.format].prepare(ckpt, r, calib)
     outcomes: list[Outcome] = []
     with progress.bar("quantize", total=len(plan), variant="", tensors="") as bar:
         for r in plan:

@@ -53,7 +53,13 @@ PY
 
 step "4 importance matrix (llama-imatrix on the F16 GGUF, Polish-English mix)"
 # Reused when its card matches the calibration set, the checkpoint and the chunk size.
-$ORLIK -q calibrate imatrix "$dir/fp16" --calib "$dir/calib" --lang mixed
+imatrix=$($ORLIK -q --json calibrate imatrix "$dir/fp16" --calib "$dir/calib" --lang mixed)
+python3 - "$imatrix" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+print(f"{r['out']}: {r['chunks']} chunks x {r['chunk_size']} tokens, {r['entries']} weight matrices, "
+      f"F16 perplexity on the set {r['perplexity_f16']:.1f}" + (" (reused)" if r["reused"] else ""))
+PY
 
 step "5 GGUF variants: Bielik Table 8 (Q8_0 .. Q2_K, each with and without imatrix) + IQ2_XXS"
 # Variants whose variant.json hashes verify are skipped; a damaged one is rebuilt.
@@ -62,7 +68,7 @@ python3 - "$dir/variants" <<'PY'
 import json, sys, pathlib
 rows = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*/variant.json")]
 print(f"{'variant':<14} {'MiB':>7} {'bpw':>6} {'blocks bpw':>10}  imatrix")
-for v in sorted(rows, key=lambda v: -v["bpw"]):
+for v in sorted(rows, key=lambda v: (-v["bpw"], v["name"])):
     print(f"{v['name']:<14} {v['bytes'] / 2**20:7.2f} {v['bpw']:6.2f} {v['extra']['blocks_bpw']:10.2f}  {'yes' if v['imatrix_hash'] else 'no'}")
 PY
 

@@ -73,9 +73,8 @@ def tiny_calibration(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: 
     documents, Polish and English, token counts from the checkpoint's tokenizer."""
     import json
 
-    from orlik.training import corpus
-
     from orlik.checkpoint import Checkpoint
+    from orlik.training import corpus
 
     tok = Checkpoint.open(tiny_checkpoint).load_tokenizer()
     out = tmp_path_factory.mktemp("calib")
@@ -83,7 +82,7 @@ def tiny_calibration(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: 
         for lang in ("pl", "en"):
             for d in corpus.documents(lang=lang, split="train")[:40]:
                 n = len(tok(d.text, add_special_tokens=False)["input_ids"])
-                rec = {"text": d.text, "lang": lang, "domain": d.domain, "source": f"corpus:{d.id}", "tokens": n}
+                rec = {"text": d.text, "lang": lang, "domain": d.domain, "source": d.id, "tokens": n}
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return out
 
@@ -93,7 +92,8 @@ def tiny_imatrix(gguf_cache: Path, tiny_checkpoint: Path, tiny_calibration: Path
     """orlik's imatrix of the tiny checkpoint (mixed languages, 8 chunks of 128 tokens)."""
     from orlik.calibration import imatrix
 
-    return Path(imatrix.compute(tiny_checkpoint, tiny_calibration, lang="mixed", chunk=128, max_chunks=8)["path"])
+    card = imatrix.compute(tiny_checkpoint, tiny_calibration, lang="mixed", chunk=128, max_chunks=8)
+    return Path(card["path"])
 
 
 @pytest.fixture(scope="session")

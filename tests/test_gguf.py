@@ -11,9 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from orlik.quantize import run
-from orlik.quantize.backends.gguf import LOG_FILE, MODEL_FILE, glob_to_regex
-from orlik.quantize.recipe import GGUF_REQUIRES_IMATRIX, GGUF_TYPES, TABLE8, Recipe
 
 from orlik import gguf_read, llamacpp
 from orlik.checkpoint import Checkpoint
@@ -21,6 +18,9 @@ from orlik.cli import main
 from orlik.errors import CheckpointError, InputError, OutputError, UnknownNameError
 from orlik.gguf_convert import f16_gguf
 from orlik.manifest import Variant
+from orlik.quantize import run
+from orlik.quantize.backends.gguf import LOG_FILE, MODEL_FILE, glob_to_regex
+from orlik.quantize.recipe import GGUF_REQUIRES_IMATRIX, GGUF_TYPES, TABLE8, Recipe
 
 pytestmark = pytest.mark.usefixtures("gguf_cache")
 
@@ -262,8 +262,9 @@ def test_imatrix_of_another_model_is_refused_before_quantizing(
         raise AssertionError("llama-quantize ran")
 
     monkeypatch.setattr(llamacpp, "run_tool", never)
-    rc = cli("quantize", str(other_checkpoint), "--recipe", "Q4_K_M-imat", "--imatrix", str(tiny_imatrix),
-             "--out", str(tmp_path))  # fmt: skip
+    # Q8_0 needs no imatrix, but the run fails before building it: every input is checked first.
+    rc = cli("quantize", str(other_checkpoint), "--recipe", "Q8_0", "--recipe", "Q4_K_M-imat",
+             "--imatrix", str(tiny_imatrix), "--out", str(tmp_path))  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "shape mismatch" in err and "another model" in err
     assert list(tmp_path.iterdir()) == []

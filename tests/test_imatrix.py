@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
-from orlik.calibration import imatrix
 
 from orlik import gguf_read, llamacpp
+from orlik.calibration import imatrix
 from orlik.checkpoint import Checkpoint
 from orlik.cli import main
 from orlik.errors import InputError

@@ -11,11 +11,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
-from orlik.quantize.recipe import FORMATS, Recipe
-
 from orlik.checkpoint import Checkpoint
 from orlik.errors import MissingDependencyError, UnknownNameError
 from orlik.manifest import Variant
+from orlik.quantize.recipe import FORMATS, Recipe
 
 # format -> module under orlik.quantize.backends
 BACKEND_MODULES: dict[str, str] = {fmt: fmt for fmt in FORMATS}
@@ -42,6 +41,11 @@ class Backend(ABC):
 
     def check(self, recipe: Recipe, calib: Calibration) -> None:
         """Raise an InputError for a recipe this backend will refuse, before any slow work starts."""
+        return None
+
+    def prepare(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration) -> None:
+        """Checks that need the checkpoint (shapes, an imatrix's fit), run for every recipe before
+        the first variant is built, so that a bad input fails the run before any output."""
         return None
 
     @abstractmethod

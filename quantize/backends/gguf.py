@@ -12,6 +12,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from orlik import gguf_read, llamacpp
+from orlik.checkpoint import Checkpoint
+from orlik.errors import InputError, MissingDependencyError, OutputError, ToolError, UnknownNameError
+from orlik.fsutil import sha256_file
+from orlik.gguf_convert import f16_gguf
+from orlik.manifest import Variant
 from orlik.quantize.backends import Backend, Calibration
 from orlik.quantize.recipe import (
     GGUF_REQUIRES_IMATRIX,
@@ -20,13 +26,6 @@ from orlik.quantize.recipe import (
     GGUF_TYPES,
     Recipe,
 )
-
-from orlik import gguf_read, llamacpp
-from orlik.checkpoint import Checkpoint
-from orlik.errors import InputError, MissingDependencyError, OutputError, ToolError, UnknownNameError
-from orlik.fsutil import sha256_file
-from orlik.gguf_convert import f16_gguf
-from orlik.manifest import Variant
 
 MODEL_FILE = "model.gguf"
 LOG_FILE = "llama-quantize.log"
@@ -122,7 +121,13 @@ class GGUFBackend(Backend):
                 f"override type(s) {', '.join(bad)} need an importance matrix; use {recipe.qtype}-imat"
             )
 
-    def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
+    def prepare(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration) -> None:
+        self._inputs(ckpt, recipe, calib)
+
+    def _inputs(
+        self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration
+    ) -> tuple[Path, gguf_read.GGUFSummary, gguf_read.Imatrix | None]:
+        """The F16 GGUF (converted once), its tensors, and the imatrix checked against them."""
         self.check(recipe, calib)
         f16 = f16_gguf(ckpt)
         source = gguf_read.summarize(f16)
@@ -133,6 +138,10 @@ class GGUFBackend(Backend):
                     f"override {glob!r} matches no tensor of {ckpt.path} (names look like "
                     f"{source.tensors[-1].name}; globs match whole names, e.g. 'blk.*.ffn_down.weight')"
                 )
+        return f16, source, imatrix
+
+    def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
+        f16, source, imatrix = self._inputs(ckpt, recipe, calib)
         _check_space(out, source.tensor_bytes, recipe.qtype or "F16")
         dst = out / MODEL_FILE
         args = [*_arguments(recipe, imatrix.path if imatrix else None), str(f16), str(dst), str(recipe.qtype)]

@@ -55,6 +55,33 @@ def predicate(recipe: Recipe, group: int) -> Any:
     return decide
 
 
+def awq_convert(
+    ckpt: Checkpoint, recipe: Recipe, calib: Calibration, dst: Path, bits: int, group: int
+) -> None:
+    """mlx-lm's AWQ (activation-aware scales and clipping searched layer by layer) on orlik's
+    calibration set; mlx-lm's own command would download its calibration text instead."""
+    import mlx.core as mx
+    from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
+    from mlx_lm.utils import load, save
+
+    awq_cfg = AWQ_MODEL_CONFIGS.get(ckpt.arch)
+    if awq_cfg is None:
+        raise InputError(f"mlx-lm's AWQ has no layer map for architecture {ckpt.arch!r}")
+    mx.random.seed(int(recipe.options.get("seed", 0)))
+    model, tokenizer, config = load(str(ckpt.path), lazy=True, return_config=True)
+    seq = int(recipe.options.get("calib_seq_len", 512))
+    texts = common.calibration_texts(calib, recipe, tokenizer._tokenizer)
+    ids = [t for text in texts for t in tokenizer.encode(text)]
+    n = min(len(ids) // seq, int(recipe.options.get("calib_samples", 128)))
+    if n < 1:
+        raise InputError(f"the calibration set has fewer than {seq} tokens")
+    # Contiguous fixed-length windows in file order, as mlx-lm cuts its own calibration text.
+    inputs = mx.array(ids[: n * seq]).reshape(n, seq)
+    awq_quantize(model, inputs, awq_cfg, bits=bits, group_size=group,
+                 embed_bits=int(recipe.options.get("embed_bits", 6)), embed_group_size=group)  # fmt: skip
+    save(str(dst), str(ckpt.path), model, tokenizer, update_config(model, config))
+
+
 class MLXBackend(Backend):
     name = "mlx-lm"
     formats = ("mlx",)
@@ -70,6 +97,15 @@ class MLXBackend(Backend):
         if group not in GROUPS:
             raise InputError(f"MLX group size must be one of {', '.join(map(str, GROUPS))}, not {group}")
         predicate(recipe, group)  # parses the overrides, so a bad type fails before any work
+        method = recipe.options.get("method", "rtn")
+        if method not in ("rtn", "awq"):
+            raise InputError(f"MLX method must be rtn (round to nearest) or awq, not {method!r}")
+        if method == "awq":
+            if recipe.overrides:
+                raise InputError(
+                    "MLX AWQ sets the embedding/head bits itself (embed_bits); drop the overrides"
+                )
+            common.require_calibration(recipe, calib)
 
     def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
         import importlib.util
@@ -83,11 +119,15 @@ class MLXBackend(Backend):
         if importlib.util.find_spec(f"mlx_lm.models.{arch}") is None:
             raise InputError(f"mlx-lm has no model definition for architecture {ckpt.arch!r}")
         staging = out / ".convert"  # mlx-lm refuses an existing directory
-        progress.info(f"{recipe.name}: mlx-lm convert ({bits}-bit, group {group})")
+        method = str(recipe.options.get("method", "rtn"))
+        progress.info(f"{recipe.name}: mlx-lm {method} ({bits}-bit, group {group})")
         try:
-            convert(str(ckpt.path), str(staging), quantize=True, q_bits=bits, q_group_size=group,
-                    dtype="float16", quant_predicate=predicate(recipe, group))  # fmt: skip
-        except (ValueError, RuntimeError) as e:
+            if method == "awq":
+                awq_convert(ckpt, recipe, calib, staging, bits, group)
+            else:
+                convert(str(ckpt.path), str(staging), quantize=True, q_bits=bits, q_group_size=group,
+                        dtype="float16", quant_predicate=predicate(recipe, group))  # fmt: skip
+        except (ValueError, RuntimeError, NotImplementedError) as e:
             shutil.rmtree(staging, ignore_errors=True)
             raise ToolError(f"mlx-lm convert failed on {ckpt.path}: {str(e).splitlines()[0]}") from None
         for f in sorted(staging.iterdir()):
@@ -96,7 +136,7 @@ class MLXBackend(Backend):
         return common.manifest(
             ckpt, recipe, calib, out, fmt="mlx", marker=".scales",
             tools={"mlx": common.version("mlx"), "mlx-lm": common.version("mlx-lm")},
-            extra={"mode": "affine", "overrides": [list(o) for o in recipe.overrides]},
+            extra={"mode": "affine", "method": method, "overrides": [list(o) for o in recipe.overrides]},
         )  # fmt: skip
 
 
