@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
 from orlik.serving import http_errors
 from orlik.serving.engine import Event, GenRequest, Run, Scheduler
 from orlik.serving.formats import ChatFormat, CompletionFormat

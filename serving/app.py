@@ -16,15 +16,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from orlik import __version__
+from orlik.errors import OrlikError
 from orlik.serving import http_errors
 from orlik.serving.api import ServerState, router
 from orlik.serving.engine import Scheduler
 from orlik.serving.metrics import Metrics
 from orlik.serving.models import ModelRegistry
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from orlik import __version__
-from orlik.errors import OrlikError
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]

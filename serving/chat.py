@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from orlik import progress
+from orlik.errors import InputError
 from orlik.serving.engine import GenRequest, events
 from orlik.serving.models import ModelRegistry
 from orlik.serving.prompts import budget, chat_tokens, check_text
 from orlik.serving.runtimes.base import Sampling
-
-from orlik import progress
-from orlik.errors import InputError
 
 HELP = "commands: /reset (forget the conversation), /system TEXT, /exit"
 

@@ -16,10 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from orlik.errors import OrlikError
 from orlik.serving.runtimes.base import Runtime, Sampling
 from orlik.serving.textstream import IncrementalDetokenizer, StopBuffer
-
-from orlik.errors import OrlikError
 
 
 @dataclass

@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orlik.serving import templates
-from orlik.serving.runtimes.base import Runtime, runtime_class
-from orlik.serving.templates import ChatTemplate
-
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, OrlikError, UnknownNameError
 from orlik.manifest import MANIFEST, Variant
+from orlik.serving import templates
+from orlik.serving.runtimes.base import Runtime, runtime_class
+from orlik.serving.templates import ChatTemplate
 
 # Formats the server runs through something other than the shared runtime table: GGUF goes to a
 # managed llama-server so that concurrent requests overlap in its continuous batch.
@@ -137,6 +136,16 @@ def _estimate(fmt: str, source: Any, parallel: int, n_ctx: int | None) -> int:
     return int(source.bytes) * 2 if isinstance(source, Variant) else 0
 
 
+def _quiet_libraries() -> None:
+    """No transformers progress bars in a server log or between chat turns."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 class ModelRegistry:
     def __init__(self, specs: list[str], *, parallel: int = 4, memory_budget: int | None = None,
                  chat_template: Path | None = None, threads: int | None = None, n_ctx: int | None = None) -> None:  # fmt: skip
@@ -211,6 +220,8 @@ class ModelRegistry:
                 self._make_room(model)
                 t0 = time.monotonic()
                 cls = self._runtime_class(model.format)
+                if model.format == "fp16":
+                    _quiet_libraries()
                 model.runtime = cls.load(model.source, parallel=self.parallel, threads=self.threads,
                                          n_ctx=self.n_ctx, alias=model.name)  # fmt: skip
                 model.load_seconds = round(time.monotonic() - t0, 2)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from orlik.errors import InputError
 from orlik.serving.engine import GenRequest
 from orlik.serving.models import ServedModel
 from orlik.serving.runtimes.base import Runtime, Sampling
 from orlik.serving.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingParams
-
-from orlik.errors import InputError
 
 
 class BadRequest(InputError):

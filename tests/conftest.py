@@ -143,7 +143,8 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     for lang, n_train in (("pl", 4), ("en", 2)):
         docs = corpus.documents(lang=lang, domain="news")
-        picked = [d for d in docs if d.split == "train"][:n_train] + [d for d in docs if d.split == "heldout"][:1]
+        train, held = [d for d in docs if d.split == "train"], [d for d in docs if d.split == "heldout"]
+        picked = train[:n_train] + held[:1]
         write(root / lang / "news.jsonl", [vars(d) for d in picked])
     write(root / "parallel.jsonl", corpus.parallel(split="train")[:20])
     write(root / "chat.jsonl", corpus.chats(split="train")[:8])

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from orlik.quantize.recipe import GGUF_TYPES, PRESETS, Recipe, expand
 
 from orlik.errors import ManifestError, OrlikError, OutputError, UnknownNameError
 from orlik.fsutil import atomic_dir, sha256_file
 from orlik.manifest import MANIFEST, SCHEMA_VERSION, Variant, hash_files
+from orlik.quantize.recipe import GGUF_TYPES, PRESETS, Recipe, expand
 from orlik.registry import Registry
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from orlik.training import corpus
 
 from orlik.errors import InputError
+from orlik.training import corpus
 
 NAMED_DOMAINS = {"news", "science", "law", "medicine", "history", "technology", "cooking", "travel",
                  "dialogue", "literature"}  # fmt: skip

@@ -3,6 +3,7 @@ through the checkpoint's chat template, and keeps the conversation."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +41,10 @@ def test_orlik_chat_streams_replies_with_history(tiny_checkpoint: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "orlik", "chat", str(tiny_checkpoint), "--temperature", "0", "--max-tokens", str(n)],
         input="\n".join(TURNS) + "\n/exit\n", capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "ORLIK_QUIET"},
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     # Piped (not a terminal): no prompts, just each reply on its own line.
     assert run.stdout == "".join(r + "\n" for r in _reference(tiny_checkpoint, n))
-    assert "tok/s" in run.stderr
+    assert run.stderr.count("tok/s") == len(TURNS)  # a speed line after each reply
+    assert "Loading weights" not in run.stderr  # no library progress bars in the chat

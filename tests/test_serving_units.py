@@ -7,9 +7,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from orlik.serving.textstream import IncrementalDetokenizer, StopBuffer
 
 from orlik.errors import InputError
+from orlik.serving.textstream import IncrementalDetokenizer, StopBuffer
 
 
 def _feed(stops: list[str], pieces: list[str]) -> tuple[list[str], str, str | None]:
@@ -116,11 +116,10 @@ def test_metrics_text_format() -> None:
 
 
 def test_engine_stops_at_max_tokens_and_sends_the_last_token(tiny_checkpoint: Path) -> None:
+    from orlik.checkpoint import Checkpoint
     from orlik.serving.engine import GenRequest, events
     from orlik.serving.runtimes.base import Sampling
     from orlik.serving.runtimes.hf import HFRuntime
-
-    from orlik.checkpoint import Checkpoint
 
     rt = HFRuntime.load(Checkpoint.open(tiny_checkpoint))
     prompt = rt.tokenize("Dzisiaj jest", add_bos=True)
@@ -136,3 +135,26 @@ def test_engine_stops_at_max_tokens_and_sends_the_last_token(tiny_checkpoint: Pa
     assert evs[-1].finish_reason == ("length" if cut == 12 else "stop")
     assert evs[-1].completion_tokens == cut
     assert sum(len(e.logprobs) for e in evs) == cut  # one logprob per generated token
+
+
+def test_memory_budget_unloads_the_idle_model_first(tiny_checkpoint: Path) -> None:
+    from orlik.serving.models import ModelRegistry, ServerBusy
+
+    probe = ModelRegistry([str(tiny_checkpoint)])
+    one = next(iter(probe.models.values())).est_bytes
+    probe.close()
+    # Room for one model, not two: loading b must unload a (idle), and fails while a is busy.
+    reg = ModelRegistry([f"a={tiny_checkpoint}", f"b={tiny_checkpoint}"], memory_budget=int(one * 1.5))
+    try:
+        a, b = reg.get("a"), reg.get("b")
+        reg.load_blocking(a)
+        reg.load_blocking(b)
+        assert a.runtime is None and b.runtime is not None
+        b.active = 1  # a request holds b
+        with pytest.raises(ServerBusy):
+            reg.load_blocking(a)
+        b.active = 0
+        reg.load_blocking(a)
+        assert a.runtime is not None and b.runtime is None
+    finally:
+        reg.close()

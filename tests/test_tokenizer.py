@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from orlik.training import tokenizer
 
 from orlik.errors import InputError
+from orlik.training import tokenizer
 
 POLISH = "Zażółć gęślą jaźń. ŹDŹBŁO, Łódź i Ćmielów — żółw źle śpi; ĄĘ ńó."
 UNSEEN = "漢字 🙂 ŉ ß Ω"  # characters the corpus never shows: byte fallback, never <unk>

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from orlik.training import configs, pretrain
 
 from orlik.cli import main
+from orlik.training import configs, pretrain
 
 # Small settings: a few steps of 2 x 32 tokens on the small corpus take seconds on 2 cores.
 FAST = {"size": "tiny", "batch_size": 2, "seq_len": 32, "lr": 3e-3, "threads": 1}
@@ -197,7 +197,9 @@ def test_tiny_model_beats_the_unigram_baseline(tiny_checkpoint: Path) -> None:
     report = json.loads((tiny_checkpoint / "training.json").read_text())
     for lang in ("pl", "en", "all"):
         row = report["heldout"][lang]
-        assert row["tokens"] > 5000 and row["ppl"] < 0.95 * row["unigram_ppl"], (lang, row)
+        assert row["tokens"] > 5000 and row["ppl"] < row["unigram_ppl"], (lang, row)
+    # Measured: all 623 vs 737 (pl 697 vs 759, en 480 vs 687).
+    assert report["heldout"]["all"]["ppl"] < 0.9 * report["heldout"]["all"]["unigram_ppl"]
     assert "| pl |" in (tiny_checkpoint / "eval.md").read_text()
     assert report["tokens_per_second"] > 0 and report["final_loss"] < report["losses"][0]
 

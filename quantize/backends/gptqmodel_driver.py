@@ -65,6 +65,11 @@ def run(
     batches = calibration_batches(calibration_texts(calib, recipe, tokenizer), tokenizer, recipe)
     scratch = Path(qcfg.offload_to_disk_path or out / SCRATCH)
     progress.info(f"{recipe.name}: GPTQModel on {len(batches)} calibration samples ({qcfg.method}, CPU)")
+    from gptqmodel.looper import loop_processor
+
+    # GPTQModel writes a per-run log under ./logs of whatever directory the user is in; keep it
+    # in the staging dir's scratch instead (removed below).
+    log_dir, loop_processor._PROJECT_LOG_DIR = loop_processor._PROJECT_LOG_DIR, scratch / "logs"
     try:
         model = GPTQModel.load(str(ckpt.path), qcfg, device="cpu", dtype=torch.float16)
         model.quantize(batches, batch_size=1, tokenizer=tokenizer, backend=backend)
@@ -72,6 +77,7 @@ def run(
     except (ValueError, RuntimeError, NotImplementedError) as e:
         raise ToolError(f"GPTQModel failed on {ckpt.path}: {str(e).splitlines()[0]}") from None
     finally:
+        loop_processor._PROJECT_LOG_DIR = log_dir
         shutil.rmtree(scratch, ignore_errors=True)
     del model
     losses = _read_losses(out / _LOG)

@@ -26,11 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from orlik.serving.runtimes.base import Runtime, Sampling, Token
-
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, MissingDependencyError, ToolError
 from orlik.manifest import Variant
+from orlik.serving.runtimes.base import Runtime, Sampling, Token
 
 _PR_SET_PDEATHSIG = 1
 _live: set[LlamaServer] = set()
