@@ -319,6 +319,8 @@ def _runtime_options(f: Any) -> Any:
 @click.option("--cors", multiple=True, help="Allow this browser origin (repeatable); CORS is off by default.")
 @click.option("--max-body", default=4 << 20, show_default=True, help="Largest request body in bytes (413 above).")
 @click.option("--preload", is_flag=True, help="Load every model at startup instead of at its first request.")
+@click.option("--stream-interval", "stream_interval_ms", default=10.0, show_default=True,
+              help="Send a stream chunk at most every this many ms (tokens in between are merged); 0: every token.")
 @_runtime_options
 def serve(models: tuple[str, ...], cors: tuple[str, ...], **kw: Any) -> None:
     """OpenAI-compatible server (plus a web chat at /) for MODELS.

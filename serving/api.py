@@ -239,7 +239,7 @@ async def _sse(request: Request, st: ServerState, model: ServedModel, run: Run, 
                 if fmt.include_usage:
                     yield f"data: {_dumps(fmt.usage_chunk(usage))}\n\n"
                 break
-            ev = await run.next_merged()
+            ev = await run.next_merged(st.scheduler.stream_interval)
         yield "data: [DONE]\n\n"
     except Exception as e:
         # Headers are sent: report in the stream, as OpenAI does (the openai client raises on it).

@@ -145,9 +145,11 @@ class Observe:
 
 
 def create_app(registry: ModelRegistry, *, api_key: str | None = None, cors: list[str] | None = None,
-               max_body: int = 4 << 20, queue_size: int = 8, timeout: float = 120.0, n_ctx: int | None = None) -> FastAPI:  # fmt: skip
+               max_body: int = 4 << 20, queue_size: int = 8, timeout: float = 120.0, n_ctx: int | None = None,
+               stream_interval: float = 0.0) -> FastAPI:  # fmt: skip
     metrics = Metrics()
-    scheduler = Scheduler(queue_size, timeout, workers=registry.parallel * len(registry.models) + 2)
+    scheduler = Scheduler(queue_size, timeout, workers=registry.parallel * len(registry.models) + 2,
+                          stream_interval=stream_interval)  # fmt: skip
     state = ServerState(registry, scheduler, metrics, n_ctx)
     metrics.gauge("orlik_queue_depth", lambda: {(): scheduler.waiting})
     metrics.gauge("orlik_requests_running", lambda: {(): scheduler.running})

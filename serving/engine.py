@@ -146,6 +146,7 @@ class Run:
         self._signalled = False
         self._wake = asyncio.Event()
         self._ready: deque[Any] = deque()
+        self._last_sent = 0.0
 
     def put(self, item: Any) -> None:
         """Worker side: an Event, None (done) or the exception that ended the generation."""
@@ -187,9 +188,22 @@ class Run:
         await self._fill()
         return self._take()
 
-    async def next_merged(self) -> Event | None:
-        """All events that are ready, as one (None at the end): one SSE chunk per wake-up."""
+    async def next_merged(self, interval: float = 0.0) -> Event | None:
+        """All events that are ready, as one (None at the end): one SSE chunk per wake-up.
+
+        With `interval`, a chunk is sent at most that often: a fast model's tokens go out a few at
+        a time (fewer writes and fewer chunks for the client to parse), a slow one's as they come.
+        """
         await self._fill()
+        if interval > 0 and self._ready[-1] is not None and not isinstance(self._ready[-1], BaseException):
+            wait = self._last_sent + interval - time.monotonic()
+            if wait > 0 and self._ready[-1].finish_reason is None:
+                await asyncio.sleep(wait)
+                with self._lock:
+                    self._ready.extend(self._items)
+                    self._items.clear()
+                    self._signalled = False
+        self._last_sent = time.monotonic()
         evs: list[Event] = []
         while self._ready and not isinstance(self._ready[0], BaseException) and self._ready[0] is not None:
             ev = self._take()
@@ -205,8 +219,9 @@ class Run:
 class Scheduler:
     """Admission (bounded queue, 429 when full), slots per model, worker threads, timeouts."""
 
-    def __init__(self, queue_size: int, timeout: float, workers: int) -> None:
+    def __init__(self, queue_size: int, timeout: float, workers: int, stream_interval: float = 0.0) -> None:
         self.queue_size, self.timeout = int(queue_size), float(timeout)
+        self.stream_interval = float(stream_interval)
         self.waiting = 0
         self.running = 0
         # Each running generation holds one thread while it streams; slots cap them per model.

@@ -26,13 +26,15 @@ def _loopback(host: str) -> bool:
 def build(models: list[str], *, api_key: str | None = None, queue_size: int = 8, parallel: int = 4,
           timeout: float = 120.0, memory_budget: str | None = None, chat_template: Path | None = None,
           cors: list[str] | None = None, threads: int | None = None, ctx_size: int | None = None,
-          max_body: int = 4 << 20, preload: bool = False) -> Any:  # fmt: skip
+          max_body: int = 4 << 20, preload: bool = False, stream_interval_ms: float = 10.0) -> Any:  # fmt: skip
     """The ASGI app for `models` (paths, or NAME=PATH); also what the tests and benchmarks serve."""
     from orlik.serving.app import create_app
     from orlik.serving.models import ModelRegistry, parse_bytes
 
     if parallel < 1 or queue_size < 0 or timeout <= 0 or max_body < 1024:
         raise InputError("--parallel must be >= 1, --queue-size >= 0, --timeout > 0 and --max-body >= 1024")
+    if not 0 <= stream_interval_ms <= 1000:
+        raise InputError("--stream-interval must be within 0..1000 ms")
     if ctx_size is not None and ctx_size < 16:
         raise InputError("--ctx-size must be at least 16 tokens")
     budget = parse_bytes(memory_budget) if memory_budget else None
@@ -44,7 +46,7 @@ def build(models: list[str], *, api_key: str | None = None, queue_size: int = 8,
                 progress.info(f"loading {m.name} ({m.format})")
                 registry.load_blocking(m)
         return create_app(registry, api_key=api_key, cors=cors, max_body=max_body, queue_size=queue_size,
-                          timeout=timeout, n_ctx=ctx_size)  # fmt: skip
+                          timeout=timeout, n_ctx=ctx_size, stream_interval=stream_interval_ms / 1000)  # fmt: skip
     except BaseException:
         registry.close()
         raise
