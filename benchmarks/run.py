@@ -221,7 +221,7 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
                            **{k: refs[n].meta[k] for k in ("mean_k", "positions_over_tail_mass", "kmax", "tail_mass")}}  # fmt: skip
 
     results_v: list[dict[str, Any]] = []
-    for v in variants:
+    for v in sorted(variants, key=lambda v: (-v.bytes, v.name)):  # Table 8's order: largest first
         results_v.append({"name": v.name, "format": v.format, "bytes": v.bytes, "bpw": v.bpw, "path": str(v.path),
                           "runtime": runtimes[v.name], "recipe": v.recipe, "files": v.files, "tools": v.tools,
                           "calibration_hash": v.calibration_hash, "imatrix_hash": v.imatrix_hash,

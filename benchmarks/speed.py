@@ -40,8 +40,24 @@ def _rss_now() -> int:
 
 
 def _rss_peak() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
+    """Peak RSS of this process image. Linux: VmHWM, which starts afresh at exec; ru_maxrss would
+    carry over the high-water mark of the parent that spawned us."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(ln.split()[1] for ln in f if ln.startswith("VmHWM:"))) * 1024
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
+
+
+def _reset_peak() -> bool:
+    """Restart the peak-RSS count (Linux clear_refs 5), so generation's peak is measured on its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def prompts(ids: list[int], bos: int | None, reps: int = REPS, n: int = PROMPT_TOKENS) -> list[list[int]]:
@@ -98,6 +114,7 @@ def measure(path: Path, prompt_sets: list[list[int]], gen_tokens: int, threads: 
     rt = cls.load(src, n_ctx=n_ctx, threads=threads)
     load_s = time.perf_counter() - t0
     rss_load = _rss_peak()
+    separate = _reset_peak()
     _generate_timed(rt, prompt_sets[0][:32], 4)  # warm-up: first-call allocations, thread pools
     ttfts, rates = [], []
     for p in prompt_sets:
@@ -123,7 +140,9 @@ def measure(path: Path, prompt_sets: list[list[int]], gen_tokens: int, threads: 
         "reps": len(prompt_sets),
         "rss_base_bytes": rss_base,
         "peak_rss_load_bytes": rss_load,
+        # Without clear_refs the generation peak includes the load peak (it is the process's peak).
         "peak_rss_gen_bytes": _rss_peak(),
+        "peak_rss_gen_separate": separate,
     }
 
 

@@ -113,3 +113,16 @@ def test_errors(checkpoint_copy: Path, tmp_path: Path, monkeypatch: pytest.Monke
         backend_for("mlx")
     with pytest.raises(MissingDependencyError, match=r'pip install "orlik\[mlx\]"'):
         runtime_class("mlx")
+
+
+@pytest.mark.slow
+def test_mlx_awq_on_orlik_calibration(tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path) -> None:
+    """mlx-lm's AWQ, fed orlik's calibration set (its own command would download text)."""
+    v = quantize(
+        tiny_checkpoint, "mlx-q4-awq", tmp_path / "awq", tiny_calibration, calib_samples=8, calib_seq_len=128
+    )
+    assert v.calibration_hash and v.extra["method"] == "awq"
+    q = json.loads((v.path / "config.json").read_text())["quantization"]  # type: ignore[operator]
+    assert q["model.layers.0.mlp.down_proj"]["bits"] == 4 and q["model.embed_tokens"]["bits"] == 6
+    m = measure(tiny_checkpoint, v.path)  # type: ignore[arg-type]
+    assert m["awq"]["kld"] < KLD_4BIT_MAX and m["awq"]["generated"] == 8
