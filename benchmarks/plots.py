@@ -27,15 +27,30 @@ def _plt() -> Any:
     return plt
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both size and KLD, by increasing size."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
-    front, best = [], float("inf")
-    for i in order:
-        if points[i][1] < best:
+def pareto_front(points: list[tuple[float, float]], same_size: float = 0.005) -> list[int]:
+    """Indices of the points no other point beats, by increasing size. Sizes within `same_size`
+    (relative) count as equal, so a variant a few bytes smaller but worse does not join the front."""
+    front: list[int] = []
+    for i, (size, kld) in enumerate(points):
+        beaten = any(j != i and s2 <= size * (1 + same_size) and (k2 < kld or (k2 == kld and s2 < size))
+                     for j, (s2, k2) in enumerate(points))  # fmt: skip
+        if not beaten:
             front.append(i)
-            best = points[i][1]
-    return front
+    return sorted(front, key=lambda i: points[i])
+
+
+def _repel(fig: Any, ax: Any, labels: list[Any]) -> None:
+    """Move labels up, in a few points' steps, until no two overlap (greedy, bottom to top)."""
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for lab in sorted(labels, key=lambda a: a.xy[1]):
+        for _ in range(40):
+            box = lab.get_window_extent(renderer).expanded(1.02, 1.1)
+            if not any(box.overlaps(p) for p in placed):
+                break
+            x, y = lab.get_position()
+            lab.set_position((x, y + 5))
+        placed.append(lab.get_window_extent(renderer))
 
 
 def _text(results: dict[str, Any]) -> str:
@@ -55,21 +70,24 @@ def pareto(results: dict[str, Any], path: Path) -> None:
     )
     pts = [(v["bytes"] / div, max(v["rows"][text]["kld"], floor)) for v in quants]
     fig, ax = plt.subplots(figsize=(9, 6), dpi=130)
+    imat = [bool(v.get("imatrix_hash")) for v in quants]
     for fmt in dict.fromkeys(v["format"] for v in quants):
-        idx = [i for i, v in enumerate(quants) if v["format"] == fmt]
-        ax.errorbar([pts[i][0] for i in idx], [pts[i][1] for i in idx],
-                    yerr=[quants[i]["rows"][text]["kld_err"] for i in idx], fmt="o", ms=7, capsize=3,
-                    color=COLOURS.get(fmt, "#17becf"), label=fmt.upper(), zorder=3)  # fmt: skip
+        for with_imat in (False, True):
+            idx = [i for i, v in enumerate(quants) if v["format"] == fmt and imat[i] == with_imat]
+            if not idx:
+                continue
+            ax.errorbar([pts[i][0] for i in idx], [pts[i][1] for i in idx],
+                        yerr=[quants[i]["rows"][text]["kld_err"] for i in idx], fmt="s" if with_imat else "o",
+                        ms=6.5, capsize=3, color=COLOURS.get(fmt, "#17becf"), zorder=3,
+                        label=fmt.upper() + (" + imatrix" if with_imat else ""))  # fmt: skip
     front = pareto_front(pts)
     if front:
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "-", color="#2a2a2a", lw=1.2,
                 drawstyle="steps-post", zorder=2, label="Pareto front")  # fmt: skip
         ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=170, facecolors="none",
                    edgecolors="#2a2a2a", linewidths=1.3, zorder=4)  # fmt: skip
-    for i, v in enumerate(quants):
-        dy = 9 if i % 2 == 0 else -15  # alternate above/below so neighbouring labels do not collide
-        ax.annotate(v["name"], pts[i], textcoords="offset points", xytext=(6, dy), fontsize=8.5,
-                    fontweight="bold" if i in front else "normal")  # fmt: skip
+    labels = [ax.annotate(v["name"], pts[i], textcoords="offset points", xytext=(11, -3), fontsize=8.5,
+                          fontweight="bold" if i in front else "normal") for i, v in enumerate(quants)]  # fmt: skip
     if fp16:
         ax.axvline(fp16["bytes"] / div, color=COLOURS["fp16"], ls="--", lw=1)
         ax.annotate("FP16 (KLD 0)", (fp16["bytes"] / div, floor), textcoords="offset points", xytext=(-4, 4),
@@ -85,6 +103,8 @@ def pareto(results: dict[str, Any], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(loc="upper right", fontsize=9)
     fig.tight_layout()
+    fig.canvas.draw()
+    _repel(fig, ax, labels)
     _save(fig, path)
 
 
@@ -94,7 +114,8 @@ def speed(results: dict[str, Any], path: Path) -> bool:
     if not rows:
         return False
     plt = _plt()
-    names = [v["name"] for v in rows]
+    runtimes = {v["speed"]["runtime"] for v in rows}
+    names = [v["name"] + (f" ({v['speed']['runtime']})" if len(runtimes) > 1 else "") for v in rows]
     colours = [COLOURS.get(v["format"], "#17becf") for v in rows]
     panels = [("Prompt processing [tok/s]", [v["speed"]["prompt_tps"] for v in rows], "{:.0f}"),
               ("Decode [tok/s]", [v["speed"]["decode_tps"] for v in rows], "{:.1f}"),

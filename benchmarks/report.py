@@ -183,7 +183,8 @@ def speed_md(results: dict[str, Any]) -> list[str]:
             f"threads {', '.join(sorted(threads))}; one child process per model, one after another. Prompt: "
             f"{base.get('prompt_tokens', 512)} tokens of the evaluation text (tok/s = prompt / time to first token); "
             f"decode: {base.get('gen_tokens', 128)} greedy tokens; medians of {base.get('reps', 3)} runs. Peak RSS "
-            "includes the Python interpreter and the runtime's libraries.", "",
+            "is the process's high-water mark (VmHWM) after loading, then restarted for generation alone; both include "
+            "the Python interpreter and the runtime's libraries.", "",
             _md_table(head, rows), ""]  # fmt: skip
 
 
