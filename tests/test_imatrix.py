@@ -155,3 +155,26 @@ def test_cli_writes_beside_the_calibration_set(tiny_checkpoint: Path, tiny_calib
         "imatrix-en.card.json",
         "imatrix-en.gguf",
     ]
+
+
+def test_quantize_computes_a_missing_imatrix_from_calib(
+    tiny_checkpoint: Path, tiny_calibration: Path, tiny_imatrix: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    os.link(tiny_calibration / "calibration.jsonl", calib / "calibration.jsonl")
+    calls = []
+
+    def compute(model, where, **kw):  # stands in for the slow full-set run; same output file
+        calls.append((Path(where), kw))
+        (Path(where) / "imatrix.gguf").write_bytes(tiny_imatrix.read_bytes())
+        return {}
+
+    monkeypatch.setattr(imatrix, "compute", compute)
+    rc = cli("--json", "quantize", str(tiny_checkpoint), "--recipe", "Q8_0-imat", "--calib", str(calib),
+             "--out", str(tmp_path / "v"))  # fmt: skip
+    assert rc == 0 and calls == [(calib, {"lang": "mixed"})]
+    (row,) = json.loads(capsys.readouterr().out)["variants"]
+    v = json.loads((Path(row["path"]) / "variant.json").read_text())
+    assert v["imatrix_hash"] == sha256_file(calib / "imatrix.gguf")
+    assert v["calibration_hash"] == sha256_file(tiny_calibration / "calibration.jsonl")
