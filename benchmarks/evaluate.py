@@ -10,7 +10,9 @@ Two ways, same figures:
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,15 +80,27 @@ def score_topk_text(rt: Any, chunks: Chunks, ref: Reference, label: str) -> Text
 def score_exact_text(rts: dict[str, Any], base: Any, chunks: Chunks, label: str,
                      compress_to: tuple[int, float] | None = None) -> tuple[dict[str, TextScore], TopK | None]:  # fmt: skip
     """All of `rts` against FP16, chunk by chunk. With compress_to=(kmax, tail_mass) the FP16 rows
-    are also compressed into a reference, returned for caching."""
+    are also compressed into a reference, returned for caching.
+
+    FP16 runs one chunk ahead in a worker thread (torch and llama.cpp both release the GIL), so
+    the two models share the cores instead of taking turns; see split_threads.
+    """
     parts: dict[str, list[ChunkScores]] = {n: [] for n in rts}
     seconds = dict.fromkeys(rts, 0.0)
     tops: list[TopK] = []
-    with progress.bar(label, total=chunks.n_chunks) as bar:
+
+    def fp16(c: int) -> tuple[np.ndarray, TopK | None]:
+        b = _scored_logits(base, chunks, c)
+        return b, (compress(b, chunks.targets[c], *compress_to) if compress_to is not None else None)
+
+    with progress.bar(label, total=chunks.n_chunks) as bar, ThreadPoolExecutor(1, "orlik-fp16") as pool:
+        ahead = pool.submit(fp16, 0)
         for c in range(chunks.n_chunks):
-            b = _scored_logits(base, chunks, c)
-            if compress_to is not None:
-                tops.append(compress(b, chunks.targets[c], *compress_to))
+            b, top = ahead.result()
+            if c + 1 < chunks.n_chunks:
+                ahead = pool.submit(fp16, c + 1)
+            if top is not None:
+                tops.append(top)
             for name, rt in rts.items():
                 t0 = time.perf_counter()
                 parts[name].append(score_exact(_scored_logits(rt, chunks, c), b, chunks.targets[c]))
@@ -94,6 +108,22 @@ def score_exact_text(rts: dict[str, Any], base: Any, chunks: Chunks, label: str,
             bar.advance()
     scores = {n: TextScore(_series(p), "exact", seconds[n]) for n, p in parts.items()}
     return scores, (TopK.concat(tops) if compress_to is not None else None)
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+def split_threads(total: int, overlap: bool) -> tuple[int, int]:
+    """(FP16 threads, variant threads). When FP16 runs beside the variants the cores are split
+    between them; two half-width passes at once beat two full-width passes in turn on small
+    matrices, where extra threads mostly wait on each other."""
+    if not overlap or total < 2:
+        return total, total
+    return total // 2, total - total // 2
 
 
 def plan_groups(sizes: list[int], budget: int) -> list[list[int]] | None:

@@ -18,10 +18,12 @@ from orlik import __version__, progress
 from orlik.benchmarks import reference, speed, texts
 from orlik.benchmarks.evaluate import (
     TextScore,
+    available_cores,
     check_tokenizer,
     choose_mode,
     score_exact_text,
     score_topk_text,
+    split_threads,
 )
 from orlik.benchmarks.stats import Series, baseline_row, summarize
 from orlik.checkpoint import Checkpoint
@@ -141,7 +143,10 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
         calib = model.parent / "calib" / "calibration.jsonl"
     overlap = texts.check_overlap(eval_texts, calib) if calib else None
 
-    base = BaseModel(ckpt, opts.threads)
+    # transformers holds the fp16 weights as fp32, hence twice the file.
+    mode, groups, why = choose_mode(opts.mode, [v.bytes for v in variants], 2 * ckpt.weights_bytes)
+    fp16_threads, variant_threads = split_threads(opts.threads or available_cores(), overlap=mode == "exact")
+    base = BaseModel(ckpt, fp16_threads)
     brt = base()
     if opts.ctx > brt.n_ctx:
         raise InputError(f"--ctx {opts.ctx} exceeds the model's context of {brt.n_ctx} tokens")
@@ -151,8 +156,6 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
     chunked = {t.name: reference.make_chunks(ids[t.name], opts.ctx, bos, name=t.name) for t in eval_texts}
     n_vocab = brt.n_vocab
 
-    # transformers holds the fp16 weights as fp32, hence twice the file.
-    mode, groups, why = choose_mode(opts.mode, [v.bytes for v in variants], 2 * ckpt.weights_bytes)
     progress.info(f"KLD: {mode} ({why})")
     cache_dir = out / "reference"
     keys = {n: reference.cache_key(ckpt.hash, ch, opts.kmax, opts.tail_mass) for n, ch in chunked.items()}
@@ -169,7 +172,7 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
 
     def load(v: Variant) -> Runtime:
         t0 = time.perf_counter()
-        rt = runtime_class(v.format).load(v, n_ctx=opts.ctx, threads=opts.threads)
+        rt = runtime_class(v.format).load(v, n_ctx=opts.ctx, threads=variant_threads)
         runtimes[v.name] = rt.name
         for t in eval_texts:
             check_tokenizer(rt, v.name, t.name, t.text, ids[t.name], n_vocab)
@@ -261,7 +264,7 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
             "kld_mode_why": why,
             "kmax": opts.kmax,
             "tail_mass": opts.tail_mass,
-            "threads": opts.threads,
+            "threads": {"fp16": fp16_threads, "variants": variant_threads},
             "scored_positions_per_chunk": opts.ctx - 1 - opts.ctx // 2,
         },
         "texts": {
