@@ -53,24 +53,23 @@ def recommend(results: dict[str, Any], budget: int, ctx: int) -> dict[str, Any]:
     model = results["model"]
     kv = kv_cache_bytes(model, ctx)
     text = "all" if len(results["texts"]) > 1 else next(iter(results["texts"]))
-    rows = []
+    measured: dict[str, int] = {}
     for v in results["variants"]:
         sp = v.get("speed") or {}
-        overhead = 0
-        if "peak_rss_gen_bytes" in sp:
-            # Measured working memory beyond weights and KV (compute buffers, logits): peak RSS minus
-            # the interpreter's baseline, the weights and the KV cache of the measurement's context.
-            speed_ctx = sp["prompt_tokens"] + sp["gen_tokens"]
-            overhead = max(0, sp["peak_rss_gen_bytes"] - sp["rss_base_bytes"] - v["bytes"]
-                           - kv_cache_bytes(model, speed_ctx))  # fmt: skip
-            if v["format"] == "fp16" and sp.get("runtime") == "transformers":
-                overhead = (
-                    0  # transformers holds fp16 weights as fp32 for the reference; not a deployment figure
-                )
+        if "peak_rss_gen_bytes" in sp and not (v["format"] == "fp16" and sp.get("runtime") == "transformers"):
+            # Working memory beyond weights and KV (compute buffers, logits): peak RSS minus the
+            # interpreter's baseline, the weights and the KV cache of the measurement's context.
+            speed_kv = kv_cache_bytes(model, sp["prompt_tokens"] + sp["gen_tokens"])
+            measured[v["name"]] = max(0, sp["peak_rss_gen_bytes"] - sp["rss_base_bytes"] - v["bytes"] - speed_kv)
+    rows = []
+    for v in results["variants"]:
+        # FP16 runs in transformers (as fp32) only as the reference; deployed it would run like the
+        # variants, so it gets their largest measured overhead.
+        overhead = measured.get(v["name"], max(measured.values(), default=0) if v["format"] == "fp16" else 0)
         need = v["bytes"] + kv + overhead
         r = v["rows"][text]
         rows.append({"name": v["name"], "format": v["format"], "weights": v["bytes"], "kv_cache": kv,
-                     "overhead": overhead, "overhead_measured": "peak_rss_gen_bytes" in sp, "need": need,
+                     "overhead": overhead, "overhead_measured": bool(measured), "need": need,
                      "fits": need <= budget, "kld": r["kld"], "ppl": r["ppl"], "same_top": r["same_top"]})  # fmt: skip
     fitting = sorted((r for r in rows if r["fits"]), key=lambda r: (r["kld"], r["need"]))
     if not fitting:
