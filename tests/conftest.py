@@ -156,7 +156,9 @@ def family_checkpoint(
     tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, small_corpus: Path
 ) -> Callable[[str], Path]:
     """An FP16 checkpoint of any family (llama, mistral, qwen2), built once per family: 20 steps on
-    `small_corpus`. Cheap; for tests of export, templates and conversion, not of model quality."""
+    `small_corpus`. Cheap; for tests of export, templates and conversion, not of model quality.
+    One torch thread: on a busy 2-core machine two threads spin against each other (measured 28 s
+    wall / 11 s CPU with 1 thread vs 189 s / 84 s with 2 under load 12)."""
     from orlik.training import pretrain
 
     built: dict[str, Path] = {}
@@ -165,7 +167,8 @@ def family_checkpoint(
         if arch not in built:
             out = tmp_path_factory.mktemp(f"family-{arch}") / "fp16"
             pretrain.run(out, arch=arch, size="tiny", tokenizer_dir=tokenizer_dir, corpus_dir=small_corpus,
-                         steps=20, batch_size=4, seq_len=64, lr=3e-3, checkpoint_every=10_000)  # fmt: skip
+                         steps=20, batch_size=4, seq_len=64, lr=3e-3, checkpoint_every=10_000,
+                         threads=1)  # fmt: skip
             built[arch] = out
         return built[arch]
 

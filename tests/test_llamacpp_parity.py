@@ -64,7 +64,7 @@ def llama(f16: Callable[[str], Path]) -> Iterator[Callable[[str], Any]]:
     opened: list[Any] = []
 
     def load(arch: str) -> Any:
-        m = llama_cpp.Llama(model_path=str(f16(arch)), n_ctx=512, logits_all=True, n_threads=2, verbose=False)
+        m = llama_cpp.Llama(model_path=str(f16(arch)), n_ctx=512, logits_all=True, n_threads=1, verbose=False)
         opened.append(m)
         return m
 
