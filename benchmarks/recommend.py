@@ -60,7 +60,9 @@ def recommend(results: dict[str, Any], budget: int, ctx: int) -> dict[str, Any]:
             # Working memory beyond weights and KV (compute buffers, logits): peak RSS minus the
             # interpreter's baseline, the weights and the KV cache of the measurement's context.
             speed_kv = kv_cache_bytes(model, sp["prompt_tokens"] + sp["gen_tokens"])
-            measured[v["name"]] = max(0, sp["peak_rss_gen_bytes"] - sp["rss_base_bytes"] - v["bytes"] - speed_kv)
+            measured[v["name"]] = max(
+                0, sp["peak_rss_gen_bytes"] - sp["rss_base_bytes"] - v["bytes"] - speed_kv
+            )
     rows = []
     for v in results["variants"]:
         # FP16 runs in transformers (as fp32) only as the reference; deployed it would run like the

@@ -197,7 +197,10 @@ def test_speed_child_measures_a_variant(bench_ggufs: dict[str, Path], hf_ids: li
     assert "error" not in got, got
     assert got["runtime"] == "llama.cpp" and got["prompt_tokens"] == 64 and got["threads"] == 1
     assert got["prompt_tps"] > 0 and got["decode_tps"] > 0 and np.isfinite(got["ttft_s"])
-    assert got["peak_rss_load_bytes"] > got["rss_base_bytes"] > 0 and got["peak_rss_gen_bytes"] > got["rss_base_bytes"]
+    assert (
+        got["peak_rss_load_bytes"] > got["rss_base_bytes"] > 0
+        and got["peak_rss_gen_bytes"] > got["rss_base_bytes"]
+    )
 
 
 @pytest.fixture(scope="module")
