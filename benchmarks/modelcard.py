@@ -49,8 +49,10 @@ def calibration_card(v: Variant, ckpt: Checkpoint) -> str | None:
             continue
         if card.get("calibration_sha256") == v.calibration_hash:
             # One level deeper, so the card's headings sit under the model card's section.
-            md = (root / "card.md").read_text(encoding="utf-8")
-            return "\n".join("#" + ln if ln.startswith("#") else ln for ln in md.splitlines())
+            lines = (root / "card.md").read_text(encoding="utf-8").splitlines()
+            if lines and lines[0].startswith("# "):
+                lines = lines[1:]  # its title; the model card's "## Calibration" replaces it
+            return "\n".join("#" + ln if ln.startswith("#") else ln for ln in lines)
     return None
 
 

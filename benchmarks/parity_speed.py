@@ -52,6 +52,7 @@ def run_llama(base: Path, quant: Path, text: Path, ctx: int, threads: int, work:
                         "--kl-divergence-base", str(logits)])  # fmt: skip
     t_kld, out = _timed([tool, "-m", str(quant), "-c", str(ctx), "-t", str(threads), "--kl-divergence-base",
                          str(logits), "--kl-divergence"])  # fmt: skip
+    # llama.cpp's log thread is not always drained at exit; the time counts, lost figures print as nan.
     vals = {k: float(m.group(1)) for k, p in _LLAMA.items() if (m := re.search(p, out))}
     size = logits.stat().st_size
     logits.unlink()

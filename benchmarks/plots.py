@@ -94,6 +94,11 @@ def pareto(results: dict[str, Any], path: Path) -> None:
                     rotation=90, ha="right", va="bottom", fontsize=8.5, color=COLOURS["fp16"])  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda x, _: f"{x:g}")  # 4, 6, 10 rather than 4×10⁰
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     ax.margins(x=0.08, y=0.12)
     ax.set_xlabel(f"Size [{unit}] (log scale)")
     ax.set_ylabel("Mean KLD against FP16 [nats] (log scale)")

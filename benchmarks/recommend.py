@@ -25,6 +25,10 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def human(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / (1 << 20):.1f} MiB"
+
+
 def kv_cache_bytes(model: dict[str, Any], ctx: int) -> int:
     """Keys and values for every layer at `ctx` tokens: 2 × layers × kv_heads × head_dim × ctx × 2 bytes."""
     return 2 * model["layers"] * model["kv_heads"] * model["head_dim"] * ctx * KV_BYTES
@@ -76,19 +80,20 @@ def recommend(results: dict[str, Any], budget: int, ctx: int) -> dict[str, Any]:
     fitting = sorted((r for r in rows if r["fits"]), key=lambda r: (r["kld"], r["need"]))
     if not fitting:
         smallest = min(rows, key=lambda r: r["need"])
-        raise InputError(f"nothing fits in {budget / GIB:.2f} GiB at ctx {ctx}: the smallest, {smallest['name']}, "
-                         f"needs {smallest['need'] / GIB:.2f} GiB ({smallest['weights'] / GIB:.2f} weights + "
-                         f"{kv / GIB:.2f} KV cache); use a smaller --ctx or a bigger budget")  # fmt: skip
+        raise InputError(f"nothing fits in {human(budget)} at ctx {ctx}: the smallest, {smallest['name']}, "
+                         f"needs {human(smallest['need'])} ({human(smallest['weights'])} weights + "
+                         f"{human(kv)} KV cache + {human(smallest['overhead'])} runtime memory); use a smaller --ctx or a "
+                         "bigger budget")  # fmt: skip
     pick = fitting[0]
     better = [r for r in rows if r["kld"] < pick["kld"] and not r["fits"]]
     why = (f"{pick['name']} ({pick['format']}) has the lowest KLD of the {len(fitting)} variant(s) that fit "
-           f"{budget / GIB:.2f} GiB at ctx {ctx}: KLD {pick['kld']:.4g}, PPL {pick['ppl']:.4g}, same top p "
-           f"{100 * pick['same_top']:.1f}%; it needs {pick['need'] / GIB:.3f} GiB = {pick['weights'] / GIB:.3f} weights"
-           f" + {kv / GIB:.3f} KV cache (f16, {model['layers']} layers × {model['kv_heads']} KV heads × "
+           f"{human(budget)} at ctx {ctx}: KLD {pick['kld']:.4g}, PPL {pick['ppl']:.4g}, same top p "
+           f"{100 * pick['same_top']:.1f}%; it needs {human(pick['need'])} = {human(pick['weights'])} weights"
+           f" + {human(kv)} KV cache (f16, {model['layers']} layers × {model['kv_heads']} KV heads × "
            f"{model['head_dim']} dims × {ctx} tokens)")  # fmt: skip
-    why += (f" + {pick['overhead'] / GIB:.3f} runtime memory measured by bench --speed." if pick["overhead_measured"]
+    why += (f" + {human(pick['overhead'])} runtime memory measured by bench --speed." if pick["overhead_measured"]
             else "; runtime buffers are not counted (run `orlik bench --speed` to measure them).")  # fmt: skip
     if better:
         b = min(better, key=lambda r: r["need"])  # the cheapest step up in quality
-        why += f" {b['name']} would be better (KLD {b['kld']:.4g}) but needs {b['need'] / GIB:.3f} GiB."
+        why += f" {b['name']} would be better (KLD {b['kld']:.4g}) but needs {human(b['need'])}."
     return {"pick": pick["name"], "why": why, "budget": budget, "ctx": ctx, "text": text, "candidates": rows}

@@ -75,8 +75,8 @@ PY
 step "6 Table 8: every variant against FP16 on the held-out text (llama.cpp's method), speed and memory"
 # The FP16 reference is cached under reports/reference/; pareto.png and speed.png sit beside table.md.
 $ORLIK bench "$dir/fp16" --variants-dir "$dir/variants" --out "$dir/reports" --speed --license apache-2.0
-echo "recommendation for a 20 MiB memory budget at 2k context:"
-$ORLIK recommend --memory 20MiB --ctx 2048 --reports "$dir/reports" || true
+echo "recommendation for a 32 MiB memory budget at 2k context:"
+$ORLIK recommend --memory 32MiB --ctx 2048 --reports "$dir/reports" || true
 
 echo
 echo "demo finished in $(( $(date +%s) - start )) s; outputs in $dir/"
