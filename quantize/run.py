@@ -172,4 +172,11 @@ def _stale(target: Path, recipe: Recipe, ckpt: Checkpoint, calib: Calibration) -
         calib.imatrix_hash or (calib.imatrix and sha256_file(calib.imatrix))
     ):
         return "the imatrix changed"
+    if v.calibration_hash and not v.imatrix_hash:
+        # GPTQ, AWQ and the like read calibration.jsonl itself: a different set means a different variant.
+        now = calib.hash or (calib.jsonl and calib.jsonl.is_file() and sha256_file(calib.jsonl)) or None
+        if now is None:
+            return "it was calibrated, and no calibration set was given now"
+        if now != v.calibration_hash:
+            return "the calibration set changed"
     return None

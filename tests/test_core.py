@@ -220,3 +220,24 @@ def test_presets_cover_bielik_table8() -> None:
     assert len(expand(["Q4_K_M", "bielik-table8"])) == 13
     for preset in PRESETS:
         assert all(r.qtype in GGUF_TYPES for r in expand([preset]) if r.format == "gguf")
+
+
+def test_calibrated_variant_is_rebuilt_when_the_calibration_set_changes(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from orlik.quantize import run
+    from orlik.quantize.backends import Calibration
+
+    recipe = Recipe.from_dict({"format": "gptq", "bits": 4, "group_size": 128})
+    target = tmp_path / "v"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"weights")
+    Variant(name="v", format="gptq", recipe=recipe.to_dict(), base_hash="b" * 64,
+            files=hash_files(target), bytes=7, bpw=4.25, calibration_hash="c" * 64).save(target)  # fmt: skip
+    ckpt = SimpleNamespace(hash="b" * 64)
+    assert run._stale(target, recipe, ckpt, Calibration(hash="c" * 64)) is None
+    assert run._stale(target, recipe, ckpt, Calibration(hash="d" * 64)) == "the calibration set changed"
+    assert "no calibration set" in run._stale(target, recipe, ckpt, Calibration())
+    calib = tmp_path / "calibration.jsonl"
+    calib.write_text('{"text": "x"}\n')  # hashed when the card gave no hash
+    assert run._stale(target, recipe, ckpt, Calibration(jsonl=calib)) == "the calibration set changed"
