@@ -13,12 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orlik.training import corpus
-
 from orlik import progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, OutputError
 from orlik.fsutil import atomic_dir
+from orlik.training import corpus
 
 from . import card as cardmod
 from . import dedup, langid

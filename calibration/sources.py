@@ -14,10 +14,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from orlik.training import corpus
-
 from orlik.errors import InputError
 from orlik.fsutil import sha256_bytes
+from orlik.training import corpus
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl",)

@@ -82,8 +82,13 @@ def train_tokenizer(out: Path, vocab_size: int, corpus_dir: Path | None, seed: i
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="FP16 checkpoint dir.")
 @click.option("--arch", default="llama", show_default=True, help="llama | mistral | qwen2")
 @click.option("--size", default="tiny", show_default=True, help="tiny | small")
-@click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path), default=None,
-              help="Tokenizer dir (default: train one into <out>/../tokenizer).")
+@click.option(
+    "--tokenizer",
+    "tokenizer_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Tokenizer dir (default: train one into <out>/../tokenizer).",
+)
 @click.option("--corpus", "corpus_dir", type=click.Path(path_type=Path), default=None)
 @click.option("--steps", default=None, type=int, help="Optimizer steps (default per size).")
 @click.option("--batch-size", default=None, type=int)
@@ -92,8 +97,12 @@ def train_tokenizer(out: Path, vocab_size: int, corpus_dir: Path | None, seed: i
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=None, type=int, help="torch threads (default: all cores).")
 @click.option("--checkpoint-every", default=200, show_default=True)
-@click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Continue from <out>.work/state if an earlier run was interrupted.")
+@click.option(
+    "--resume/--no-resume",
+    default=True,
+    show_default=True,
+    help="Continue from <out>.work/state if an earlier run was interrupted.",
+)
 def train_pretrain(**kw: Any) -> None:
     """Pretrain a tiny llama/mistral/qwen2 model on CPU and export an FP16 HF checkpoint."""
     from orlik.training import pretrain
@@ -132,15 +141,31 @@ def calibrate() -> None:
 
 @calibrate.command("build")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Output dir for calibration.jsonl and card.{json,md}  [default: MODEL/../calib]")
-@click.option("--tokens", default=60_000, show_default=True, help="Total tokens, counted with MODEL's tokenizer.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output dir for calibration.jsonl and card.{json,md}  [default: MODEL/../calib]",
+)
+@click.option(
+    "--tokens", default=60_000, show_default=True, help="Total tokens, counted with MODEL's tokenizer."
+)
 @click.option("--pl-ratio", default=0.7, show_default=True, help="Polish share of the tokens (--lang mixed).")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--lang", type=click.Choice(["pl", "en", "mixed"]), default="mixed", show_default=True,
-              help="One language only, e.g. for a language-specific imatrix.")
-@click.option("--file", "files", multiple=True, type=click.Path(path_type=Path),
-              help="Your own .txt/.md/.jsonl ('text' field) file or directory; repeatable. Used first.")
+@click.option(
+    "--lang",
+    type=click.Choice(["pl", "en", "mixed"]),
+    default="mixed",
+    show_default=True,
+    help="One language only, e.g. for a language-specific imatrix.",
+)
+@click.option(
+    "--file",
+    "files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Your own .txt/.md/.jsonl ('text' field) file or directory; repeatable. Used first.",
+)
 @click.option("--no-corpus", is_flag=True, help="Leave out the built-in corpus documents.")
 @click.option("--no-chat", is_flag=True, help="Leave out chats rendered through MODEL's chat template.")
 @click.option("--no-parallel", is_flag=True, help="Leave out the Polish-English parallel pairs.")
@@ -163,14 +188,29 @@ def calibrate_build(model: Path, out: Path | None, tokens: int, pl_ratio: float,
 
 @calibrate.command("imatrix")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--calib", type=click.Path(path_type=Path), default=None,
-              help="calibration.jsonl or its directory  [default: MODEL/../calib]")
-@click.option("--lang", type=click.Choice(["pl", "en", "mixed"]), default="mixed", show_default=True,
-              help="Use only the samples of this language.")
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="calibration.jsonl or its directory  [default: MODEL/../calib]",
+)
+@click.option(
+    "--lang",
+    type=click.Choice(["pl", "en", "mixed"]),
+    default="mixed",
+    show_default=True,
+    help="Use only the samples of this language.",
+)
 @click.option("--chunk", default=512, show_default=True, help="Tokens per llama-imatrix chunk (its -c).")
-@click.option("--chunks", "max_chunks", default=None, type=int, help="At most this many chunks (default: all).")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="imatrix file  [default: <calib dir>/imatrix.gguf, imatrix-pl.gguf, imatrix-en.gguf]")
+@click.option(
+    "--chunks", "max_chunks", default=None, type=int, help="At most this many chunks (default: all)."
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="imatrix file  [default: <calib dir>/imatrix.gguf, imatrix-pl.gguf, imatrix-en.gguf]",
+)
 @click.option("--force", is_flag=True, help="Recompute even if an up-to-date imatrix exists.")
 def calibrate_imatrix(model: Path, calib: Path | None, lang: str, chunk: int, max_chunks: int | None,
                       out: Path | None, force: bool) -> None:  # fmt: skip
@@ -185,7 +225,9 @@ def calibrate_imatrix(model: Path, calib: Path | None, lang: str, chunk: int, ma
           "perplexity_f16": card["perplexity_f16"], "reused": bool(card.get("reused"))})  # fmt: skip
 
 
-def _type_override(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
+def _type_override(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> list[tuple[str, str]]:
     pairs = []
     for v in values:
         glob, sep, qtype = v.rpartition("=")
@@ -197,15 +239,33 @@ def _type_override(ctx: click.Context, param: click.Parameter, values: tuple[str
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--recipe", "recipes", multiple=True, required=True,
-              help="Recipe or preset, repeatable: Q4_K_M, Q4_K_M-imat, IQ2_XXS-imat, bielik-table8, gguf-all.")
-@click.option("--calib", type=click.Path(path_type=Path), default=None,
-              help="`orlik calibrate build` output dir; its imatrix.gguf is used (computed if missing).")
-@click.option("--imatrix", type=click.Path(path_type=Path), default=None, help="imatrix file (wins over --calib).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Variants root  [default: MODEL/../variants]")
+@click.option(
+    "--recipe",
+    "recipes",
+    multiple=True,
+    required=True,
+    help="Recipe or preset, repeatable: Q4_K_M, Q4_K_M-imat, IQ2_XXS-imat, bielik-table8, gguf-all.",
+)
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="`orlik calibrate build` output dir; its imatrix.gguf is used (computed if missing).",
+)
+@click.option(
+    "--imatrix", type=click.Path(path_type=Path), default=None, help="imatrix file (wins over --calib)."
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Variants root  [default: MODEL/../variants]"
+)
 @click.option("--force", is_flag=True, help="Rebuild variants even when they verify.")
-@click.option("--type-override", "overrides", multiple=True, callback=_type_override,
-              help="GLOB=TYPE for matching tensors (whole GGUF names, e.g. 'blk.*.ffn_down.weight=Q6_K'); repeatable.")
+@click.option(
+    "--type-override",
+    "overrides",
+    multiple=True,
+    callback=_type_override,
+    help="GLOB=TYPE for matching tensors (whole GGUF names, e.g. 'blk.*.ffn_down.weight=Q6_K'); repeatable.",
+)
 @click.option("--output-type", default=None, help="Tensor type of output.weight (e.g. Q8_0).")
 @click.option("--embedding-type", default=None, help="Tensor type of token_embd.weight (e.g. Q4_K).")
 def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix: Path | None, out: Path | None,
@@ -229,32 +289,71 @@ def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix:
         emit({"variants": rows})
     else:
         for r in rows:
-            click.echo(f"{r['name']:<14} {r['status']:<8} {r['bytes'] / 2**20:8.2f} MiB {r['bpw']:6.3f} bpw  {r['path']}")
+            click.echo(
+                f"{r['name']:<14} {r['status']:<8} {r['bytes'] / 2**20:8.2f} MiB {r['bpw']:6.3f} bpw  {r['path']}"
+            )
 
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("variants", nargs=-1)
-@click.option("--variants-dir", type=click.Path(path_type=Path), default=None,
-              help="Where VARIANTS are looked up by name; all of them when none are named  [default: MODEL/../variants]")
-@click.option("--ctx", "ctx_len", default=512, show_default=True,
-              help="Tokens per chunk; the second half of each is scored.")
-@click.option("--text", "text_files", multiple=True, type=click.Path(path_type=Path),
-              help="Evaluate on this UTF-8 file instead of the corpus held-out split; repeatable (one row each).")
-@click.option("--calib", type=click.Path(path_type=Path), default=None,
-              help="calibration.jsonl (or its dir) the texts must not overlap  [default: MODEL/../calib if there]")
-@click.option("--speed", is_flag=True, help="Also measure prompt/decode speed, TTFT and peak RSS (child processes).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Report dir  [default: MODEL/../reports]")
-@click.option("--reference", "mode", type=click.Choice(["auto", "topk", "exact"]), default="auto", show_default=True,
-              help="exact: FP16 runs beside the variants, full-vocabulary KLD; topk: variants against the cached "
-                   "compact FP16 reference, KLD with an exact error bound; auto: exact when FP16 fits in memory "
-                   "beside a variant, else topk.")
-@click.option("--kmax", default=1024, show_default=True, help="Most top tokens kept per position in the reference.")
-@click.option("--tail-mass", default=1e-4, show_default=True, help="FP16 probability mass the reference may leave out.")
+@click.option(
+    "--variants-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where VARIANTS are looked up by name; all of them when none are named  [default: MODEL/../variants]",
+)
+@click.option(
+    "--ctx",
+    "ctx_len",
+    default=512,
+    show_default=True,
+    help="Tokens per chunk; the second half of each is scored.",
+)
+@click.option(
+    "--text",
+    "text_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Evaluate on this UTF-8 file instead of the corpus held-out split; repeatable (one row each).",
+)
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="calibration.jsonl (or its dir) the texts must not overlap  [default: MODEL/../calib if there]",
+)
+@click.option(
+    "--speed", is_flag=True, help="Also measure prompt/decode speed, TTFT and peak RSS (child processes)."
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Report dir  [default: MODEL/../reports]"
+)
+@click.option(
+    "--reference",
+    "mode",
+    type=click.Choice(["auto", "topk", "exact"]),
+    default="auto",
+    show_default=True,
+    help="exact: FP16 runs beside the variants, full-vocabulary KLD; topk: variants against the cached "
+    "compact FP16 reference, KLD with an exact error bound; auto: exact when FP16 fits in memory "
+    "beside a variant, else topk.",
+)
+@click.option(
+    "--kmax", default=1024, show_default=True, help="Most top tokens kept per position in the reference."
+)
+@click.option(
+    "--tail-mass", default=1e-4, show_default=True, help="FP16 probability mass the reference may leave out."
+)
 @click.option("--threads", default=None, type=int, help="CPU threads per runtime (default: all cores).")
 @click.option("--no-verify", is_flag=True, help="Skip checking the variants' file sha256s.")
 @click.option("--no-cards", is_flag=True, help="Do not write README.md model cards into the variant dirs.")
-@click.option("--license", "license_", default=None, help="Model-card license  [default: the base README's, else 'other']")
+@click.option(
+    "--license",
+    "license_",
+    default=None,
+    help="Model-card license  [default: the base README's, else 'other']",
+)
 @click.option("--base-model", default=None, help="Model-card base_model  [default: the checkpoint's name]")
 def bench(model: Path, variants: tuple[str, ...], variants_dir: Path | None, ctx_len: int, text_files: tuple[Path, ...],
           calib: Path | None, speed: bool, out: Path | None, mode: str, kmax: int,
@@ -266,7 +365,8 @@ def bench(model: Path, variants: tuple[str, ...], variants_dir: Path | None, ctx
     README.md model card into each variant, and prints the table.
     """
     from orlik.benchmarks import report
-    from orlik.benchmarks.run import Options, bench as run_bench
+    from orlik.benchmarks.run import Options
+    from orlik.benchmarks.run import bench as run_bench
 
     opts = Options(ctx=ctx_len, text_files=text_files, calib=calib, speed=speed, mode=mode,
                    kmax=kmax, tail_mass=tail_mass, threads=threads,
@@ -282,8 +382,12 @@ def bench(model: Path, variants: tuple[str, ...], variants_dir: Path | None, ctx
 @cli.command()
 @click.option("--memory", required=True, help="Memory budget, e.g. 4GiB, 512MiB, 8GB.")
 @click.option("--ctx", default=4096, show_default=True, help="Context length whose KV cache must fit too.")
-@click.option("--reports", type=click.Path(path_type=Path), default=None,
-              help="A bench output dir (or its results.json)  [default: the one runs/*/reports]")
+@click.option(
+    "--reports",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A bench output dir (or its results.json)  [default: the one runs/*/reports]",
+)
 def recommend(memory: str, ctx: int, reports: Path | None) -> None:
     """The variant with the lowest KLD that fits --memory at --ctx, and why."""
     from orlik.benchmarks import recommend as rec
@@ -313,14 +417,25 @@ def _runtime_options(f: Any) -> Any:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
 @click.option("--port", default=8080, show_default=True)
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' [env: ORLIK_API_KEY].")
-@click.option("--queue-size", default=8, show_default=True, help="Requests that may wait for a slot; more get 429.")
-@click.option("--timeout", default=120.0, show_default=True, help="Seconds a request may take, queueing included.")
+@click.option(
+    "--queue-size", default=8, show_default=True, help="Requests that may wait for a slot; more get 429."
+)
+@click.option(
+    "--timeout", default=120.0, show_default=True, help="Seconds a request may take, queueing included."
+)
 @click.option("--memory-budget", default=None, help="e.g. 8G: unload idle models to stay under it.")
 @click.option("--cors", multiple=True, help="Allow this browser origin (repeatable); CORS is off by default.")
-@click.option("--max-body", default=4 << 20, show_default=True, help="Largest request body in bytes (413 above).")
+@click.option(
+    "--max-body", default=4 << 20, show_default=True, help="Largest request body in bytes (413 above)."
+)
 @click.option("--preload", is_flag=True, help="Load every model at startup instead of at its first request.")
-@click.option("--stream-interval", "stream_interval_ms", default=10.0, show_default=True,
-              help="Send a stream chunk at most every this many ms (tokens in between are merged); 0: every token.")
+@click.option(
+    "--stream-interval",
+    "stream_interval_ms",
+    default=10.0,
+    show_default=True,
+    help="Send a stream chunk at most every this many ms (tokens in between are merged); 0: every token.",
+)
 @_runtime_options
 def serve(models: tuple[str, ...], cors: tuple[str, ...], **kw: Any) -> None:
     """OpenAI-compatible server (plus a web chat at /) for MODELS.
@@ -371,8 +486,15 @@ def inspect(path: Path, verify: bool) -> None:
         emit(d)
     else:
         c = Checkpoint.open(path)
-        emit({"path": str(c.path), "arch": c.arch, "weights_bytes": c.weights_bytes, "hash": c.hash,
-              "chat_template": bool(c.chat_template)})
+        emit(
+            {
+                "path": str(c.path),
+                "arch": c.arch,
+                "weights_bytes": c.weights_bytes,
+                "hash": c.hash,
+                "chat_template": bool(c.chat_template),
+            }
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -95,7 +95,9 @@ class Variant:
         return v
 
     def save(self, directory: Path) -> None:
-        atomic_write_text(Path(directory) / MANIFEST, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(
+            Path(directory) / MANIFEST, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        )
 
     def verify(self, directory: Path | None = None) -> list[str]:
         """Files that are missing or whose sha256 differs; empty means the variant is intact."""

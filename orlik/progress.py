@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 _state = {"quiet": False, "json": False}
@@ -34,12 +34,19 @@ def info(msg: str) -> None:
 @contextmanager
 def bar(description: str, total: float | None, **fields: Any) -> Iterator[Any]:
     """A rich progress bar; `fields` become extra columns (e.g. loss, tok/s) updated by the caller."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns: list[Any] = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
     columns += [TextColumn(f"{k}={{task.fields[{k}]}}") for k in fields]
     columns += [TimeElapsedColumn(), TimeRemainingColumn()]
-    disable = quiet() or not sys.stderr.isatty() and bool(os.environ.get("CI"))
+    disable = quiet() or (not sys.stderr.isatty() and bool(os.environ.get("CI")))
     with Progress(*columns, console=console(), disable=disable, transient=False) as p:
         task = p.add_task(description, total=total, **fields)
 

@@ -116,7 +116,9 @@ def serving_gguf(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
     out.mkdir()
     subprocess.run([sys.executable, str(convert), str(tiny_checkpoint), "--outtype", "f16", "--outfile", str(f16)],
                    check=True, capture_output=True)  # fmt: skip
-    subprocess.run([str(quantize), str(f16), str(out / "model.gguf"), "Q8_0"], check=True, capture_output=True)
+    subprocess.run(
+        [str(quantize), str(f16), str(out / "model.gguf"), "Q8_0"], check=True, capture_output=True
+    )
     size = (out / "model.gguf").stat().st_size
     ckpt = Checkpoint.open(tiny_checkpoint)
     n_params = ckpt.weights_bytes // 2  # an fp16 checkpoint: 2 bytes per weight

@@ -52,13 +52,15 @@ def encode_docs(tok: Any, texts: list[str]) -> list[int]:
     """Concatenate texts as the model saw them in pretraining: each followed by EOS."""
     out: list[int] = []
     for t in texts:
-        out += tok.encode(t, add_special_tokens=False) + [tok.eos_token_id]
+        out += [*tok.encode(t, add_special_tokens=False), tok.eos_token_id]
     return out
 
 
 def heldout_report(checkpoint: str | Path, corpus_dir: Path | None = None, ctx: int = 256) -> dict[str, Any]:
     ckpt = Checkpoint.open(checkpoint)
-    return heldout_report_for_model(ckpt.load_model(), ckpt.load_tokenizer(), Path(corpus_dir or corpus.DATA_DIR), ctx)
+    return heldout_report_for_model(
+        ckpt.load_model(), ckpt.load_tokenizer(), Path(corpus_dir or corpus.DATA_DIR), ctx
+    )
 
 
 def heldout_report_for_model(model: Any, tok: Any, root: Path, ctx: int = 256) -> dict[str, Any]:
@@ -71,11 +73,19 @@ def heldout_report_for_model(model: Any, tok: Any, root: Path, ctx: int = 256) -
             continue
         nll, tgt = window_nll(model, encode_docs(tok, texts), ctx, tok.bos_token_id)
         uni = unigram_nll(train_ids, tgt, len(tok))
-        rows[lang] = {"tokens": int(nll.size), "ppl": float(np.exp(nll.mean())), "unigram_ppl": float(np.exp(uni.mean()))}
+        rows[lang] = {
+            "tokens": int(nll.size),
+            "ppl": float(np.exp(nll.mean())),
+            "unigram_ppl": float(np.exp(uni.mean())),
+        }
         all_m.append(nll)
         all_u.append(uni)
     m, u = np.concatenate(all_m), np.concatenate(all_u)
-    rows["all"] = {"tokens": int(m.size), "ppl": float(np.exp(m.mean())), "unigram_ppl": float(np.exp(u.mean()))}
+    rows["all"] = {
+        "tokens": int(m.size),
+        "ppl": float(np.exp(m.mean())),
+        "unigram_ppl": float(np.exp(u.mean())),
+    }
     return rows
 
 

@@ -44,7 +44,7 @@ def encode_stream(tok: Any, texts: list[str]) -> np.ndarray:
     ids: list[int] = []
     for t in texts:
         # Rendered chats carry their own <s>; special markers parse as single tokens.
-        ids += tok.encode(t, add_special_tokens=False) + [tok.eos_token_id]
+        ids += [*tok.encode(t, add_special_tokens=False), tok.eos_token_id]
     return np.asarray(ids, dtype=np.int64)
 
 
@@ -163,7 +163,7 @@ def run(
         lr=lr, betas=(0.9, 0.95), eps=1e-8,
     )  # fmt: skip
     args = dict(arch=arch, size=size, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
-                stream_tokens=int(len(stream)), vocab=len(tok))  # fmt: skip
+                stream_tokens=len(stream), vocab=len(tok))  # fmt: skip
     meta: dict[str, Any] = {"args": args}
     work = out.with_name(out.name + ".work")
     start, losses = _load_state(work, model, opt, meta) if resume else (0, [])
@@ -198,7 +198,7 @@ def run(
         "size": size,
         "parameters": n_params,
         "steps": steps,
-        "train_tokens_per_epoch": int(len(stream)),
+        "train_tokens_per_epoch": len(stream),
         "tokens_trained": steps * batch_size * seq_len,
         "train_seconds": round(elapsed, 1),
         "tokens_per_second": round(tokens_seen / elapsed, 1) if elapsed > 0 else None,
@@ -218,7 +218,9 @@ def run(
             eos.append(tok.convert_tokens_to_ids("<|im_end|>"))
         GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos, pad_token_id=tok.pad_token_id,
                          do_sample=True, temperature=0.7, top_p=0.9).save_pretrained(str(tmp))  # fmt: skip
-        atomic_write_text(tmp / "training.json", json.dumps({**summary, "args": args, "losses": losses}, indent=1))
+        atomic_write_text(
+            tmp / "training.json", json.dumps({**summary, "args": args, "losses": losses}, indent=1)
+        )
         (tmp / "eval.md").write_text(evaluate.report_markdown(ppl))
     shutil.rmtree(work, ignore_errors=True)
     return summary

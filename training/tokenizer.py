@@ -147,7 +147,9 @@ def report_markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build(out: Path, *, vocab_size: int = 8000, corpus_dir: Path | None = None, seed: int = 0) -> dict[str, Any]:
+def build(
+    out: Path, *, vocab_size: int = 8000, corpus_dir: Path | None = None, seed: int = 0
+) -> dict[str, Any]:
     """Train, export and report. `seed` is recorded; BPE training itself is deterministic."""
     if vocab_size < 300:
         raise InputError("vocab size must be at least 300 (256 byte pieces + specials + merges)")

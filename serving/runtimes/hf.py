@@ -29,7 +29,9 @@ class HFRuntime(Runtime):
         self.threads = threads
         # Whether the tokenizer's own post-processor adds BOS (transformers 5 has no add_bos_token flag).
         probe = tokenizer.encode("a", add_special_tokens=True)
-        self._adds_bos = bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
+        self._adds_bos = (
+            bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
+        )
 
     @classmethod
     def missing(cls) -> str | None:
