@@ -86,17 +86,23 @@ def test_unwritable_output_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture
     assert blocker.read_text().startswith("a file")
 
 
-@pytest.mark.skipif(
-    os.name != "posix" or os.geteuid() == 0, reason="root writes through directory permissions"
-)
 def test_read_only_output_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ro = tmp_path / "ro"
-    ro.mkdir(mode=0o500)
+    if os.name == "posix" and os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+    else:
+        # Root writes through directory permissions; sysfs refuses new entries even to root.
+        ro = Path("/sys/kernel")
+        if not ro.is_dir():
+            pytest.skip("running as root and no /sys/kernel to stand in for a read-only directory")
+    before = sorted(p.name for p in ro.iterdir())
     try:
-        code, _, err = cli(["train", "pretrain", "--out", str(ro / "fp16"), "--steps", "2"], capsys)
+        code, _, err = cli(["train", "pretrain", "--out", str(ro / "orlik-fp16"), "--steps", "2"], capsys)
     finally:
-        ro.chmod(0o700)
-    assert code == 2 and "cannot write to" in err and list(ro.iterdir()) == []
+        if ro.is_relative_to(tmp_path):
+            ro.chmod(0o700)
+    assert code == 2 and err.startswith("orlik: error: cannot write to") and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in ro.iterdir()) == before
 
 
 # ---------------------------------------------------------------- reproducibility and resume
