@@ -56,7 +56,7 @@ def calibration_card(v: Variant, ckpt: Checkpoint) -> str | None:
     return None
 
 
-def usage(v: Variant, name: str) -> str:
+def usage(v: Variant, name: str, *, sentencepiece: bool = False) -> str:
     rel = f"{name}/{next(iter(v.files))}"
     lines = ["```bash", f"orlik serve {v.path}", "# OpenAI-compatible API at http://127.0.0.1:8080/v1", "```"]
     if v.format == "gguf":
@@ -65,9 +65,12 @@ def usage(v: Variant, name: str) -> str:
                   'print(llm("Stolicą Polski jest", max_tokens=32)["choices"][0]["text"])', "```", "",
                   "```bash", f"llama-server -m {rel} -c 4096", "```"]  # fmt: skip
     elif v.format in ("gptq", "awq", "hqq"):
-        lines += ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        # transformers 5 maps some model types (qwen2) to their own byte-level tokenizer whatever the
+        # config declares; a SentencePiece vocabulary declared as LlamaTokenizer must be loaded as one.
+        tok = "LlamaTokenizer" if sentencepiece else "AutoTokenizer"
+        lines += ["", "```python", f"from transformers import AutoModelForCausalLM, {tok}", "",
                   f'model = AutoModelForCausalLM.from_pretrained("{name}")',
-                  f'tok = AutoTokenizer.from_pretrained("{name}")', "```"]  # fmt: skip
+                  f'tok = {tok}.from_pretrained("{name}")', "```"]  # fmt: skip
     elif v.format == "mlx":
         lines += ["", "```bash", f'mlx_lm.generate --model {name} --prompt "Stolicą Polski jest"', "```"]
     return "\n".join(lines)
@@ -112,7 +115,9 @@ def render(result: dict[str, Any], results: dict[str, Any], v: Variant, ckpt: Ch
     card = calibration_card(v, ckpt)
     if card:
         body += ["## Calibration", "", card.strip(), ""]
-    body += ["## Usage", "", usage(v, v.path.name if v.path else v.name), ""]
+    declared = str(ckpt.tokenizer_config.get("tokenizer_class") or "").removesuffix("Fast")
+    spm = declared == "LlamaTokenizer" and (ckpt.path / "tokenizer.model").is_file()
+    body += ["## Usage", "", usage(v, v.path.name if v.path else v.name, sentencepiece=spm), ""]
     return "\n".join([*front, "", *body])
 
 
