@@ -13,11 +13,12 @@ MODEL ?= tiny
 ARCH ?= llama
 export ORLIK_CACHE
 
-.PHONY: demo test test-all lint llamacpp clean-demo help chromium
+.PHONY: demo demo-all test test-all lint llamacpp clean-demo help chromium gptq
 
 help:
 	@echo "make demo   - set up, train the tiny model, quantize, benchmark, print the table"
 	@echo "make test   - set up and run the test suite (not slow, not gpu)"
+	@echo "make demo-all - the demo plus GPTQ, AWQ, HQQ and MLX variants in the same table (installs GPTQModel)"
 	@echo "make llamacpp - build llama.cpp tools + llama-cpp-python once (cached in $(LLAMA_ROOT))"
 
 $(VENV)/.installed: pyproject.toml
@@ -39,6 +40,15 @@ $(VENV)/.llamacpp-$(LLAMA_CPP_PYTHON): $(VENV)/.installed scripts/build-llamacpp
 
 llamacpp: $(VENV)/.llamacpp-$(LLAMA_CPP_PYTHON)
 
+# GPTQ and AWQ run on GPTQModel, kept out of the default install: it pins numpy 2.2.6 (orlik[all]
+# resolves to that) and compiles a C++ kernel on its first use, minutes on 2 cores.
+$(VENV)/.gptq: $(VENV)/.installed
+	@echo "installing GPTQModel 7.6.0 (orlik[gptq])..."
+	$(PIP) install --quiet -e ".[gptq]"
+	touch $@
+
+gptq: $(VENV)/.gptq
+
 # Debian's Chromium for the web chat page test (tests/test_serving_web.py skips, saying so, without it).
 chromium:
 	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; \
@@ -50,10 +60,13 @@ chromium:
 demo: llamacpp
 	bash scripts/demo.sh
 
+demo-all: llamacpp gptq
+	ALL=1 bash scripts/demo.sh
+
 test: llamacpp chromium
 	$(VENV)/bin/pytest -q -m "not slow and not gpu"
 
-test-all: llamacpp
+test-all: llamacpp chromium gptq
 	$(VENV)/bin/pytest -q
 
 lint: $(VENV)/.installed

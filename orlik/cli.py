@@ -244,7 +244,8 @@ def _type_override(
     "recipes",
     multiple=True,
     required=True,
-    help="Recipe or preset, repeatable: Q4_K_M, Q4_K_M-imat, IQ2_XXS-imat, bielik-table8, gguf-all.",
+    help="Recipe or preset, repeatable: Q4_K_M, Q4_K_M-imat, IQ2_XXS-imat, gptq-w4g128, awq-w4g128, "
+    "hqq-3bit-g64, mlx-q4, mlx-q4-awq; presets bielik-table8, bielik-other, gguf-all.",
 )
 @click.option(
     "--calib",

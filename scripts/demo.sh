@@ -72,6 +72,18 @@ for v in sorted(rows, key=lambda v: (-v["bpw"], v["name"])):
     print(f"{v['name']:<14} {v['bytes'] / 2**20:7.2f} {v['bpw']:6.2f} {v['extra']['blocks_bpw']:10.2f}  {'yes' if v['imatrix_hash'] else 'no'}")
 PY
 
+if [ "${ALL:-0}" = 1 ]; then
+  step "5b GPTQ, AWQ, HQQ and MLX variants (make demo-all): gptq-w4g128, awq-w4g128, hqq-3bit/4bit-g64, mlx-q4/q3"
+  # GPTQ and AWQ read the same calibration set; HQQ needs none; MLX runs on mlx-cpu here, Metal on a Mac.
+  $ORLIK -q quantize "$dir/fp16" --recipe bielik-other --calib "$dir/calib" --out "$dir/variants" >/dev/null
+  python3 - "$dir/variants" <<'PY'
+import json, sys, pathlib
+rows = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*/variant.json")]
+for v in sorted((v for v in rows if v["format"] != "gguf"), key=lambda v: (v["format"], -v["bpw"])):
+    print(f"{v['name']:<14} {v['bytes'] / 2**20:7.2f} MiB {v['bpw']:6.2f} bpw  {', '.join(f'{k} {x}' for k, x in v['tools'].items())}")
+PY
+fi
+
 step "6 Table 8: every variant against FP16 on the held-out text (llama.cpp's method), speed and memory"
 # The FP16 reference is cached under reports/reference/; pareto.png and speed.png sit beside table.md.
 $ORLIK bench "$dir/fp16" --variants-dir "$dir/variants" --out "$dir/reports" --speed --license apache-2.0

@@ -137,3 +137,20 @@ def test_chatml_markers_are_single_tokens_in_llamacpp(llama: Any) -> None:
     llm = llama("qwen2")
     for marker in ("<|im_start|>", "<|im_end|>"):
         assert len(llm.tokenize(marker.encode(), add_bos=False, special=True)) == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_chat_prompt_tokens_match_llamacpp(arch: str, family_path: Callable[[str], Path], llama: Any) -> None:
+    """A rendered chat prompt tokenizes to the same ids in transformers and llama.cpp, so the HF and
+    GGUF runtimes serve the same prompt (llama.cpp puts a "▁" after every special token; the
+    checkpoint's tokenizer is exported with the same legacy SentencePiece spacing)."""
+    from orlik.checkpoint import Checkpoint
+
+    tok = Checkpoint.open(family_path(arch)).load_tokenizer()
+    messages = [{"role": "system", "content": "Odpowiadaj krótko."},
+                {"role": "user", "content": "Jaka jest stolica Polski?"},
+                {"role": "assistant", "content": "Warszawa."},
+                {"role": "user", "content": "A Czech? Żółć, gęślą jaźń."}]  # fmt: skip
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok.encode(prompt, add_special_tokens=False)
+    assert llama(arch).tokenize(prompt.encode("utf-8"), add_bos=False, special=True) == ids

@@ -79,7 +79,9 @@ def export_hf(model_bytes: bytes, out: Path) -> None:
         **{f"{k}_token": v for k, v in SPECIAL.items()},
         "add_bos_token": True,
         "add_eos_token": False,
-        "legacy": False,
+        # Legacy SentencePiece spacing (Llama 2, Mistral): a "▁" starts the text after every special
+        # token. llama.cpp always tokenizes that way, so HF and GGUF runtimes see the same chat prompt.
+        "legacy": True,
         "clean_up_tokenization_spaces": False,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
@@ -88,6 +90,7 @@ def export_hf(model_bytes: bytes, out: Path) -> None:
     # convert_hf_to_gguf.py marks control tokens from added_tokens_decoder, which transformers 5 no
     # longer writes; without it llama.cpp spells "<|im_start|>" out of ordinary pieces.
     saved = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    saved["legacy"] = True  # save_pretrained drops it, and LlamaTokenizer then rebuilds with "first"
     saved["added_tokens_decoder"] = {
         str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                  "single_word": t.single_word, "special": t.special}
