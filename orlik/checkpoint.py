@@ -86,15 +86,7 @@ class Checkpoint:
         return tpl if isinstance(tpl, str) else None
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
-        from transformers import AutoTokenizer, LlamaTokenizer
-
-        # transformers 5 overrides the declared tokenizer_class for some model types (qwen2 -> its own
-        # byte-level Qwen2Tokenizer), which garbles a SentencePiece vocabulary such as orlik's: Polish
-        # letters and spaces vanish. A SentencePiece checkpoint that declares LlamaTokenizer is one.
-        declared = str(self.tokenizer_config.get("tokenizer_class") or "").removesuffix("Fast")
-        if declared == "LlamaTokenizer" and (self.path / "tokenizer.model").is_file():
-            return LlamaTokenizer.from_pretrained(str(self.path))
-        return AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=False)
+        return load_tokenizer(self.path)
 
     def load_model(self, dtype: torch.dtype | None = None) -> PreTrainedModel:
         import torch
@@ -111,6 +103,24 @@ class Checkpoint:
             raise CheckpointError(f"cannot load {self.path}: {str(e).splitlines()[0]}") from None
         model.eval()
         return model
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a checkpoint or variant directory, never with remote code."""
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    # transformers 5 overrides the declared tokenizer_class for some model types (qwen2 -> its own
+    # byte-level Qwen2Tokenizer), which garbles a SentencePiece vocabulary such as orlik's: Polish
+    # letters and spaces vanish. A SentencePiece directory that declares LlamaTokenizer is one.
+    path = Path(path)
+    try:
+        cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = {}
+    declared = str(cfg.get("tokenizer_class") or "").removesuffix("Fast") if isinstance(cfg, dict) else ""
+    if declared == "LlamaTokenizer" and (path / "tokenizer.model").is_file():
+        return LlamaTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
 def _weight_files(p: Path) -> list[Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -499,6 +500,8 @@ def inspect(path: Path, verify: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # orlik draws its own progress; transformers' per-load tqdm bars ("Loading weights") are noise here.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         cli.main(args=argv, prog_name="orlik", standalone_mode=False)
     except OrlikError as e:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from orlik.checkpoint import Checkpoint
+from orlik.checkpoint import Checkpoint, load_tokenizer
 from orlik.errors import InputError
 from orlik.manifest import Variant
 from orlik.serving.runtimes.hf import HFRuntime
@@ -68,7 +68,7 @@ class TransformersQuantRuntime(HFRuntime):
     @classmethod
     def load(cls, source: Variant | Checkpoint, **options: Any) -> TransformersQuantRuntime:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         if not isinstance(source, Variant) or source.format not in cls.formats or source.path is None:
             raise InputError(f"{getattr(source, 'path', source)} is not a GPTQ or AWQ variant")
@@ -83,7 +83,7 @@ class TransformersQuantRuntime(HFRuntime):
             str(source.path), device_map="cpu", dtype=dtype, trust_remote_code=False
         )
         model.eval()
-        tok = AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False)
+        tok = load_tokenizer(source.path)
         return cls(source, model, tok, threads)  # type: ignore[arg-type]
 
     def resident_weight_bytes(self) -> int:

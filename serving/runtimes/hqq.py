@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from orlik.checkpoint import Checkpoint
+from orlik.checkpoint import Checkpoint, load_tokenizer
 from orlik.errors import InputError, ManifestError
 from orlik.manifest import Variant
 from orlik.serving.runtimes.hf import HFRuntime
@@ -35,7 +35,6 @@ class HQQRuntime(HFRuntime):
     @classmethod
     def load(cls, source: Variant | Checkpoint, **options: Any) -> HQQRuntime:
         import torch
-        from transformers import AutoTokenizer
 
         if not isinstance(source, Variant) or source.format != "hqq" or source.path is None:
             raise InputError(f"{getattr(source, 'path', source)} is not an HQQ variant")
@@ -46,7 +45,7 @@ class HQQRuntime(HFRuntime):
         # dtype="float32" computes exactly at the cost of upcasting scales and dense tensors.
         dtype = getattr(torch, str(options.get("dtype", "bfloat16")))
         model = load_model(source.path, dtype)
-        tok = AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False)
+        tok = load_tokenizer(source.path)
         return cls(source, model, tok, threads)  # type: ignore[arg-type]
 
     def resident_weight_bytes(self) -> int:

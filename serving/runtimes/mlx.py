@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from orlik.checkpoint import Checkpoint
+from orlik.checkpoint import Checkpoint, load_tokenizer
 from orlik.errors import InputError
 from orlik.manifest import Variant
 from orlik.serving.runtimes.base import Sampling, Token
@@ -37,7 +37,6 @@ class MLXRuntime(HFRuntime):
     @classmethod
     def load(cls, source: Variant | Checkpoint, **options: Any) -> MLXRuntime:
         from mlx_lm.utils import load_model
-        from transformers import AutoTokenizer
 
         if not isinstance(source, Variant) or source.format != "mlx" or source.path is None:
             raise InputError(f"{getattr(source, 'path', source)} is not an MLX variant")
@@ -49,7 +48,7 @@ class MLXRuntime(HFRuntime):
         dtype = options.get("dtype") or ("float32" if mx.default_device() == mx.cpu else None)
         if dtype:
             model.set_dtype(getattr(mx, str(dtype)))
-        tok = AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False)
+        tok = load_tokenizer(source.path)
         return cls(source, model, tok, config)
 
     @property
