@@ -2,7 +2,7 @@
 at Q2_K and Q3_K_M: without an imatrix, with an English-only imatrix, and with the Polish-English
 one, the two imatrices computed on calibration sets of the same token count and chunk count.
 
-    python -m orlik.benchmarks.imatrix_ablation runs/tiny/fp16 [--tokens 30000] [--chunk 256]
+    python -m orlik.benchmarks.imatrix_ablation runs/tiny/fp16 [--tokens 24000] [--chunk 256]
 
 KLD is llama.cpp's own: `llama-perplexity --kl-divergence` against logits saved from the F16 GGUF.
 Every step goes through the `orlik` CLI (calibrate build / imatrix / quantize), so each is resumable.
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path, help="FP16 checkpoint")
     ap.add_argument("--work", type=Path, default=None, help="work dir [default: MODEL/../ablation]")
-    ap.add_argument("--tokens", type=int, default=30_000, help="tokens in each calibration set")
+    ap.add_argument("--tokens", type=int, default=24_000, help="tokens in each calibration set (the corpus holds ~24.6k English train tokens)")
     ap.add_argument("--chunk", type=int, default=256, help="llama-imatrix chunk size")
     ap.add_argument("--ctx", type=int, default=512, help="llama-perplexity context")
     a = ap.parse_args(argv)
