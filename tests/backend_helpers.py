@@ -58,7 +58,7 @@ for v in variants:
         q = log_softmax(logits)
         kl.append((np.exp(r) * (r - q)).sum(-1))
         same.append(r.argmax(-1) == q.argmax(-1))
-    gen = list(rt.generate(rt.tokenize("Kraków to"), Sampling(max_tokens=8, temperature=0)))
+    gen = list(rt.generate(rt.tokenize("Kraków to"), Sampling(max_tokens=8, temperature=0, ignore_eos=True)))
     out[v] = {"kld": float(np.concatenate(kl).mean()), "same_top": float(np.concatenate(same).mean()),
               "resident": int(rt.resident_weight_bytes()), "generated": len(gen), "runtime": rt.name}
 print("RESULT " + json.dumps(out))

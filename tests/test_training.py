@@ -101,7 +101,9 @@ def test_read_only_output_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixt
     finally:
         if ro.is_relative_to(tmp_path):
             ro.chmod(0o700)
-    assert code == 2 and err.startswith("orlik: error: cannot write to") and len(err.strip().splitlines()) == 1
+    assert (
+        code == 2 and err.startswith("orlik: error: cannot write to") and len(err.strip().splitlines()) == 1
+    )
     assert sorted(p.name for p in ro.iterdir()) == before
 
 

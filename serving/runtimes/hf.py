@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -116,8 +116,7 @@ class HFRuntime(Runtime):
         return out.logits[0].float().numpy()
 
     def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
-        import torch
-
+        """Sample token by token from `step`'s logits: the loop every in-process runtime shares."""
         from orlik.serving.sampling import Sampler
 
         eos = self.eos_ids
@@ -127,20 +126,32 @@ class HFRuntime(Runtime):
 
             constraint = json_constraint(self.tok, sampling.json_schema, self.n_vocab, eos)
         sampler = Sampler(sampling, tokens, constraint)
-        past = None
-        inp = torch.tensor([tokens], dtype=torch.long)
-        with torch.inference_mode():
-            for _ in range(sampling.max_tokens):
-                out = self.model(inp, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                logits = out.logits[0, -1].float().numpy()
-                if sampling.ignore_eos:
-                    logits[list(eos)] = -np.inf
-                t = sampler.sample(logits)
-                yield t
-                if t.id in eos:
-                    return
-                inp = torch.tensor([[t.id]], dtype=torch.long)
+        step = self.stepper(tokens)
+        logits = step(None)
+        for _ in range(sampling.max_tokens):
+            if sampling.ignore_eos:
+                logits[list(eos)] = -np.inf
+            t = sampler.sample(logits)
+            yield t
+            if t.id in eos:
+                return
+            logits = step(t.id)
+
+    def stepper(self, tokens: list[int]) -> Callable[[int | None], np.ndarray]:
+        """step(None) -> float32 logits after the prompt; step(t) feeds t and returns the next ones.
+        Keeps its own KV cache; subclasses with another framework override only this."""
+        import torch
+
+        state: dict[str, Any] = {"past": None}
+
+        def step(token: int | None) -> np.ndarray:
+            inp = torch.tensor([tokens if token is None else [token]], dtype=torch.long)
+            with torch.inference_mode():
+                out = self.model(inp, past_key_values=state["past"], use_cache=True)
+            state["past"] = out.past_key_values
+            return out.logits[0, -1].float().numpy()
+
+        return step
 
 
 RUNTIME = HFRuntime

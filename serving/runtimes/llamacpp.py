@@ -246,6 +246,12 @@ class LlamaCppRuntime(Runtime):
         grammar = self._grammar(s)
         if grammar is not None:
             lc.llama_sampler_chain_add(chain.sampler, grammar)
+        if s.ignore_eos:  # as llama-server does it: a -inf bias on every end-of-generation token
+            eos = sorted(self.eos_ids)
+            biases = (lc.llama_logit_bias * len(eos))(*(lc.llama_logit_bias(t, float("-inf")) for t in eos))
+            lc.llama_sampler_chain_add(
+                chain.sampler, lc.llama_sampler_init_logit_bias(self._n_vocab, len(eos), biases)
+            )
         if s.repetition_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
             pen = lc.llama_sampler_init_penalties(
                 self._n_vocab, PENALTY_LAST_N, s.repetition_penalty, s.frequency_penalty, s.presence_penalty

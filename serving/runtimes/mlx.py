@@ -7,7 +7,7 @@ orlik's numpy sampler, so every format decodes the same way.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,7 +15,6 @@ import numpy as np
 from orlik.checkpoint import Checkpoint, load_tokenizer
 from orlik.errors import InputError
 from orlik.manifest import Variant
-from orlik.serving.runtimes.base import Sampling, Token
 from orlik.serving.runtimes.hf import HFRuntime
 
 
@@ -73,23 +72,17 @@ class MLXRuntime(HFRuntime):
         out = self.model(mx.array([tokens]))
         return np.array(out[0].astype(mx.float32))
 
-    def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
+    def stepper(self, tokens: list[int]) -> Callable[[int | None], np.ndarray]:
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
 
-        from orlik.serving.sampling import Sampler
-
-        sampler = Sampler(sampling, tokens)
         cache = make_prompt_cache(self.model)
-        inp = mx.array([tokens])
-        eos = self.eos_ids
-        for _ in range(sampling.max_tokens):
-            out = self.model(inp, cache=cache)
-            t = sampler.sample(np.array(out[0, -1].astype(mx.float32)))
-            yield t
-            if t.id in eos:
-                return
-            inp = mx.array([[t.id]])
+
+        def step(token: int | None) -> np.ndarray:
+            out = self.model(mx.array([tokens if token is None else [token]]), cache=cache)
+            return np.array(out[0, -1].astype(mx.float32))
+
+        return step
 
     def resident_weight_bytes(self) -> int:
         from mlx.utils import tree_flatten
