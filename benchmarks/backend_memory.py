@@ -50,7 +50,7 @@ def import_floor(fmt: str) -> int:
 
 def write_calibration(out: Path, docs: int) -> Path:
     """A small calibration.jsonl in `orlik calibrate build`'s schema, from the corpus train split."""
-    from orlik.training import corpus
+    from orlik import corpus
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "calibration.jsonl", "w", encoding="utf-8") as f:

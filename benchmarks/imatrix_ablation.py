@@ -45,9 +45,9 @@ def perplexity(args: list[str]) -> str:
 
 
 def run(model: Path, work: Path, tokens: int, chunk: int, ctx: int) -> dict[str, Any]:
+    from orlik import corpus
     from orlik.checkpoint import Checkpoint
     from orlik.gguf_convert import f16_gguf
-    from orlik.training import corpus
 
     work.mkdir(parents=True, exist_ok=True)
     threads = str(len(os.sched_getaffinity(0)))
@@ -130,7 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path, help="FP16 checkpoint")
     ap.add_argument("--work", type=Path, default=None, help="work dir [default: MODEL/../ablation]")
-    ap.add_argument("--tokens", type=int, default=24_000, help="tokens in each calibration set (the corpus holds ~24.6k English train tokens)")
+    ap.add_argument(
+        "--tokens",
+        type=int,
+        default=24_000,
+        help="tokens in each calibration set (the corpus holds ~24.6k English train tokens)",
+    )
     ap.add_argument("--chunk", type=int, default=256, help="llama-imatrix chunk size")
     ap.add_argument("--ctx", type=int, default=512, help="llama-perplexity context")
     a = ap.parse_args(argv)

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         text = a.text
         if text is None:
-            from orlik.training import corpus
+            from orlik import corpus
 
             text = work / "heldout.txt"
             text.write_text("\n\n".join(corpus.heldout_text(lang) for lang in corpus.LANGS), encoding="utf-8")

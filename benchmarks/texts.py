@@ -1,8 +1,8 @@
 """Evaluation texts: the corpus's held-out split per language by default, or the user's files,
 and a check that none of them overlaps the calibration set.
 
-The held-out split is read through orlik.training.corpus, which is only the corpus data loader:
-the benchmark needs the same documents the training stage held out, not training code.
+The held-out split is read through orlik.corpus, the core's corpus loader, so the benchmark
+scores exactly the documents that training held out.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class EvalText:
 
 
 def heldout_texts() -> list[EvalText]:
-    from orlik.training import corpus
+    from orlik import corpus
 
     out = []
     for lang in corpus.LANGS:

@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orlik import progress
+from orlik import corpus, progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, OutputError
 from orlik.fsutil import atomic_dir
-from orlik.training import corpus
 
 from . import card as cardmod
 from . import dedup, langid

@@ -62,7 +62,7 @@ def detect(texts: Sequence[str]) -> list[str | None]:
 
 
 def _units(texts: Sequence[tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
-    from orlik.training.corpus import sentences
+    from orlik.corpus import sentences
 
     paragraphs, sents = [], []
     for lang, text in texts:
@@ -78,14 +78,14 @@ def accuracy(split: str = "heldout", root: Path | None = None) -> dict[str, Any]
 
     Sentences shorter than four words are left out: a calibration sample is never that short.
     """
-    from orlik.training import corpus
+    from orlik import corpus
 
     return copy.deepcopy(_accuracy(split, Path(root or corpus.DATA_DIR).resolve()))
 
 
 @lru_cache(maxsize=8)
 def _accuracy(split: str, root: Path) -> dict[str, Any]:
-    from orlik.training import corpus
+    from orlik import corpus
 
     docs = corpus.documents(split=split, root=root)
     report: dict[str, Any] = {"method": METHOD, "lingua_version": version(), "split": split}

@@ -1,8 +1,8 @@
 """Candidate calibration samples from each source: corpus documents, the user's files, chats and
 parallel pairs, cut into chunks of at most `max_tokens` tokens of the model's tokenizer.
 
-The project corpus is read through orlik.training.corpus, which is only its data loader (the
-files in the repo and their train/held-out split), not training code.
+The project corpus is read through orlik.corpus, the core's loader of the corpus files and their
+train/held-out split, which the training, calibration and benchmark stages all share.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from orlik import corpus
 from orlik.errors import InputError
 from orlik.fsutil import sha256_bytes
-from orlik.training import corpus
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl",)

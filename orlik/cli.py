@@ -61,7 +61,7 @@ def train() -> None:
 @click.option("--root", type=click.Path(path_type=Path), default=None, help="Corpus data dir.")
 def train_corpus(root: Path | None) -> None:
     """Sizes of the built-in Polish-English corpus per language and domain."""
-    from orlik.training import corpus
+    from orlik import corpus
 
     emit(corpus.stats(root or corpus.DATA_DIR))
 

@@ -36,7 +36,7 @@ _MEASURE = r"""
 import json, sys
 import numpy as np
 from orlik.serving.runtimes.base import Sampling, load_runtime
-from orlik.training import corpus
+from orlik import corpus
 
 def log_softmax(x):
     x = x.astype(np.float64)

@@ -73,8 +73,8 @@ def tiny_calibration(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: 
     documents, Polish and English, token counts from the checkpoint's tokenizer."""
     import json
 
+    from orlik import corpus
     from orlik.checkpoint import Checkpoint
-    from orlik.training import corpus
 
     tok = Checkpoint.open(tiny_checkpoint).load_tokenizer()
     out = tmp_path_factory.mktemp("calib")
@@ -135,7 +135,7 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Pretraining on it takes seconds, for tests of the training loop itself."""
     import json
 
-    from orlik.training import corpus
+    from orlik import corpus
 
     root = tmp_path_factory.mktemp("small-corpus")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from orlik import corpus
 from orlik.cli import main
-from orlik.training import corpus
 
 CTX = 128
 

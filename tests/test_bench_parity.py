@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orlik.training import corpus
+from orlik import corpus
 
 CTX = 128
 

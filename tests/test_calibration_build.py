@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
+from orlik import corpus
 from orlik.calibration import build as calib
 from orlik.calibration import dedup, langid
 from orlik.cli import main
 from orlik.errors import InputError
 from orlik.fsutil import sha256_file
-from orlik.training import corpus
 
 MIN_TOKENS = calib.MIN_TOKENS
 

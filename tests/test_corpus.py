@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from orlik import corpus
 from orlik.errors import InputError
-from orlik.training import corpus
 
 NAMED_DOMAINS = {"news", "science", "law", "medicine", "history", "technology", "cooking", "travel",
                  "dialogue", "literature"}  # fmt: skip

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from orlik.training import corpus
+from orlik import corpus
 
 MAX_ABS = 1e-2
 MAX_KLD = 1e-5

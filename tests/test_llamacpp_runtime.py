@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from orlik import corpus
 from orlik.errors import InputError
 from orlik.manifest import Variant
 from orlik.serving.runtimes.base import Sampling, load_runtime, runtime_class
-from orlik.training import corpus
 
 
 @pytest.fixture(scope="module")

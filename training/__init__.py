@@ -1,1 +1,1 @@
-"""orlik.training: corpus, tokenizer and tiny-model pretraining that end at an FP16 checkpoint."""
+"""orlik.training: tokenizer and tiny-model pretraining on orlik.corpus that end at an FP16 checkpoint."""

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from orlik import corpus
 from orlik.checkpoint import Checkpoint
-from orlik.training import corpus
 
 
 def window_nll(model: Any, ids: list[int], ctx: int, bos: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from orlik import progress
+from orlik import corpus, progress
 from orlik.errors import InputError, UnknownNameError
 from orlik.fsutil import atomic_dir, atomic_write_text, check_writable
-from orlik.training import configs, corpus, evaluate, tokenizer
+from orlik.training import configs, evaluate, tokenizer
 
 DEFAULTS = {
     "tiny": {"steps": 240, "batch_size": 16, "seq_len": 256, "lr": 3e-3},

@@ -10,9 +10,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from orlik import corpus
 from orlik.errors import InputError
 from orlik.fsutil import atomic_dir
-from orlik.training import corpus
 
 SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]  # ChatML markers, single tokens for the qwen2 family
