@@ -71,40 +71,42 @@ class HQQBackend(Backend):
         common.seed_everything(int(recipe.options.get("seed", 0)))
         HQQLinear.set_backend(HQQBackend.PYTORCH)
         qcfg = BaseQuantizeConfig(nbits=bits, group_size=group, axis=axis)
+        # Layer by layer from the safetensors files: the model is built on the meta device only to
+        # name its linear layers, and each weight is read, quantized and dropped in turn, so peak
+        # memory is the quantized output plus one FP16 layer, not the whole FP16 model.
         # HQQ's optimiser runs in float32 whatever the storage type; scales/zeros are kept in FP16.
-        model = ckpt.load_model(dtype=torch.float16)
-        targets = [
-            (name, mod)
-            for name, mod in model.named_modules()
-            if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] not in SKIP
-        ]
+        targets, tied = _linear_layers(ckpt)
         if not targets:
             raise InputError(f"architecture {ckpt.arch!r} has no linear layers HQQ can quantize")
-        with progress.bar(f"{recipe.name}: HQQ", total=len(targets)) as bar:
-            for name, lin in targets:
-                if lin.in_features % group:
-                    raise InputError(
-                        f"{name}: {lin.in_features} inputs are not a multiple of group size {group}"
-                    )
-                parent = model.get_submodule(name.rsplit(".", 1)[0])
-                # Quantized one layer at a time and the FP16 weight dropped, so memory only falls.
-                q = HQQLinear(lin, qcfg, compute_dtype=torch.float16, device="cpu", del_orig=True)
-                setattr(parent, name.rsplit(".", 1)[1], q)
-                bar.advance()
-        tensors: dict[str, torch.Tensor] = {}
-        quantized = {name for name, _ in targets}
-        for name, mod in model.named_modules():
-            if name in quantized:
-                for k, v in mod.state_dict().items():
-                    tensors[f"{name}.{k}"] = v.detach().contiguous()
-        for k, v in model.state_dict().items():
-            if k.rsplit(".", 1)[0] not in quantized:
-                tensors[k] = v.detach().contiguous()
+        with _Tensors(ckpt) as weights:
+            tensors: dict[str, torch.Tensor] = {}
+            with progress.bar(f"{recipe.name}: HQQ", total=len(targets)) as bar:
+                for name in targets:
+                    w = weights.take(f"{name}.weight")
+                    if w.shape[1] % group:
+                        raise InputError(
+                            f"{name}: {w.shape[1]} inputs are not a multiple of group size {group}"
+                        )
+                    bias = weights.take(f"{name}.bias") if f"{name}.bias" in weights else None
+                    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+                    lin.weight = torch.nn.Parameter(w.to(torch.float16), requires_grad=False)
+                    if bias is not None:
+                        lin.bias = torch.nn.Parameter(bias.to(torch.float16), requires_grad=False)
+                    q = HQQLinear(lin, qcfg, compute_dtype=torch.float16, device="cpu", del_orig=True)
+                    # Copies, not the state dict's views: a view would keep HQQ's work buffers alive.
+                    for k, v in q.state_dict().items():
+                        tensors[f"{name}.{k}"] = v.detach().clone()
+                    del q, lin, w, bias
+                    common.release_memory()
+                    bar.advance()
+            for k in weights.left():  # embeddings, norms, the output head: FP16, as the loader expects
+                t = weights.take(k)
+                tensors[k] = (t.to(torch.float16) if t.is_floating_point() else t).contiguous()
         # Tied embeddings share storage; safetensors refuses aliases, and the loader re-ties them.
-        if getattr(model.config, "tie_word_embeddings", False):
+        if tied:
             tensors.pop("lm_head.weight", None)
         save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "quantizer": "hqq"})
-        del model, tensors
+        del tensors
         config = json.loads((ckpt.path / "config.json").read_text(encoding="utf-8"))
         config["quantization_config"] = quant_config(bits, group, axis)
         (out / "config.json").write_text(
@@ -120,6 +122,78 @@ class HQQBackend(Backend):
             extra={"axis": axis, "packing": _packing(bits), "quantized_layers": len(targets),
                    "kept_fp16": list(SKIP)},
         )  # fmt: skip
+
+
+def _linear_layers(ckpt: Checkpoint) -> tuple[list[str], bool]:
+    """Names of the linear layers HQQ quantizes (not the output head), from a weightless model."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(ckpt.path), trust_remote_code=False)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = [
+        n
+        for n, m in skeleton.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in SKIP
+    ]
+    return names, bool(getattr(config, "tie_word_embeddings", False))
+
+
+class _Tensors:
+    """The checkpoint's tensors by name across its safetensors shards, each read once on demand.
+
+    Read with plain file reads at the header's offsets rather than through a memory map: every
+    page of a mapped file that has been touched stays in the process's resident set until the
+    map closes, which would add the whole FP16 model to peak RSS by the last layer.
+    """
+
+    _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        import struct
+
+        self._where: dict[str, tuple[Path, int, int, str, list[int]]] = {}
+        for f in ckpt.weight_files:
+            with open(f, "rb") as fh:
+                base = 8 + struct.unpack("<Q", fh.read(8))[0]
+            for name, meta in common.safetensors_header(f).items():
+                start, end = (int(x) for x in meta["data_offsets"])
+                if meta["dtype"] not in self._DTYPES:
+                    raise InputError(
+                        f"{f.name}: tensor {name} has dtype {meta['dtype']}, which HQQ cannot read"
+                    )
+                self._where[name] = (f, base + start, end - start, meta["dtype"], list(meta["shape"]))
+
+    def __enter__(self) -> _Tensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._where.clear()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def take(self, name: str) -> Any:
+        import torch
+
+        if name not in self._where:
+            raise InputError(f"the checkpoint has no tensor {name!r}; HQQ cannot map its layers to weights")
+        path, offset, size, dtype, shape = self._where.pop(name)
+        dt = getattr(torch, self._DTYPES[dtype])
+        if size == 0:
+            return torch.empty(shape, dtype=dt)
+        buf = bytearray(size)
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(buf) != size:
+                raise InputError(f"{path.name}: tensor {name} is truncated")
+        return torch.frombuffer(buf, dtype=dt).reshape(shape)
+
+    def left(self) -> list[str]:
+        return list(self._where)
 
 
 def _packing(bits: int) -> str:
