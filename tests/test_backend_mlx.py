@@ -126,3 +126,21 @@ def test_mlx_awq_on_orlik_calibration(tiny_checkpoint: Path, tiny_calibration: P
     assert q["model.layers.0.mlp.down_proj"]["bits"] == 4 and q["model.embed_tokens"]["bits"] == 6
     m = measure(tiny_checkpoint, v.path)  # type: ignore[arg-type]
     assert m["awq"]["kld"] < KLD_4BIT_MAX and m["awq"]["generated"] == 8
+
+
+def test_bench_scores_an_mlx_variant_like_any_other(
+    mlx_variants: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """`orlik bench` runs the MLX variant through the same evaluator path as GGUF (logits_from)."""
+    from orlik import corpus
+    from orlik.cli import main
+
+    text = tmp_path / "pl.txt"
+    text.write_text(corpus.heldout_text("pl")[:6000], encoding="utf-8")
+    main(["-q", "bench", str(tiny_checkpoint), str(mlx_variants["mlx-q4"]), "--text", str(text),
+          "--ctx", "256", "--out", str(tmp_path / "reports"), "--no-cards"])  # fmt: skip
+    res = json.loads((tmp_path / "reports" / "results.json").read_text())
+    (mlx,) = [v for v in res["variants"] if v["format"] == "mlx"]
+    assert mlx["runtime"] == "mlx-lm"
+    row = next(iter(mlx["rows"].values()))
+    assert 0 < row["kld"] < KLD_4BIT_MAX and row["same_top"] > 0.9

@@ -49,7 +49,12 @@ class AWQBackend(Backend):
             sym=bool(recipe.options.get("sym", False)),
             **gptqmodel_driver.offload(recipe, out),
         )
-        facts = gptqmodel_driver.run(ckpt, recipe, calib, out, qcfg, KERNEL.AWQ_TORCH)
+        # Equal-length packed blocks: GPTQModel stacks the activations of all of them for the scale
+        # search; with variable-length samples it keeps only the last batch, falls below its 0.5%
+        # coverage threshold, and silently quantizes every layer round-to-nearest instead.
+        # 32 blocks of 512 tokens by default (recipe option calib_samples): the scale search runs a
+        # forward pass per grid point over every block, 313 s for the 8.8M tiny model on 2 cores.
+        facts = gptqmodel_driver.run(ckpt, recipe, calib, out, qcfg, KERNEL.AWQ_TORCH, pack=True, samples=32)
         return common.manifest(
             ckpt, recipe, calib, out, fmt="awq", marker=".qweight",
             tools={"gptqmodel": common.version("gptqmodel"), "transformers": common.version("transformers"),

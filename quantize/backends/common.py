@@ -91,11 +91,30 @@ def calibration_texts(calib: Calibration, recipe: Recipe, tokenizer: Any) -> lis
     return texts
 
 
-def calibration_batches(texts: list[str], tokenizer: Any, recipe: Recipe) -> list[dict[str, list[int]]]:
-    """Tokenized samples, at most `calib_samples` of at most `calib_seq_len` tokens, in file order."""
-    n = int(recipe.options.get("calib_samples", 128))
+def calibration_batches(
+    texts: list[str], tokenizer: Any, recipe: Recipe, *, pack: bool = False, samples: int = 128
+) -> list[dict[str, list[int]]]:
+    """Tokenized samples, at most `calib_samples` of at most `calib_seq_len` tokens, in file order.
+
+    With `pack`, the texts are joined (EOS between them) and cut into blocks of exactly
+    `calib_seq_len` tokens, as AWQ's reference calibration does: every block has the same shape, so
+    a library can stack all of them rather than keep only the last variable-length batch.
+    """
+    n = int(recipe.options.get("calib_samples", samples))
     seq = int(recipe.options.get("calib_seq_len", 512))
     out: list[dict[str, list[int]]] = []
+    if pack:
+        eos = tokenizer.eos_token_id
+        stream: list[int] = []
+        for t in texts:
+            stream += tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            if len(stream) >= n * seq:
+                break
+        out = [{"input_ids": stream[i : i + seq], "attention_mask": [1] * seq}
+               for i in range(0, len(stream) - seq + 1, seq)][:n]  # fmt: skip
+        if not out:
+            raise InputError(f"the calibration set holds {len(stream)} tokens, fewer than one block of {seq}")
+        return out
     for t in texts:
         ids = tokenizer(t, add_special_tokens=True, truncation=True, max_length=seq)["input_ids"]
         if len(ids) >= 16:  # shorter samples add little Hessian/activation signal

@@ -52,7 +52,15 @@ def supported_archs() -> list[str]:
 
 
 def run(
-    ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path, qcfg: Any, backend: Any
+    ckpt: Checkpoint,
+    recipe: Recipe,
+    calib: Calibration,
+    out: Path,
+    qcfg: Any,
+    backend: Any,
+    *,
+    pack: bool = False,
+    samples: int = 128,
 ) -> dict[str, Any]:
     """Quantize `ckpt` with the GPTQModel config `qcfg` into `out`; returns facts for the manifest."""
     prepare_env()
@@ -62,7 +70,9 @@ def run(
     check_arch(ckpt, supported_archs(), "GPTQModel")
     seed_everything(int(recipe.options.get("seed", 0)))
     tokenizer = ckpt.load_tokenizer()
-    batches = calibration_batches(calibration_texts(calib, recipe, tokenizer), tokenizer, recipe)
+    batches = calibration_batches(
+        calibration_texts(calib, recipe, tokenizer), tokenizer, recipe, pack=pack, samples=samples
+    )
     scratch = Path(qcfg.offload_to_disk_path or out / SCRATCH)
     progress.info(f"{recipe.name}: GPTQModel on {len(batches)} calibration samples ({qcfg.method}, CPU)")
     from gptqmodel.looper import loop_processor

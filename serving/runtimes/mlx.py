@@ -72,6 +72,11 @@ class MLXRuntime(HFRuntime):
         out = self.model(mx.array([tokens]))
         return np.array(out[0].astype(mx.float32))
 
+    def logits_from(self, tokens: list[int], first: int) -> np.ndarray:
+        # The base class's way; HFRuntime's override (from which this class takes its tokenizer and
+        # sampling loop) runs a torch model.
+        return self.logits(tokens)[first:]
+
     def stepper(self, tokens: list[int]) -> Callable[[int | None], np.ndarray]:
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
