@@ -241,3 +241,26 @@ def test_calibrated_variant_is_rebuilt_when_the_calibration_set_changes(tmp_path
     calib = tmp_path / "calibration.jsonl"
     calib.write_text('{"text": "x"}\n')  # hashed when the card gave no hash
     assert run._stale(target, recipe, ckpt, Calibration(jsonl=calib)) == "the calibration set changed"
+
+
+def test_packed_calibration_blocks_are_equal_length(tokenizer_dir: Path) -> None:
+    """AWQ's calibration: texts joined with EOS and cut into equal blocks, so a library can stack
+    the activations of every block (GPTQModel keeps only the last batch of unequal ones)."""
+    from orlik import corpus
+    from orlik.checkpoint import load_tokenizer
+    from orlik.quantize.backends.common import calibration_batches
+
+    tok = load_tokenizer(tokenizer_dir)
+    texts = [d.text for d in corpus.documents(lang="pl", split="train")[:40]]
+    recipe = Recipe.from_dict(
+        {"format": "awq", "bits": 4, "group_size": 128, "options": {"calib_seq_len": 128}}
+    )
+    blocks = calibration_batches(texts, tok, recipe, pack=True, samples=8)
+    assert len(blocks) == 8 and {len(b["input_ids"]) for b in blocks} == {128}
+    assert tok.eos_token_id in [t for b in blocks for t in b["input_ids"]]  # texts are separated
+    assert all(b["attention_mask"] == [1] * 128 for b in blocks)
+    long = Recipe.from_dict({**recipe.to_dict(), "options": {"calib_seq_len": 4096}})
+    loose = calibration_batches(texts, tok, long, samples=8)
+    assert len({len(b["input_ids"]) for b in loose}) > 1  # the unpacked samples vary in length
+    with pytest.raises(OrlikError, match="fewer than one block"):
+        calibration_batches(["krótko"], tok, recipe, pack=True)
