@@ -67,6 +67,7 @@ $ORLIK -q quantize "$dir/fp16" --recipe bielik-table8 --calib "$dir/calib" --out
 python3 - "$dir/variants" <<'PY'
 import json, sys, pathlib
 rows = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*/variant.json")]
+rows = [v for v in rows if v["format"] == "gguf"]
 print(f"{'variant':<14} {'MiB':>7} {'bpw':>6} {'blocks bpw':>10}  imatrix")
 for v in sorted(rows, key=lambda v: (-v["bpw"], v["name"])):
     print(f"{v['name']:<14} {v['bytes'] / 2**20:7.2f} {v['bpw']:6.2f} {v['extra']['blocks_bpw']:10.2f}  {'yes' if v['imatrix_hash'] else 'no'}")
