@@ -9,7 +9,7 @@ from typing import Any
 
 from orlik import __version__, progress
 from orlik.benchmarks.report import HEADER, _md_table, fmt_size, table_cells, texts_in_order
-from orlik.checkpoint import Checkpoint
+from orlik.checkpoint import Checkpoint, declares_sentencepiece_llama
 from orlik.errors import OutputError
 from orlik.fsutil import atomic_write_text
 from orlik.manifest import Variant
@@ -115,8 +115,7 @@ def render(result: dict[str, Any], results: dict[str, Any], v: Variant, ckpt: Ch
     card = calibration_card(v, ckpt)
     if card:
         body += ["## Calibration", "", card.strip(), ""]
-    declared = str(ckpt.tokenizer_config.get("tokenizer_class") or "").removesuffix("Fast")
-    spm = declared == "LlamaTokenizer" and (ckpt.path / "tokenizer.model").is_file()
+    spm = declares_sentencepiece_llama(ckpt.path)
     body += ["## Usage", "", usage(v, v.path.name if v.path else v.name, sentencepiece=spm), ""]
     return "\n".join([*front, "", *body])
 

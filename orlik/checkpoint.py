@@ -105,20 +105,26 @@ class Checkpoint:
         return model
 
 
-def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer of a checkpoint or variant directory, never with remote code."""
-    from transformers import AutoTokenizer, LlamaTokenizer
+def declares_sentencepiece_llama(path: Path) -> bool:
+    """True for a SentencePiece tokenizer (tokenizer.model) declared as LlamaTokenizer, as orlik's own.
 
-    # transformers 5 overrides the declared tokenizer_class for some model types (qwen2 -> its own
-    # byte-level Qwen2Tokenizer), which garbles a SentencePiece vocabulary such as orlik's: Polish
-    # letters and spaces vanish. A SentencePiece directory that declares LlamaTokenizer is one.
+    transformers 5 overrides the declared tokenizer_class for some model types (qwen2 -> its own
+    byte-level Qwen2Tokenizer), which garbles such a vocabulary (Polish letters and spaces vanish),
+    so these must be loaded as LlamaTokenizer explicitly."""
     path = Path(path)
     try:
         cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        cfg = {}
+        return False
     declared = str(cfg.get("tokenizer_class") or "").removesuffix("Fast") if isinstance(cfg, dict) else ""
-    if declared == "LlamaTokenizer" and (path / "tokenizer.model").is_file():
+    return declared == "LlamaTokenizer" and (path / "tokenizer.model").is_file()
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a checkpoint or variant directory, never with remote code."""
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    if declares_sentencepiece_llama(path):
         return LlamaTokenizer.from_pretrained(str(path))
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 

@@ -154,12 +154,18 @@ def release_memory() -> None:
         pass
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
+def safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:
+    """Where a safetensors file's tensor data starts, and its header (tensor name -> dtype, shape,
+    data_offsets relative to that start), without the metadata entry."""
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         header: dict[str, Any] = json.loads(f.read(n))
     header.pop("__metadata__", None)
-    return header
+    return 8 + n, header
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    return safetensors_layout(path)[1]
 
 
 def tensor_bytes(files: Iterable[Path]) -> dict[str, int]:

@@ -153,13 +153,10 @@ class _Tensors:
                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
 
     def __init__(self, ckpt: Checkpoint) -> None:
-        import struct
-
         self._where: dict[str, tuple[Path, int, int, str, list[int]]] = {}
         for f in ckpt.weight_files:
-            with open(f, "rb") as fh:
-                base = 8 + struct.unpack("<Q", fh.read(8))[0]
-            for name, meta in common.safetensors_header(f).items():
+            base, header = common.safetensors_layout(f)
+            for name, meta in header.items():
                 start, end = (int(x) for x in meta["data_offsets"])
                 if meta["dtype"] not in self._DTYPES:
                     raise InputError(
