@@ -7,7 +7,6 @@ scores exactly the documents that training held out.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,16 +76,9 @@ def calibration_texts(path: Path) -> list[str]:
         path = path / "calibration.jsonl"
     if not path.is_file():
         raise InputError(f"--calib {path} does not exist")
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{i}: invalid JSON: {e.msg}") from None
-        if isinstance(rec, dict) and isinstance(rec.get("text"), str):
-            out.append(rec["text"])
+    from orlik import corpus
+
+    out = [rec["text"] for rec in corpus.read_jsonl(path) if isinstance(rec.get("text"), str)]
     if not out:
         raise InputError(f"{path} has no records with a 'text' field")
     return out

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from orlik import corpus
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError
 from orlik.fsutil import sha256_file
@@ -70,15 +71,9 @@ def calibration_texts(calib: Calibration, recipe: Recipe, tokenizer: Any) -> lis
     require_calibration(recipe, calib)
     path = Path(calib.jsonl)  # type: ignore[arg-type]
     texts: list[str] = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{i}: invalid JSON: {e.msg}") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise InputError(f'{path}:{i}: a calibration record needs a "text" string')
+    for i, rec in enumerate(corpus.read_jsonl(path), 1):
+        if not isinstance(rec.get("text"), str):
+            raise InputError(f'{path}: record {i} needs a "text" string')
         texts.append(rec["text"])
     if not texts:
         raise InputError(f"calibration file {path} holds no texts")
