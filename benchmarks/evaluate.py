@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,33 +78,57 @@ def score_topk_text(rt: Any, chunks: Chunks, ref: Reference, label: str) -> Text
 
 
 def score_exact_text(rts: dict[str, Any], base: Any, chunks: Chunks, label: str,
-                     compress_to: tuple[int, float] | None = None) -> tuple[dict[str, TextScore], TopK | None]:  # fmt: skip
+                     compress_to: tuple[int, float] | None = None,
+                     overlap: bool = True) -> tuple[dict[str, TextScore], TopK | None]:  # fmt: skip
     """All of `rts` against FP16, chunk by chunk. With compress_to=(kmax, tail_mass) the FP16 rows
     are also compressed into a reference, returned for caching.
 
-    FP16 runs one chunk ahead in a worker thread (torch and llama.cpp both release the GIL), so
-    the two models share the cores instead of taking turns; see split_threads.
+    Chunk c is scored (and compressed) in a worker thread while chunk c+1 is being computed. With
+    `overlap`, FP16 also runs a chunk ahead in a thread of its own, beside the variants (see
+    split_threads); without, FP16 and the variants take turns on all the threads. torch, llama.cpp
+    and numpy's array loops release the GIL, so the stages share the cores. At most two chunks of
+    logits are held at once.
     """
     parts: dict[str, list[ChunkScores]] = {n: [] for n in rts}
     seconds = dict.fromkeys(rts, 0.0)
     tops: list[TopK] = []
 
-    def fp16(c: int) -> tuple[np.ndarray, TopK | None]:
-        b = _scored_logits(base, chunks, c)
-        return b, (compress(b, chunks.targets[c], *compress_to) if compress_to is not None else None)
+    def fp16(c: int) -> np.ndarray:
+        return _scored_logits(base, chunks, c)
 
-    with progress.bar(label, total=chunks.n_chunks) as bar, ThreadPoolExecutor(1, "orlik-fp16") as pool:
-        ahead = pool.submit(fp16, 0)
+    def score(c: int, b: np.ndarray, qs: dict[str, np.ndarray]) -> None:
+        for name, q in qs.items():
+            t0 = time.perf_counter()
+            parts[name].append(score_exact(q, b, chunks.targets[c]))
+            seconds[name] += time.perf_counter() - t0
+        if compress_to is not None:
+            tops.append(compress(b, chunks.targets[c], *compress_to))
+
+    with (
+        progress.bar(label, total=chunks.n_chunks) as bar,
+        ThreadPoolExecutor(1, "orlik-fp16") as fp16_pool,
+        ThreadPoolExecutor(1, "orlik-score") as score_pool,
+    ):
+        ahead = fp16_pool.submit(fp16, 0) if overlap else None
+        scoring: Future[None] | None = None
         for c in range(chunks.n_chunks):
-            b, top = ahead.result()
-            if c + 1 < chunks.n_chunks:
-                ahead = pool.submit(fp16, c + 1)
-            if top is not None:
-                tops.append(top)
+            if ahead is None:
+                b = fp16(c)
+            qs: dict[str, np.ndarray] = {}
             for name, rt in rts.items():
                 t0 = time.perf_counter()
-                parts[name].append(score_exact(_scored_logits(rt, chunks, c), b, chunks.targets[c]))
+                qs[name] = _scored_logits(rt, chunks, c)
                 seconds[name] += time.perf_counter() - t0
+            if ahead is not None:
+                b = ahead.result()
+                if c + 1 < chunks.n_chunks:
+                    ahead = fp16_pool.submit(fp16, c + 1)
+            if scoring is not None:
+                scoring.result()  # in order, and raises what the scorer raised
+                bar.advance()
+            scoring = score_pool.submit(score, c, b, qs)
+        if scoring is not None:
+            scoring.result()
             bar.advance()
     scores = {n: TextScore(_series(p), "exact", seconds[n]) for n, p in parts.items()}
     return scores, (TopK.concat(tops) if compress_to is not None else None)
@@ -117,10 +141,20 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# Below this FP16 size FP16 runs beside the variants on half the cores each; above it they take
+# turns on all of them. Measured on 2 cores (llama.cpp, 512-token chunks): for an 18 MB model two
+# 1-thread passes at once took 118 ms a chunk against 142 ms in turn (small matrices leave
+# threads waiting on each other); for a 213 MB model 1,277 ms against 1,079 ms (threads scale,
+# and the slower FP16 pass leaves the variant's half idle).
+OVERLAP_MAX_BYTES = 64 << 20
+
+
+def overlap_fp16(fp16_bytes: int, total_threads: int) -> bool:
+    return total_threads >= 2 and fp16_bytes <= OVERLAP_MAX_BYTES
+
+
 def split_threads(total: int, overlap: bool) -> tuple[int, int]:
-    """(FP16 threads, variant threads). When FP16 runs beside the variants the cores are split
-    between them; two half-width passes at once beat two full-width passes in turn on small
-    matrices, where extra threads mostly wait on each other."""
+    """(FP16 threads, variant threads): the cores split between them when they run side by side."""
     if not overlap or total < 2:
         return total, total
     return total // 2, total - total // 2

@@ -27,6 +27,20 @@ def _plt() -> Any:
     return plt
 
 
+def prewarm() -> None:
+    """Import matplotlib in a background thread while the models run (about a second of start-up
+    that would otherwise come after the scoring); errors surface later, in write_all."""
+    import threading
+
+    def load() -> None:
+        try:
+            _plt()
+        except Exception:  # reported by write_all, which needs the library
+            pass
+
+    threading.Thread(target=load, name="orlik-matplotlib", daemon=True).start()
+
+
 def pareto_front(points: list[tuple[float, float]], same_size: float = 0.005) -> list[int]:
     """Indices of the points no other point beats, by increasing size. Sizes within `same_size`
     (relative) count as equal, so a variant a few bytes smaller but worse does not join the front."""

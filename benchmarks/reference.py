@@ -84,9 +84,11 @@ class Reference:
         return self.top.rows(i * per_chunk, (i + 1) * per_chunk)
 
 
-def cache_key(ckpt_hash: str, chunks: Chunks, kmax: int, tail_mass: float) -> str:
+def cache_key(
+    ckpt_hash: str, chunks: Chunks, kmax: int, tail_mass: float, engine: str = "transformers"
+) -> str:
     spec = {"v": FORMAT_VERSION, "ckpt": ckpt_hash, "tokens": chunks.digest, "ctx": chunks.ctx,
-            "kmax": kmax, "tail_mass": tail_mass}  # fmt: skip
+            "kmax": kmax, "tail_mass": tail_mass, "engine": engine}  # fmt: skip
     return sha256_bytes(json.dumps(spec, sort_keys=True).encode())
 
 

@@ -122,7 +122,7 @@ def markdown(results: dict[str, Any]) -> str:
            f"Same tokens for every variant: {sizes}; "
            f"chunks of {s['ctx']} tokens, the last {s['scored_positions_per_chunk']} predictions of each scored "
            f"({scored:,} in all). Statistics and uncertainties (±1σ) as llama-perplexity --kl-divergence computes them; "
-           f"FP16 through transformers, each variant through its serving runtime.", ""]  # fmt: skip
+           f"FP16 through {s.get('fp16_engine', 'transformers')}, each variant through its serving runtime.", ""]  # fmt: skip
     for name in texts_in_order(results):
         out += [f"## {_text_title(results, name)}", ""]
         out += [_md_table(HEADER, [table_cells(v, name) for v in results["variants"]]), ""]

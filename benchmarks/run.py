@@ -21,6 +21,7 @@ from orlik.benchmarks.evaluate import (
     available_cores,
     check_tokenizer,
     choose_mode,
+    overlap_fp16,
     score_exact_text,
     score_topk_text,
     split_threads,
@@ -39,6 +40,7 @@ class Options:
     calib: Path | None = None
     speed: bool = False
     mode: str = "auto"
+    engine: str = "auto"  # how FP16 logits are computed: transformers, llama.cpp (F16 GGUF) or auto
     kmax: int = reference.KMAX
     tail_mass: float = reference.TAIL_MASS
     threads: int | None = None
@@ -83,17 +85,43 @@ def resolve_variants(names: Sequence[str], variants_dir: Path) -> list[Variant]:
     return out
 
 
+ENGINES = ("auto", "transformers", "llama.cpp")
+
+
+def choose_engine(engine: str, variants: Sequence[Variant]) -> tuple[str, str]:
+    """(engine, why). auto runs FP16 in llama.cpp, from the checkpoint's lossless 16-bit GGUF, when
+    every variant is GGUF: the reference then shares the variants' kernels, as llama-perplexity's
+    base pass does, and no torch is loaded. With any other format in the table, FP16 runs in
+    transformers, the neutral ground for all of them."""
+    if engine not in ENGINES:
+        raise InputError(f"unknown FP16 engine {engine!r}; valid: {', '.join(ENGINES)}")
+    if engine != "auto":
+        return engine, "asked for (--fp16-engine)"
+    if variants and all(v.format == "gguf" for v in variants) and runtime_class("gguf").missing() is None:
+        return "llama.cpp", "every variant is GGUF"
+    return "transformers", "the table has non-GGUF variants" if variants else "default"
+
+
 class BaseModel:
     """The FP16 runtime, loaded when first needed and released between phases to save memory."""
 
-    def __init__(self, ckpt: Checkpoint, threads: int | None) -> None:
-        self.ckpt, self.threads = ckpt, threads
+    def __init__(
+        self, ckpt: Checkpoint, threads: int | None, engine: str = "transformers", n_ctx: int = 0
+    ) -> None:
+        self.ckpt, self.threads, self.engine, self.n_ctx = ckpt, threads, engine, n_ctx
         self._rt: Runtime | None = None
 
     def __call__(self) -> Runtime:
         if self._rt is None:
-            progress.info(f"loading FP16 {self.ckpt.path}")
-            self._rt = runtime_class("fp16").load(self.ckpt, threads=self.threads)
+            if self.engine == "llama.cpp":
+                from orlik.gguf_convert import f16_gguf
+
+                path = f16_gguf(self.ckpt)  # cached by checkpoint hash; converted once by `orlik quantize`
+                progress.info(f"loading FP16 {self.ckpt.path} in llama.cpp ({path.name})")
+                self._rt = runtime_class("gguf").load(path, n_ctx=self.n_ctx, threads=self.threads)
+            else:
+                progress.info(f"loading FP16 {self.ckpt.path} in transformers")
+                self._rt = runtime_class("fp16").load(self.ckpt, threads=self.threads)
         return self._rt
 
     def release(self) -> None:
@@ -121,6 +149,7 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
 
     opts = opts or Options()
     started = time.perf_counter()
+    plots.prewarm()
     ckpt = Checkpoint.open(model)
     dv, do = default_dirs(Path(model))
     variants_dir, out = Path(variants_dir or dv), Path(out or do)
@@ -143,10 +172,17 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
         calib = model.parent / "calib" / "calibration.jsonl"
     overlap = texts.check_overlap(eval_texts, calib) if calib else None
 
-    # transformers holds the fp16 weights as fp32, hence twice the file.
-    mode, groups, why = choose_mode(opts.mode, [v.bytes for v in variants], 2 * ckpt.weights_bytes)
-    fp16_threads, variant_threads = split_threads(opts.threads or available_cores(), overlap=mode == "exact")
-    base = BaseModel(ckpt, fp16_threads)
+    engine, engine_why = choose_engine(opts.engine, variants)
+    n_ctx_train = int(ckpt.config.get("max_position_embeddings") or 0)
+    if n_ctx_train and opts.ctx > n_ctx_train:
+        raise InputError(f"--ctx {opts.ctx} exceeds the model's context of {n_ctx_train} tokens")
+    # transformers holds the fp16 weights as fp32, hence twice the file; llama.cpp maps them as they are.
+    fp16_mem = ckpt.weights_bytes * (2 if engine == "transformers" else 1)
+    mode, groups, why = choose_mode(opts.mode, [v.bytes for v in variants], fp16_mem)
+    total_threads = opts.threads or available_cores()
+    beside = mode == "exact" and overlap_fp16(ckpt.weights_bytes, total_threads)
+    fp16_threads, variant_threads = split_threads(total_threads, beside)
+    base = BaseModel(ckpt, fp16_threads, engine, n_ctx=opts.ctx)
     brt = base()
     if opts.ctx > brt.n_ctx:
         raise InputError(f"--ctx {opts.ctx} exceeds the model's context of {brt.n_ctx} tokens")
@@ -156,9 +192,11 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
     chunked = {t.name: reference.make_chunks(ids[t.name], opts.ctx, bos, name=t.name) for t in eval_texts}
     n_vocab = brt.n_vocab
 
-    progress.info(f"KLD: {mode} ({why})")
+    progress.info(f"FP16 in {engine} ({engine_why}); KLD: {mode} ({why})")
     cache_dir = out / "reference"
-    keys = {n: reference.cache_key(ckpt.hash, ch, opts.kmax, opts.tail_mass) for n, ch in chunked.items()}
+    keys = {
+        n: reference.cache_key(ckpt.hash, ch, opts.kmax, opts.tail_mass, engine) for n, ch in chunked.items()
+    }
     refs: dict[str, reference.Reference] = {}
     cached: dict[str, bool] = {}
     for n in chunked:
@@ -189,7 +227,7 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
                     want_ref = gi == 0 and n not in refs
                     label = f"{', '.join(rts)} · {n}" if len(rts) <= 3 else f"{len(rts)} variants · {n}"
                     got, top = score_exact_text(rts, base(), ch, label,
-                                                (opts.kmax, opts.tail_mass) if want_ref else None)  # fmt: skip
+                                                (opts.kmax, opts.tail_mass) if want_ref else None, beside)  # fmt: skip
                     for name, sc in got.items():
                         scores[name][n] = sc
                     if top is not None:
@@ -239,7 +277,7 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
 
         fp16_rows["all"] = baseline_row(np.concatenate(list(fp16_nll.values())))
     fp16 = {"name": "FP16", "format": "fp16", "bytes": ckpt.weights_bytes, "bpw": _fp16_bpw(ckpt),
-            "path": str(ckpt.path), "runtime": "transformers", "rows": fp16_rows}  # fmt: skip
+            "path": str(ckpt.path), "runtime": engine, "rows": fp16_rows}  # fmt: skip
 
     speeds = None
     if opts.speed:
@@ -260,11 +298,13 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
         "settings": {
             "ctx": opts.ctx,
             "reference": opts.mode,
+            "fp16_engine": engine,
+            "fp16_engine_why": engine_why,
             "kld_mode": mode,
             "kld_mode_why": why,
             "kmax": opts.kmax,
             "tail_mass": opts.tail_mass,
-            "threads": {"fp16": fp16_threads, "variants": variant_threads},
+            "threads": {"fp16": fp16_threads, "variants": variant_threads, "fp16_beside_variants": beside},
             "scored_positions_per_chunk": opts.ctx - 1 - opts.ctx // 2,
         },
         "texts": {

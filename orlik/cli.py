@@ -342,6 +342,16 @@ def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix:
     "beside a variant, else topk.",
 )
 @click.option(
+    "--fp16-engine",
+    "engine",
+    type=click.Choice(["auto", "transformers", "llama.cpp"]),
+    default="auto",
+    show_default=True,
+    help="What computes the FP16 logits. llama.cpp: the checkpoint's lossless 16-bit GGUF, as "
+    "llama-perplexity's base pass; transformers: the safetensors checkpoint; auto: llama.cpp when every "
+    "variant is GGUF, else transformers.",
+)
+@click.option(
     "--kmax", default=1024, show_default=True, help="Most top tokens kept per position in the reference."
 )
 @click.option(
@@ -358,7 +368,7 @@ def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix:
 )
 @click.option("--base-model", default=None, help="Model-card base_model  [default: the checkpoint's name]")
 def bench(model: Path, variants: tuple[str, ...], variants_dir: Path | None, ctx_len: int, text_files: tuple[Path, ...],
-          calib: Path | None, speed: bool, out: Path | None, mode: str, kmax: int,
+          calib: Path | None, speed: bool, out: Path | None, mode: str, engine: str, kmax: int,
           tail_mass: float, threads: int | None, no_verify: bool, no_cards: bool, license_: str | None,
           base_model: str | None) -> None:  # fmt: skip
     """Table 8: every VARIANT against the FP16 checkpoint MODEL on the same tokens (llama.cpp's method).
@@ -370,7 +380,7 @@ def bench(model: Path, variants: tuple[str, ...], variants_dir: Path | None, ctx
     from orlik.benchmarks.run import Options
     from orlik.benchmarks.run import bench as run_bench
 
-    opts = Options(ctx=ctx_len, text_files=text_files, calib=calib, speed=speed, mode=mode,
+    opts = Options(ctx=ctx_len, text_files=text_files, calib=calib, speed=speed, mode=mode, engine=engine,
                    kmax=kmax, tail_mass=tail_mass, threads=threads,
                    verify=not no_verify, cards=not no_cards, license=license_, base_model=base_model)  # fmt: skip
     results = run_bench(model, variants, variants_dir=variants_dir, out=out, opts=opts)

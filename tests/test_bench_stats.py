@@ -159,3 +159,20 @@ def test_recommend_counts_the_kv_cache() -> None:
     assert recommend.recommend(_results(), 7 << 30, 32768)["pick"] == "Q2_K"
     with pytest.raises(InputError, match="nothing fits"):
         recommend.recommend(_results(), 2 << 30, 4096)
+
+
+def test_fp16_engine_follows_the_formats_in_the_table() -> None:
+    """auto computes FP16 in llama.cpp only when every variant is GGUF; one other format (or none)
+    puts it in transformers, and an explicit choice is kept."""
+    from types import SimpleNamespace
+
+    from orlik.benchmarks.run import choose_engine
+    from orlik.errors import InputError
+
+    gguf, gptq = SimpleNamespace(format="gguf"), SimpleNamespace(format="gptq")
+    assert choose_engine("auto", [gguf, gguf])[0] == "llama.cpp"
+    assert choose_engine("auto", [gguf, gptq])[0] == "transformers"
+    assert choose_engine("auto", [])[0] == "transformers"
+    assert choose_engine("transformers", [gguf]) == ("transformers", "asked for (--fp16-engine)")
+    with pytest.raises(InputError, match=r"valid: auto, transformers, llama\.cpp"):
+        choose_engine("torch", [gguf])

@@ -90,7 +90,8 @@ class LlamaCppRuntime(Runtime):
 
     @classmethod
     def load(cls, source: Variant | Checkpoint | Path, **options: Any) -> LlamaCppRuntime:
-        """Options: n_ctx (0 = the model's training context), threads, n_batch, n_gpu_layers, verbose."""
+        """Options: n_ctx (0 = the model's training context), threads, n_batch, n_gpu_layers,
+        flash_attn (default: on where the backend supports it), verbose."""
         import llama_cpp
 
         if isinstance(source, Checkpoint):
@@ -99,20 +100,22 @@ class LlamaCppRuntime(Runtime):
         threads = int(options.get("threads") or default_threads())
         n_ctx = int(options.get("n_ctx") or 0)
         n_batch = int(options.get("n_batch") or 512)
-        try:
-            llm = llama_cpp.Llama(
-                str(path),
-                n_ctx=n_ctx,
-                n_batch=n_batch,
-                n_ubatch=min(n_batch, 512),
-                n_threads=threads,
-                n_threads_batch=threads,
-                n_gpu_layers=int(options.get("n_gpu_layers") or 0),
-                logits_all=False,  # outputs are requested per batch position instead
-                verbose=bool(options.get("verbose", False)),
-            )
-        except ValueError as e:  # llama-cpp-python reports load failures as ValueError
-            raise ToolError(f"llama.cpp cannot load {path}: {e}") from None
+        kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_batch, 512), n_threads=threads,
+                      n_threads_batch=threads, n_gpu_layers=int(options.get("n_gpu_layers") or 0),
+                      logits_all=False,  # outputs are requested per batch position instead
+                      verbose=bool(options.get("verbose", False)))  # fmt: skip
+        # llama.cpp's tools default to flash attention where the backend has it (-fa auto); it
+        # is 15-30% faster on CPU at 512 tokens. llama-cpp-python only offers on or off, so "on" is
+        # tried first and a context the backend cannot build that way is made without it.
+        flash = options.get("flash_attn")
+        tries = [bool(flash)] if flash is not None else [True, False]
+        for i, fa in enumerate(tries):
+            try:
+                llm = llama_cpp.Llama(str(path), flash_attn=fa, **kwargs)
+                break
+            except ValueError as e:  # llama-cpp-python reports load failures as ValueError
+                if i + 1 == len(tries):
+                    raise ToolError(f"llama.cpp cannot load {path}: {e}") from None
         if n_ctx and llm.n_ctx() < n_ctx:
             raise ToolError(f"llama.cpp gave a context of {llm.n_ctx()} tokens for {path}, not {n_ctx}")
         return cls(llm, path, threads)
