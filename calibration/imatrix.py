@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orlik import gguf_read, llamacpp, progress
+from orlik import corpus, gguf_read, llamacpp, progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, OutputError, ToolError
 from orlik.fsutil import check_writable, sha256_file
@@ -27,7 +27,7 @@ LANGS = ("pl", "en", "mixed")
 CARD_SUFFIX = ".card.json"
 _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 _NCHUNKS = re.compile(r"computing over (\d+) chunks")
-_DONE_CHUNK = re.compile(r"\[(\d+)\][0-9.]+,")
+_DONE_CHUNK = re.compile(r"\[(\d+)\]([0-9.]+),")
 
 
 @dataclass
@@ -68,17 +68,11 @@ def load_text(calib: Path, lang: str) -> CalibrationText:
     texts: list[str] = []
     tokens = 0
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        records = corpus.parse_jsonl(path.read_text(encoding="utf-8"), path)
     except UnicodeDecodeError as e:
         raise InputError(f"{path} is not UTF-8: {e}") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+    for i, rec in records:
+        if not isinstance(rec.get("text"), str):
             raise InputError(f"{path}:{i}: a calibration record needs a 'text' string")
         if lang != "mixed" and rec.get("lang") != lang:
             continue
@@ -212,7 +206,7 @@ def _run_imatrix(
             buf = state["buf"] = (state["buf"] + piece)[-4096:]
             if m := _NCHUNKS.search(buf):
                 bar.update(total=int(m.group(1)))
-            marks = [int(x) for x in _DONE_CHUNK.findall(buf)]
+            marks = [int(x) for x, _ in _DONE_CHUNK.findall(buf)]
             if marks and max(marks) > state["done"]:
                 bar.advance(max(marks) - state["done"])
                 state["done"] = max(marks)
@@ -221,11 +215,15 @@ def _run_imatrix(
     if rc != 0 or not out.is_file():
         raise ToolError(f"llama-imatrix failed (exit {rc}): {_tail(text)}")
     m = _PPL.search(text)
+    # llama.cpp's log thread may exit before printing the final line; the running estimate after
+    # the last chunk ("[n]ppl,") is the same figure.
+    running = _DONE_CHUNK.findall(text)
+    ppl = float(m.group(1)) if m else (float(running[-1][1]) if running else None)
     # The recorded command names the text file, not the temporary paths that no longer exist.
     shown = [a for i, a in enumerate(args) if a != "-o" and (i == 0 or args[i - 1] != "-o")]
     return {
         "args": [txt.name if a == str(txt) else a for a in shown],
-        "ppl": float(m.group(1)) if m else None,
+        "ppl": ppl,
     }
 
 

@@ -7,7 +7,6 @@ train/held-out split, which the training, calibration and benchmark stages all s
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -204,15 +203,8 @@ def read_text(path: Path) -> tuple[str, bytes]:
 
 
 def _jsonl_records(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other line separators.
-    for i, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{i}: invalid JSON: {e.msg}") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+    for i, rec in corpus.parse_jsonl(text, path):
+        if not isinstance(rec.get("text"), str):
             raise InputError(f'{path}:{i}: expected an object with a "text" string')
         for key in ("lang", "domain"):
             if key in rec and not isinstance(rec[key], str):

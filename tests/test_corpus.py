@@ -171,3 +171,17 @@ def test_bad_corpus_files_are_one_line_input_errors(tmp_path: Path) -> None:
     (tmp_path / "pl" / "news.jsonl").write_bytes("Zażółć".encode("cp1250"))
     with pytest.raises(InputError, match="is not UTF-8"):
         corpus.documents(root=tmp_path)
+
+
+def test_jsonl_records_end_only_at_newlines(tmp_path: Path) -> None:
+    """JSON written with ensure_ascii=False keeps U+2028, U+0085 and form feeds raw inside strings;
+    they are not record ends (str.splitlines() would cut such a record in two)."""
+    import json
+
+    texts = ["Ala ma kota\u2028i psa.", "Zdanie\u0085drugie", "strona\x0cdruga"]
+    f = tmp_path / "calibration.jsonl"
+    f.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    assert [r["text"] for r in corpus.read_jsonl(f)] == texts
+    f.write_text('{"text": "a"}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(InputError, match=re.escape("calibration.jsonl:2: expected a JSON object")):
+        corpus.read_jsonl(f)

@@ -132,7 +132,7 @@ def test_bad_input(tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path
         imatrix.compute(tiny_checkpoint, small, lang="en")
     (small / "calibration.jsonl").write_text("{not json\n")
     assert cli("calibrate", "imatrix", str(tiny_checkpoint), "--calib", str(small)) == 2
-    assert "calibration.jsonl:1: not valid JSON" in capsys.readouterr().err
+    assert "calibration.jsonl:1: invalid JSON" in capsys.readouterr().err
     assert not any(p.suffix == ".gguf" for p in small.iterdir())
     (small / "calibration.jsonl").write_bytes(b"\xff\xfe")
     with pytest.raises(InputError, match="not UTF-8"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -34,16 +34,11 @@ class Document:
     text: str
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Parse a JSONL file; a bad line is an InputError naming the file and line."""
-    if not path.is_file():
-        raise InputError(f"corpus file {path} does not exist")
-    out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not UTF-8: {e}") from None
-    for i, line in enumerate(lines, 1):
+def parse_jsonl(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a bad line is an InputError naming the file
+    and line. Lines end at "\n" only, not at every splitlines() boundary: a JSON string written with
+    ensure_ascii=False may hold U+2028, U+0085 or a form feed, which are not record ends."""
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -52,8 +47,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             raise InputError(f"{path}:{i}: invalid JSON: {e.msg}") from None
         if not isinstance(rec, dict):
             raise InputError(f"{path}:{i}: expected a JSON object")
-        out.append(rec)
-    return out
+        yield i, rec
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Parse a UTF-8 JSONL file (see parse_jsonl)."""
+    if not path.is_file():
+        raise InputError(f"{path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8: {e}") from None
+    return [rec for _, rec in parse_jsonl(text, path)]
 
 
 def _check(rec: dict[str, Any], where: str, fields: Iterable[str]) -> None:
