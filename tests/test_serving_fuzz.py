@@ -46,8 +46,9 @@ def test_schemathesis_finds_no_server_error(server: OrlikServer) -> None:
             (GenerationMode.POSITIVE, 80 if post else 25),
             (GenerationMode.NEGATIVE, 45 if post else 10),
         ):
-
-            @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
+            # derandomize: the same cases on every run, so the coverage floor below cannot flake
+            # (random seeds gave between 23 and 44 answers of 200 out of 528).
+            @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate], derandomize=True,
                       suppress_health_check=list(HealthCheck))  # fmt: skip
             @given(case=op.as_strategy(generation_mode=mode))
             def run(case: schemathesis.Case) -> None:
