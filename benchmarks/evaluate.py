@@ -86,11 +86,12 @@ def score_exact_text(rts: dict[str, Any], base: Any, chunks: Chunks, label: str,
     Chunk c is scored (and compressed) in a worker thread while chunk c+1 is being computed. With
     `overlap`, FP16 also runs a chunk ahead in a thread of its own, beside the variants (see
     split_threads); without, FP16 and the variants take turns on all the threads. torch, llama.cpp
-    and numpy's array loops release the GIL, so the stages share the cores. At most two chunks of
+    and numpy's array loops release the GIL, so the stages share the cores. At most three chunks of
     logits are held at once.
     """
     parts: dict[str, list[ChunkScores]] = {n: [] for n in rts}
-    seconds = dict.fromkeys(rts, 0.0)
+    seconds = dict.fromkeys(rts, 0.0)  # forward passes, this thread
+    scoring_s = dict.fromkeys(rts, 0.0)  # scoring, the scorer's thread (kept apart: no shared +=)
     tops: list[TopK] = []
 
     def fp16(c: int) -> np.ndarray:
@@ -100,7 +101,7 @@ def score_exact_text(rts: dict[str, Any], base: Any, chunks: Chunks, label: str,
         for name, q in qs.items():
             t0 = time.perf_counter()
             parts[name].append(score_exact(q, b, chunks.targets[c]))
-            seconds[name] += time.perf_counter() - t0
+            scoring_s[name] += time.perf_counter() - t0
         if compress_to is not None:
             tops.append(compress(b, chunks.targets[c], *compress_to))
 
@@ -130,7 +131,7 @@ def score_exact_text(rts: dict[str, Any], base: Any, chunks: Chunks, label: str,
         if scoring is not None:
             scoring.result()
             bar.advance()
-    scores = {n: TextScore(_series(p), "exact", seconds[n]) for n, p in parts.items()}
+    scores = {n: TextScore(_series(p), "exact", seconds[n] + scoring_s[n]) for n, p in parts.items()}
     return scores, (TopK.concat(tops) if compress_to is not None else None)
 
 
