@@ -187,12 +187,17 @@ def _score_topk_block(qlogits: np.ndarray, targets: np.ndarray, ref: TopK) -> Ch
     )
 
 
-def _softmax_parts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x as float64, log-sum-exp per row, softmax) with one exp per element."""
+def _exp_parts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x as float64, row max m, e^(x − m), Σ e^(x − m)) with one exp per element."""
     x = x.astype(np.float64)
     m = x.max(axis=1, keepdims=True)
     e = np.exp(x - m)
-    s = e.sum(axis=1, keepdims=True)
+    return x, m, e, e.sum(axis=1, keepdims=True)
+
+
+def _softmax_parts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x as float64, log-sum-exp per row, softmax)."""
+    x, m, e, s = _exp_parts(x)
     e /= s
     return x, (m + np.log(s))[:, 0], e
 
@@ -208,9 +213,8 @@ def score_exact(qlogits: np.ndarray, blogits: np.ndarray, targets: np.ndarray) -
         e = s + ROW_BLOCK
         t = targets[s:e]
         xb, lse_b, p = _softmax_parts(blogits[s:e])
-        xq = qlogits[s:e].astype(np.float64)
-        mq = xq.max(axis=1)
-        lse_q = mq + np.log(np.exp(xq - mq[:, None]).sum(axis=1))
+        xq, mq, _, sq = _exp_parts(qlogits[s:e])
+        lse_q = (mq + np.log(sq))[:, 0]
         rows = np.arange(xb.shape[0])
         nll_q, nll_b = lse_q - xq[rows, t], lse_b - xb[rows, t]
         kld = np.einsum("ij,ij->i", p, xb - xq) - lse_b + lse_q
