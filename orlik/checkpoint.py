@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orlik.errors import CheckpointError
-from orlik.fsutil import sha256_bytes, sha256_file
+from orlik.fsutil import sha256_bytes, sha256_file_remembered
 
 if TYPE_CHECKING:
     import torch
@@ -64,7 +64,7 @@ class Checkpoint:
         """Content hash over config, weights and tokenizer: identifies this exact checkpoint."""
         parts = []
         for f in sorted(self._hashed_files()):
-            parts.append(f"{f.relative_to(self.path)}:{sha256_file(f)}")
+            parts.append(f"{f.relative_to(self.path)}:{sha256_file_remembered(f)}")
         return sha256_bytes("\n".join(parts).encode())
 
     def _hashed_files(self) -> list[Path]:

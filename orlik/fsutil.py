@@ -24,6 +24,37 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def cache_root() -> Path:
+    """orlik's per-user cache ($ORLIK_CACHE, default ~/.cache/orlik)."""
+    return Path(os.environ.get("ORLIK_CACHE", Path.home() / ".cache" / "orlik"))
+
+
+def sha256_file_remembered(path: str | os.PathLike[str]) -> str:
+    """sha256 of a (large) file, remembered in the cache under its device, inode, size and mtime,
+    so that naming a multi-GB checkpoint again does not read it again: any write to the file
+    changes that key. For identifying inputs; manifest verification always re-reads."""
+    st = os.stat(path)
+    key = sha256_bytes(
+        f"{os.path.realpath(path)}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()
+    )
+    memo = cache_root() / "sha256" / key[:2] / key
+    try:
+        digest = memo.read_text(encoding="ascii").strip()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
+    digest = sha256_file(path)
+    try:  # best effort: a read-only cache only costs the re-read next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{key}.{os.getpid()}.tmp")
+        tmp.write_text(digest, encoding="ascii")
+        os.replace(tmp, memo)
+    except OSError:
+        pass
+    return digest
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
+from orlik import fsutil
 from orlik.errors import MissingDependencyError
 
 VERSION = "0.3.36"  # llama-cpp-python release whose vendored llama.cpp orlik builds
@@ -20,7 +21,7 @@ HINT = "run `make llamacpp` (builds llama.cpp once, ~25 min on 2 cores, then cac
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ORLIK_CACHE", Path.home() / ".cache" / "orlik"))
+    return fsutil.cache_root()
 
 
 def build_root() -> Path:

@@ -4,13 +4,14 @@ directories, and recipe names and presets."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from orlik.errors import ManifestError, OrlikError, OutputError, UnknownNameError
-from orlik.fsutil import atomic_dir, sha256_file
+from orlik.fsutil import atomic_dir, sha256_file, sha256_file_remembered
 from orlik.manifest import MANIFEST, SCHEMA_VERSION, Variant, hash_files
 from orlik.quantize.recipe import GGUF_TYPES, PRESETS, Recipe, expand
 from orlik.registry import Registry
@@ -148,6 +149,19 @@ def test_atomic_dir_keeps_previous_result_on_failure_and_replaces_on_success(tmp
         (tmp / "model.gguf").write_text("v3")
     assert (final / "model.gguf").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["variant"]
+
+
+def test_remembered_hash_follows_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORLIK_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 1000)
+    first = sha256_file_remembered(f)
+    assert first == sha256_file(f) and list((tmp_path / "cache" / "sha256").rglob("*"))
+    assert sha256_file_remembered(f) == first  # from the cache
+    st = os.stat(f)
+    f.write_bytes(b"b" * 1000)  # same size: the new mtime alone must change the key
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert sha256_file_remembered(f) == sha256_file(f) != first
 
 
 def test_atomic_dir_under_a_file_is_an_output_error(tmp_path: Path) -> None:
