@@ -53,18 +53,45 @@ def pareto_front(points: list[tuple[float, float]], same_size: float = 0.005) ->
     return sorted(front, key=lambda i: points[i])
 
 
-def _repel(fig: Any, ax: Any, labels: list[Any]) -> None:
-    """Move labels up, in a few points' steps, until no two overlap (greedy, bottom to top)."""
+# Where a label may go, in order: below right, above right, below left, above left of its point
+# (offset in points, alignment); below right keeps it clear of the front's steps-post line.
+_SPOTS = (((6, -6), "left", "top"), ((6, 6), "left", "bottom"), ((-6, -6), "right", "top"),
+          ((-6, 6), "right", "bottom"))  # fmt: skip
+
+
+def _repel(fig: Any, ax: Any, labels: list[Any], points: list[tuple[float, float]], r: float = 7.0) -> None:
+    """Give each label (top to bottom) the first spot around its point where it overlaps no other
+    label and no marker; if none is free, push it down from the first spot in small steps."""
+    from matplotlib.transforms import Bbox
+
     renderer = fig.canvas.get_renderer()
-    placed: list[Any] = []
-    for lab in sorted(labels, key=lambda a: a.xy[1]):
-        for _ in range(40):
-            box = lab.get_window_extent(renderer).expanded(1.02, 1.1)
-            if not any(box.overlaps(p) for p in placed):
+    px = r * fig.dpi / 72
+    markers = [Bbox.from_extents(x - px, y - px, x + px, y + px) for x, y in ax.transData.transform(points)]
+    taken: list[Any] = []  # boxes of the labels placed so far
+
+    for i in sorted(range(len(labels)), key=lambda i: -points[i][1]):
+        lab = labels[i]
+        others = [m for j, m in enumerate(markers) if j != i] + taken
+
+        def free(lab: Any = lab, others: list[Any] = others) -> bool:
+            box = lab.get_window_extent(renderer).expanded(1.08, 1.15)
+            return not any(box.overlaps(o) for o in others)
+
+        for (dx, dy), ha, va in _SPOTS:
+            lab.set_position((dx, dy))
+            lab.set_ha(ha)
+            lab.set_va(va)
+            if free():
                 break
-            x, y = lab.get_position()
-            lab.set_position((x, y + 5))
-        placed.append(lab.get_window_extent(renderer))
+        else:
+            (dx, dy), ha, va = _SPOTS[0]
+            lab.set_ha(ha)
+            lab.set_va(va)
+            for step in range(40):
+                lab.set_position((dx, dy - 4 * step))
+                if free():
+                    break
+        taken.append(lab.get_window_extent(renderer))
 
 
 def _text(results: dict[str, Any]) -> str:
@@ -100,7 +127,7 @@ def pareto(results: dict[str, Any], path: Path) -> None:
                 drawstyle="steps-post", zorder=2, label="Pareto front")  # fmt: skip
         ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=170, facecolors="none",
                    edgecolors="#2a2a2a", linewidths=1.3, zorder=4)  # fmt: skip
-    labels = [ax.annotate(v["name"], pts[i], textcoords="offset points", xytext=(11, -3), fontsize=8.5,
+    labels = [ax.annotate(v["name"], pts[i], textcoords="offset points", xytext=(6, -6), va="top", fontsize=8.5,
                           fontweight="bold" if i in front else "normal") for i, v in enumerate(quants)]  # fmt: skip
     if fp16:
         ax.axvline(fp16["bytes"] / div, color=COLOURS["fp16"], ls="--", lw=1)
@@ -123,7 +150,7 @@ def pareto(results: dict[str, Any], path: Path) -> None:
     ax.legend(loc="upper right", fontsize=9)
     fig.tight_layout()
     fig.canvas.draw()
-    _repel(fig, ax, labels)
+    _repel(fig, ax, labels, pts)
     _save(fig, path)
 
 
