@@ -17,7 +17,7 @@ from pathlib import Path
 from orlik import llamacpp, progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import CheckpointError, OutputError, ToolError
-from orlik.fsutil import atomic_write_text, check_writable
+from orlik.fsutil import atomic_write_text, cache_root, check_writable
 
 # Checkpoint dtype -> converter --outtype. F32 checkpoints go to F16: llama-quantize reads either,
 # and F16 halves the cache. BF16 stays BF16 so that no weight overflows F16's range.
@@ -26,7 +26,7 @@ _UNSUPPORTED = re.compile(r"Model (\S+) is not supported")
 
 
 def gguf_cache_dir() -> Path:
-    return llamacpp.cache_root() / "gguf"
+    return cache_root() / "gguf"
 
 
 def outtype_for(ckpt: Checkpoint) -> str:

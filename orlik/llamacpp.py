@@ -20,16 +20,12 @@ TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-server")
 HINT = "run `make llamacpp` (builds llama.cpp once, ~25 min on 2 cores, then cached)"
 
 
-def cache_root() -> Path:
-    return fsutil.cache_root()
-
-
 def build_root() -> Path:
     """The build directory; ORLIK_LLAMACPP overrides it with a llama.cpp tree of the user's."""
     override = os.environ.get("ORLIK_LLAMACPP")
     if override:
         return Path(override)
-    return cache_root() / "llama.cpp" / f"{VERSION}-{platform.machine()}"
+    return fsutil.cache_root() / "llama.cpp" / f"{VERSION}-{platform.machine()}"
 
 
 def source_dir() -> Path:

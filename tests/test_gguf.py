@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orlik import gguf_read, llamacpp
+from orlik import fsutil, gguf_read, llamacpp
 from orlik.checkpoint import Checkpoint
 from orlik.cli import main
 from orlik.errors import CheckpointError, InputError, OutputError, UnknownNameError
@@ -72,9 +72,7 @@ def test_unconvertible_architecture_names_it(checkpoint_copy: Path) -> None:
         CheckpointError, match=r"cannot convert architecture OrlikFakeForCausalLM.*orlik_fake"
     ):
         f16_gguf(Checkpoint.open(checkpoint_copy))
-    assert not list(
-        (Path(llamacpp.cache_root()) / "gguf").glob(f"{Checkpoint.open(checkpoint_copy).hash}/*.gguf")
-    )
+    assert not list((fsutil.cache_root() / "gguf").glob(f"{Checkpoint.open(checkpoint_copy).hash}/*.gguf"))
 
 
 def test_requires_imatrix_list_matches_llama_quantize(tiny_f16: Path) -> None:
