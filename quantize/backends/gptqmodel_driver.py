@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -30,10 +31,18 @@ _CONFIGS = ("config.json", "quantize_config.json")
 SCRATCH = ".offload"
 
 
+# Import-time warnings of GPTQModel's dependencies that say nothing about the user's run: torchao
+# failing to load its CUDA-only kernels (.so files for sm90/mxfp8) on a CPU machine, and torch
+# deprecating how torchao registers two enums. Errors from these loggers still show.
+_QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def prepare_env() -> None:
     """GPTQModel defaults to half the cores for CPU work; on small machines that is one worker."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def offload(recipe: Recipe, out: Path) -> dict[str, Any]:
