@@ -136,17 +136,40 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16
                 "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
 
 
+def _glibc() -> Any | None:
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+        lib.mallopt, lib.malloc_trim  # noqa: B018  (both exist in glibc only)
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, so a
     layer-by-layer loop's peak RSS would grow with every layer's temporaries)."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+    lib = _glibc()
+    if lib is not None:
+        lib.malloc_trim(0)
+
+
+def lean_malloc() -> None:
+    """For a library whose layer loop allocates and frees large tensors out of orlik's reach
+    (GPTQModel): blocks of 128 KiB and up come from mmap and go back to the OS when freed, the
+    heap is trimmed as soon as 128 KiB are free at its top, and threads share two arenas. It
+    trades some time (more page faults) for a peak that tracks what is live. glibc only; a no-op
+    elsewhere."""
+    lib = _glibc()
+    if lib is None:
+        return
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # glibc's malloc.h
+    for option, value in ((m_arena_max, 2), (m_mmap_threshold, 128 << 10), (m_trim_threshold, 128 << 10)):
+        lib.mallopt(option, value)
 
 
 def safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:

@@ -20,7 +20,13 @@ from orlik import progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ToolError
 from orlik.quantize.backends import Calibration
-from orlik.quantize.backends.common import calibration_batches, calibration_texts, check_arch, seed_everything
+from orlik.quantize.backends.common import (
+    calibration_batches,
+    calibration_texts,
+    check_arch,
+    lean_malloc,
+    seed_everything,
+)
 from orlik.quantize.recipe import Recipe
 
 MODULES = ("gptqmodel", "optimum")
@@ -77,6 +83,8 @@ def run(
     from gptqmodel import GPTQModel
 
     check_arch(ckpt, supported_archs(), "GPTQModel")
+    if recipe.options.get("lean_malloc", True):
+        lean_malloc()
     seed_everything(int(recipe.options.get("seed", 0)))
     tokenizer = ckpt.load_tokenizer()
     batches = calibration_batches(
