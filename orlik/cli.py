@@ -226,16 +226,19 @@ def calibrate_imatrix(model: Path, calib: Path | None, lang: str, chunk: int, ma
           "perplexity_f16": card["perplexity_f16"], "reused": bool(card.get("reused"))})  # fmt: skip
 
 
-def _type_override(
-    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
-) -> list[tuple[str, str]]:
-    pairs = []
-    for v in values:
-        glob, sep, qtype = v.rpartition("=")
-        if not sep or not glob or not qtype:
-            raise click.BadParameter(f"{v!r} is not GLOB=TYPE (e.g. 'blk.*.ffn_down.weight=Q6_K')")
-        pairs.append((glob, qtype))
-    return pairs
+def _pairs(example: str, split_last: bool) -> Any:
+    """A click callback turning repeated KEY=VALUE options into (key, value) pairs."""
+
+    def parse(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
+        pairs = []
+        for v in values:
+            key, sep, value = v.rpartition("=") if split_last else v.partition("=")
+            if not sep or not key or not value:
+                raise click.BadParameter(f"{v!r} is not {example}")
+            pairs.append((key, value))
+        return pairs
+
+    return parse
 
 
 @cli.command()
@@ -265,19 +268,28 @@ def _type_override(
     "--type-override",
     "overrides",
     multiple=True,
-    callback=_type_override,
+    callback=_pairs("GLOB=TYPE (e.g. 'blk.*.ffn_down.weight=Q6_K')", split_last=True),
     help="GLOB=TYPE for matching tensors (whole GGUF names, e.g. 'blk.*.ffn_down.weight=Q6_K'); repeatable.",
+)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    callback=_pairs("KEY=VALUE (e.g. calib_samples=64)", split_last=False),
+    help="Backend option for the recipes that read it, e.g. calib_samples=64, damp=0.05, act_order=true, "
+    "lean_malloc=false, axis=0, embed_bits=8; repeatable. Recorded in variant.json.",
 )
 @click.option("--output-type", default=None, help="Tensor type of output.weight (e.g. Q8_0).")
 @click.option("--embedding-type", default=None, help="Tensor type of token_embd.weight (e.g. Q4_K).")
 def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix: Path | None, out: Path | None,
-             force: bool, overrides: list[tuple[str, str]], output_type: str | None,
+             force: bool, overrides: list[tuple[str, str]], options: list[tuple[str, str]], output_type: str | None,
              embedding_type: str | None) -> None:  # fmt: skip
     """Produce quantized variants of MODEL, one directory with variant.json per recipe."""
     from orlik.quantize import recipe as rec
     from orlik.quantize import run
 
-    plan = run.with_overrides(rec.expand(list(recipes)), overrides, output_type, embedding_type)
+    plan = run.with_options(run.with_overrides(rec.expand(list(recipes)), overrides, output_type, embedding_type),
+                            options)  # fmt: skip
     needs_imatrix = imatrix is None and calib is not None and any(r.imatrix for r in plan)
     if needs_imatrix and not (calib / "imatrix.gguf").is_file() and (calib / "calibration.jsonl").is_file():
         from orlik.calibration import imatrix as imat

@@ -18,7 +18,7 @@ from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ManifestError
 from orlik.fsutil import atomic_dir, check_writable, sha256_file
 from orlik.manifest import Variant
-from orlik.quantize.backends import Backend, Calibration, backend_for
+from orlik.quantize.backends import Backend, Calibration, backend_class, backend_for
 from orlik.quantize.recipe import Recipe, expand
 
 
@@ -76,6 +76,41 @@ def with_overrides(
         out.append(dataclasses.replace(r, overrides=tuple(overrides) + r.overrides,
                                        output_type=output_type or r.output_type,
                                        embedding_type=embedding_type or r.embedding_type))  # fmt: skip
+    return out
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _option_value(key: str, raw: str, kind: type) -> Any:
+    if kind is bool:
+        if raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+        raise InputError(f"option {key} takes true or false, not {raw!r}")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise InputError(
+            f"option {key} takes {'an integer' if kind is int else 'a number'}, not {raw!r}"
+        ) from None
+
+
+def with_options(recipes: Sequence[Recipe], options: Sequence[tuple[str, str]] = ()) -> list[Recipe]:
+    """The recipes with `--option KEY=VALUE` settings added to their options, each checked against
+    the options its backend reads (a key no recipe in the plan reads is refused, as a typo would be)."""
+    if not options:
+        return list(recipes)
+    tables = {r.format: backend_class(r.format).options for r in recipes}
+    for key, _ in options:
+        if not any(key in t for t in tables.values()):
+            known = sorted({k for t in tables.values() for k in t})
+            raise InputError(f"no recipe here reads option {key!r}; the {'/'.join(tables)} backend(s) read: "
+                             f"{', '.join(known) or 'none'}")  # fmt: skip
+    out = []
+    for r in recipes:
+        table = tables[r.format]
+        mine = {k: _option_value(k, v, table[k]) for k, v in options if k in table}
+        out.append(dataclasses.replace(r, options={**r.options, **mine}) if mine else r)
     return out
 
 

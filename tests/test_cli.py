@@ -91,6 +91,13 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2 and "No such command" in err
 
 
+def test_quantize_option_must_be_key_value(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = in_process(
+        ["quantize", str(tmp_path), "--recipe", "hqq-4bit-g64", "--option", "axis"], capsys
+    )
+    assert code == 2 and "'axis' is not KEY=VALUE" in err
+
+
 def test_not_built_stage_says_so_plainly(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -221,6 +221,27 @@ def test_recipe_from_dict_validates() -> None:
         Recipe.from_dict({"format": "gptq", "bitz": 4})
 
 
+def test_options_reach_only_the_recipes_whose_backend_reads_them() -> None:
+    from orlik.quantize.run import with_options
+
+    plan = expand(["gptq-w4g128-act", "hqq-4bit-g64", "Q4_K_M"])
+    gptq, hqq, gguf = with_options(plan, [("damp", "0.05"), ("act_order", "false"), ("seed", "7")])
+    assert gptq.options == {"act_order": False, "damp": 0.05, "seed": 7}  # the name's act_order overridden
+    assert hqq.options == {"seed": 7} and gguf.options == {}
+    assert (
+        gptq.to_dict()["options"]["damp"] == 0.05
+    )  # recorded in the manifest's recipe, so a change rebuilds
+    assert with_options(plan, []) == plan
+    with pytest.raises(OrlikError, match=r"no recipe here reads option 'dampp'.*damp"):
+        with_options(plan, [("dampp", "0.05")])
+    with pytest.raises(OrlikError, match="option damp takes a number, not 'high'"):
+        with_options(plan, [("damp", "high")])
+    with pytest.raises(OrlikError, match="option sym takes true or false"):
+        with_options(plan, [("sym", "maybe")])
+    with pytest.raises(OrlikError, match="gguf backend"):
+        with_options(expand(["Q4_K_M"]), [("calib_samples", "64")])
+
+
 def test_presets_cover_bielik_table8() -> None:
     recipes = expand(["bielik-table8"])
     names = [r.name for r in recipes]

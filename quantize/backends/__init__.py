@@ -33,6 +33,9 @@ class Calibration:
 class Backend(ABC):
     name: str = ""
     formats: tuple[str, ...] = ()
+    # Recipe options this backend reads, with their types; `orlik quantize --option KEY=VALUE`
+    # sets them (checked against this table) and they are recorded in variant.json.
+    options: dict[str, type] = {}
 
     @classmethod
     def missing(cls) -> str | None:
@@ -57,7 +60,8 @@ class Backend(ABC):
         """
 
 
-def backend_for(fmt: str) -> Backend:
+def backend_class(fmt: str) -> type[Backend]:
+    """The backend class for `fmt`; its module imports no quantization library."""
     if fmt not in BACKEND_MODULES:
         raise UnknownNameError("format", fmt, list(BACKEND_MODULES))
     try:
@@ -66,7 +70,11 @@ def backend_for(fmt: str) -> Backend:
         if e.name and e.name.startswith("orlik.quantize.backends"):
             raise MissingDependencyError(f"the {fmt} backend is not part of this orlik build yet") from None
         raise
-    cls: type[Backend] = mod.BACKEND
+    return mod.BACKEND
+
+
+def backend_for(fmt: str) -> Backend:
+    cls = backend_class(fmt)
     why = cls.missing()
     if why:
         raise MissingDependencyError(why)

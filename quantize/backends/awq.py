@@ -22,6 +22,7 @@ GROUPS = (32, 64, 128)
 class AWQBackend(Backend):
     name = "gptqmodel-awq"
     formats = ("awq",)
+    options = {**gptqmodel_driver.OPTIONS, "sym": bool}
 
     @classmethod
     def missing(cls) -> str | None:

@@ -24,6 +24,15 @@ from orlik.quantize.recipe import Recipe
 BPW_DEFINITION = "8 x tensor-data bytes / parameters of the FP16 checkpoint, over all tensors (as GGUF's BPW)"
 
 
+# Options of every backend that reads calibration.jsonl through calibration_texts/_batches.
+CALIBRATION_OPTIONS: dict[str, type] = {
+    "calib_samples": int,
+    "calib_seq_len": int,
+    "chat_template": bool,
+    "seed": int,
+}
+
+
 def missing_modules(modules: Iterable[str], extra: str) -> str | None:
     """The install hint when any of `modules` cannot be imported here, else None."""
     absent = [m for m in modules if importlib.util.find_spec(m) is None]

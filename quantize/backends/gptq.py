@@ -18,6 +18,13 @@ BITS = (2, 3, 4, 8)
 class GPTQBackend(Backend):
     name = "gptqmodel"
     formats = ("gptq",)
+    options = {
+        **gptqmodel_driver.OPTIONS,
+        "act_order": bool,
+        "damp": float,
+        "sym": bool,
+        "true_sequential": bool,
+    }
 
     @classmethod
     def missing(cls) -> str | None:

@@ -43,6 +43,7 @@ def quant_config(bits: int, group: int, axis: int) -> dict[str, Any]:
 class HQQBackend(Backend):
     name = "hqq"
     formats = ("hqq",)
+    options = {"axis": int, "seed": int}
 
     @classmethod
     def missing(cls) -> str | None:

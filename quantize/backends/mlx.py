@@ -89,6 +89,7 @@ def awq_convert(
 class MLXBackend(Backend):
     name = "mlx-lm"
     formats = ("mlx",)
+    options = {"calib_samples": int, "calib_seq_len": int, "embed_bits": int, "method": str, "seed": int}
 
     @classmethod
     def missing(cls) -> str | None:
