@@ -171,8 +171,8 @@ def lean_malloc() -> None:
     """For a library whose layer loop allocates and frees large tensors out of orlik's reach
     (GPTQModel): blocks of 128 KiB and up come from mmap and go back to the OS when freed, the
     heap is trimmed as soon as 128 KiB are free at its top, and threads share two arenas. It
-    trades some time (more page faults) for a peak that tracks what is live. glibc only; a no-op
-    elsewhere."""
+    trades some time (more page faults) for a peak that tracks what is live, and holds for the rest
+    of the process. glibc only; a no-op elsewhere."""
     lib = _glibc()
     if lib is None:
         return
