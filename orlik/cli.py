@@ -2,34 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from orlik import __version__
-from orlik.errors import NotBuiltError, OrlikError
+from orlik.cli_common import emit
+from orlik.cli_common import not_built as _not_built  # noqa: F401  (kept importable from orlik.cli)
+from orlik.cli_serve import chat, serve
+from orlik.cli_train import train
+from orlik.errors import OrlikError
 
 _DEBUG = {"on": False}
-
-
-def _not_built(verb: str, issue: str) -> NoReturn:
-    raise NotBuiltError(f"`orlik {verb}` is not built yet in orlik {__version__} ({issue})")
-
-
-def emit(obj: Any, ctx: click.Context | None = None) -> None:
-    """Print a result as JSON under --json, else as readable text."""
-    ctx = ctx or click.get_current_context()
-    if ctx.find_root().obj.get("json"):
-        click.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
-    elif isinstance(obj, str):
-        click.echo(obj)
-    else:
-        for k, v in obj.items():
-            click.echo(f"{k}: {v}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -51,90 +38,11 @@ def cli(ctx: click.Context, debug: bool, quiet: bool, json_mode: bool) -> None:
     ctx.obj = {"json": json_mode, "quiet": quiet}
 
 
-# ---------------------------------------------------------------- train
-@cli.group()
-def train() -> None:
-    """Corpus, tokenizer and tiny-model pretraining (ends at an FP16 checkpoint)."""
+for _command in (train, serve, chat):  # verbs kept in modules of their own
+    cli.add_command(_command)
 
 
-@train.command("corpus")
-@click.option("--root", type=click.Path(path_type=Path), default=None, help="Corpus data dir.")
-def train_corpus(root: Path | None) -> None:
-    """Sizes of the built-in Polish-English corpus per language and domain."""
-    from orlik import corpus
-
-    emit(corpus.stats(root or corpus.DATA_DIR))
-
-
-@train.command("tokenizer")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
-@click.option("--vocab-size", default=8000, show_default=True)
-@click.option("--corpus", "corpus_dir", type=click.Path(path_type=Path), default=None)
-@click.option("--seed", default=0, show_default=True)
-def train_tokenizer(out: Path, vocab_size: int, corpus_dir: Path | None, seed: int) -> None:
-    """Train the SentencePiece tokenizer and write the token-efficiency report."""
-    from orlik.training import tokenizer
-
-    report = tokenizer.build(out, vocab_size=vocab_size, corpus_dir=corpus_dir, seed=seed)
-    emit(report)
-
-
-@train.command("pretrain")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="FP16 checkpoint dir.")
-@click.option("--arch", default="llama", show_default=True, help="llama | mistral | qwen2")
-@click.option("--size", default="tiny", show_default=True, help="tiny | small")
-@click.option(
-    "--tokenizer",
-    "tokenizer_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Tokenizer dir (default: train one into <out>/../tokenizer).",
-)
-@click.option("--corpus", "corpus_dir", type=click.Path(path_type=Path), default=None)
-@click.option("--steps", default=None, type=int, help="Optimizer steps (default per size).")
-@click.option("--batch-size", default=None, type=int)
-@click.option("--seq-len", default=None, type=int)
-@click.option("--lr", default=None, type=float)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=None, type=int, help="torch threads (default: all cores).")
-@click.option("--checkpoint-every", default=200, show_default=True)
-@click.option(
-    "--resume/--no-resume",
-    default=True,
-    show_default=True,
-    help="Continue from <out>.work/state if an earlier run was interrupted.",
-)
-def train_pretrain(**kw: Any) -> None:
-    """Pretrain a tiny llama/mistral/qwen2 model on CPU and export an FP16 HF checkpoint."""
-    from orlik.training import pretrain
-
-    emit(pretrain.run(**kw))
-
-
-@train.command("eval")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--corpus", "corpus_dir", type=click.Path(path_type=Path), default=None)
-def train_eval(checkpoint: Path, corpus_dir: Path | None) -> None:
-    """Held-out perplexity of a checkpoint, next to a unigram baseline on the same tokens."""
-    from orlik.training import evaluate
-
-    emit(evaluate.heldout_report(checkpoint, corpus_dir=corpus_dir))
-
-
-for _verb, _issue in [("sft", "SFT with masked user tokens, WICEL, ALR"), ("dpo", "DPO-Positive"),
-                      ("merge", "linear merging"), ("upscale", "depth up-scaling")]:  # fmt: skip
-
-    def _make(verb: str = _verb, what: str = _issue) -> click.Command:
-        @click.pass_context
-        def _cmd(ctx: click.Context) -> None:
-            _not_built(f"train {verb}", f"{what}: not yet implemented")
-
-        return click.Command(verb, callback=_cmd, help=f"{what} (not built yet).")
-
-    train.add_command(_make())
-
-
-# ---------------------------------------------------------------- calibrate / quantize / bench / serve
+# ---------------------------------------------------------------- calibrate / quantize / bench / recommend / inspect
 @cli.group()
 def calibrate() -> None:
     """Polish-English calibration set and importance matrix."""
@@ -421,73 +329,6 @@ def recommend(memory: str, ctx: int, reports: Path | None) -> None:
         emit(res)
         return
     click.echo(f"{res['pick']}: {res['why']}")
-
-
-def _runtime_options(f: Any) -> Any:
-    """Options `orlik serve` and `orlik chat` share."""
-    for opt in reversed([
-        click.option("--parallel", default=4, show_default=True, help="Concurrent generations (slots) per model."),
-        click.option("--threads", default=None, type=int, help="CPU threads per model (default: all cores)."),
-        click.option("--ctx-size", default=None, type=int, help="Context per request in tokens (default: the model's)."),
-        click.option("--chat-template", type=click.Path(path_type=Path), default=None,
-                     help="Override the model's chat template (.jinja file or tokenizer_config.json)."),
-    ]):  # fmt: skip
-        f = opt(f)
-    return f
-
-
-@cli.command()
-@click.argument("models", nargs=-1, required=True)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
-@click.option("--port", default=8080, show_default=True)
-@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' [env: ORLIK_API_KEY].")
-@click.option(
-    "--queue-size", default=8, show_default=True, help="Requests that may wait for a slot; more get 429."
-)
-@click.option(
-    "--timeout", default=120.0, show_default=True, help="Seconds a request may take, queueing included."
-)
-@click.option("--memory-budget", default=None, help="e.g. 8G: unload idle models to stay under it.")
-@click.option("--cors", multiple=True, help="Allow this browser origin (repeatable); CORS is off by default.")
-@click.option(
-    "--max-body", default=4 << 20, show_default=True, help="Largest request body in bytes (413 above)."
-)
-@click.option("--preload", is_flag=True, help="Load every model at startup instead of at its first request.")
-@click.option(
-    "--stream-interval",
-    "stream_interval_ms",
-    default=10.0,
-    show_default=True,
-    help="Send a stream chunk at most every this many ms (tokens in between are merged); 0: every token.",
-)
-@_runtime_options
-def serve(models: tuple[str, ...], cors: tuple[str, ...], **kw: Any) -> None:
-    """OpenAI-compatible server (plus a web chat at /) for MODELS.
-
-    Each MODEL is a variant directory, an FP16 checkpoint or a .gguf file, optionally NAME=PATH.
-    GGUF runs through a managed llama-server (real parallel slots); FP16 through transformers.
-    """
-    from orlik.serving import server
-
-    server.serve(list(models), cors=list(cors) or None, **kw)
-
-
-@cli.command()
-@click.argument("model")
-@click.option("--system", default=None, help="System prompt.")
-@click.option("--temperature", default=0.7, show_default=True)
-@click.option("--top-p", default=0.95, show_default=True)
-@click.option("--max-tokens", default=512, show_default=True, help="Per reply.")
-@click.option("--seed", default=None, type=int)
-@_runtime_options
-def chat(model: str, **kw: Any) -> None:
-    """Chat with MODEL in the terminal, streaming, with history (/reset, /exit).
-
-    Uses the model's chat template and the same runtimes as `orlik serve`.
-    """
-    from orlik.serving import chat as chat_mod
-
-    chat_mod.run(model, **kw)
 
 
 @cli.command()

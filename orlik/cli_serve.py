@@ -1,0 +1,75 @@
+"""`orlik serve` and `orlik chat`: the serving verbs and the runtime options they share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _runtime_options(f: Any) -> Any:
+    """Options `orlik serve` and `orlik chat` share."""
+    for opt in reversed([
+        click.option("--parallel", default=4, show_default=True, help="Concurrent generations (slots) per model."),
+        click.option("--threads", default=None, type=int, help="CPU threads per model (default: all cores)."),
+        click.option("--ctx-size", default=None, type=int, help="Context per request in tokens (default: the model's)."),
+        click.option("--chat-template", type=click.Path(path_type=Path), default=None,
+                     help="Override the model's chat template (.jinja file or tokenizer_config.json)."),
+    ]):  # fmt: skip
+        f = opt(f)
+    return f
+
+
+@click.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
+@click.option("--port", default=8080, show_default=True)
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' [env: ORLIK_API_KEY].")
+@click.option(
+    "--queue-size", default=8, show_default=True, help="Requests that may wait for a slot; more get 429."
+)
+@click.option(
+    "--timeout", default=120.0, show_default=True, help="Seconds a request may take, queueing included."
+)
+@click.option("--memory-budget", default=None, help="e.g. 8G: unload idle models to stay under it.")
+@click.option("--cors", multiple=True, help="Allow this browser origin (repeatable); CORS is off by default.")
+@click.option(
+    "--max-body", default=4 << 20, show_default=True, help="Largest request body in bytes (413 above)."
+)
+@click.option("--preload", is_flag=True, help="Load every model at startup instead of at its first request.")
+@click.option(
+    "--stream-interval",
+    "stream_interval_ms",
+    default=10.0,
+    show_default=True,
+    help="Send a stream chunk at most every this many ms (tokens in between are merged); 0: every token.",
+)
+@_runtime_options
+def serve(models: tuple[str, ...], cors: tuple[str, ...], **kw: Any) -> None:
+    """OpenAI-compatible server (plus a web chat at /) for MODELS.
+
+    Each MODEL is a variant directory, an FP16 checkpoint or a .gguf file, optionally NAME=PATH.
+    GGUF runs through a managed llama-server (real parallel slots); FP16 through transformers.
+    """
+    from orlik.serving import server
+
+    server.serve(list(models), cors=list(cors) or None, **kw)
+
+
+@click.command()
+@click.argument("model")
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--max-tokens", default=512, show_default=True, help="Per reply.")
+@click.option("--seed", default=None, type=int)
+@_runtime_options
+def chat(model: str, **kw: Any) -> None:
+    """Chat with MODEL in the terminal, streaming, with history (/reset, /exit).
+
+    Uses the model's chat template and the same runtimes as `orlik serve`.
+    """
+    from orlik.serving import chat as chat_mod
+
+    chat_mod.run(model, **kw)
