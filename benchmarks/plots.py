@@ -69,28 +69,18 @@ def _repel(fig: Any, ax: Any, labels: list[Any], points: list[tuple[float, float
     markers = [Bbox.from_extents(x - px, y - px, x + px, y + px) for x, y in ax.transData.transform(points)]
     taken: list[Any] = []  # boxes of the labels placed so far
 
+    (dx0, dy0), ha0, va0 = _SPOTS[0]
+    pushed_down = [((dx0, dy0 - 4 * step), ha0, va0) for step in range(1, 40)]
     for i in sorted(range(len(labels)), key=lambda i: -points[i][1]):
         lab = labels[i]
         others = [m for j, m in enumerate(markers) if j != i] + taken
-
-        def free(lab: Any = lab, others: list[Any] = others) -> bool:
-            box = lab.get_window_extent(renderer).expanded(1.08, 1.15)
-            return not any(box.overlaps(o) for o in others)
-
-        for (dx, dy), ha, va in _SPOTS:
+        for (dx, dy), ha, va in (*_SPOTS, *pushed_down):
             lab.set_position((dx, dy))
             lab.set_ha(ha)
             lab.set_va(va)
-            if free():
+            box = lab.get_window_extent(renderer).expanded(1.08, 1.15)
+            if not any(box.overlaps(o) for o in others):
                 break
-        else:
-            (dx, dy), ha, va = _SPOTS[0]
-            lab.set_ha(ha)
-            lab.set_va(va)
-            for step in range(40):
-                lab.set_position((dx, dy - 4 * step))
-                if free():
-                    break
         taken.append(lab.get_window_extent(renderer))
 
 

@@ -19,8 +19,9 @@ from typing import Any
 from orlik import progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ToolError
-from orlik.quantize.backends import Calibration, common
+from orlik.quantize.backends import Calibration
 from orlik.quantize.backends.common import (
+    CALIBRATION_OPTIONS,
     calibration_batches,
     calibration_texts,
     check_arch,
@@ -35,7 +36,7 @@ _LOG = "quant_log.csv"
 _VOLATILE_META = ("offload_to_disk_path",)
 _CONFIGS = ("config.json", "quantize_config.json")
 SCRATCH = ".offload"
-OPTIONS: dict[str, type] = {**common.CALIBRATION_OPTIONS, "offload": bool, "lean_malloc": bool}
+OPTIONS: dict[str, type] = {**CALIBRATION_OPTIONS, "offload": bool, "lean_malloc": bool}
 
 
 # Import-time warnings of GPTQModel's dependencies that say nothing about the user's run: torchao
