@@ -69,6 +69,18 @@ def test_hashes_stable_across_runs(awq_variants: dict[str, Path], tiny_checkpoin
     assert again.files == Variant.load(awq_variants["awq-w4g128"]).files
 
 
+@pytest.mark.slow
+def test_one_shared_copy_of_each_input_changes_no_weight(
+    awq_variants: dict[str, Path], tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path
+) -> None:
+    # awq_lean hands q/k/v (and gate/up) one concatenated input and divides it by the group's scales
+    # once; GPTQModel's own copies, each divided once, must give the same bytes.
+    own = quantize(
+        tiny_checkpoint, "awq-w4g128", tmp_path / "own", tiny_calibration, shared_features=False, **CALIB
+    )
+    assert own.files == Variant.load(awq_variants["awq-w4g128"]).files
+
+
 def test_recipe_errors_and_missing_library(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

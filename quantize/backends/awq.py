@@ -7,13 +7,12 @@ same GEMM layout, so on CPU the backend asks for that one explicitly.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError
 from orlik.manifest import Variant
-from orlik.quantize.backends import Backend, Calibration, awq_clip, common, gptqmodel_driver
+from orlik.quantize.backends import Backend, Calibration, awq_lean, common, gptqmodel_driver
 from orlik.quantize.recipe import Recipe
 
 BITS = (4,)  # the GEMM layout packs eight 4-bit values per int32
@@ -23,7 +22,7 @@ GROUPS = (32, 64, 128)
 class AWQBackend(Backend):
     name = "gptqmodel-awq"
     formats = ("awq",)
-    options = {**gptqmodel_driver.OPTIONS, "sym": bool, "matmul_clip": bool}
+    options = {**gptqmodel_driver.OPTIONS, "sym": bool, "matmul_clip": bool, "shared_features": bool}
 
     @classmethod
     def missing(cls) -> str | None:
@@ -56,10 +55,13 @@ class AWQBackend(Backend):
         # coverage threshold, and silently quantizes every layer round-to-nearest instead.
         # 32 blocks of 512 tokens by default (recipe option calib_samples): the scale search runs a
         # forward pass per grid point over every block, 313 s for the 8.8M tiny model on 2 cores.
-        # The clipping search as a matrix product (awq_clip): same choices, a fraction of the memory
-        # and time of GPTQModel's broadcast; recipe option `matmul_clip: false` keeps GPTQModel's own.
-        clip = awq_clip.installed() if recipe.options.get("matmul_clip", True) else contextlib.nullcontext()
-        with clip:
+        # awq_lean: the clipping search as a matrix product, and one copy of each captured input
+        # (recipe options `matmul_clip: false` / `shared_features: false` keep GPTQModel's own).
+        lean = awq_lean.installed(
+            matmul_clip=bool(recipe.options.get("matmul_clip", True)),
+            shared_features=bool(recipe.options.get("shared_features", True)),
+        )
+        with lean:
             facts = gptqmodel_driver.run(
                 ckpt, recipe, calib, out, qcfg, KERNEL.AWQ_TORCH, pack=True, samples=32
             )

@@ -1,0 +1,182 @@
+"""Two changes to GPTQModel's AWQ processor that bound its memory, installed for a run.
+
+1. The weight-clipping search as a batched matrix product. After the scale search, AWQ picks for
+   every weight group a clipping bound: it tries ten shrink ratios of the group's max |w| (1, 0.95,
+   ... 0.55), pseudo-quantizes the clipped weights, and keeps the ratio whose outputs on a sample of
+   ~512 calibration tokens are closest to the unquantized ones. GPTQModel (like AutoAWQ before it)
+   computes those outputs as a broadcast `(x[1, tokens, groups, g] * w[rows, 1, groups, g]).sum(-1)`,
+   which materialises a rows x tokens x in_features tensor: 738 MiB in FP16 for one 256-row slice
+   of a 2,816-wide down_proj. On a small model that is most of the peak memory, and on CPU most of
+   the run time. The same sums are a matrix product per group, `x[groups, tokens, g] @ w[groups, g,
+   rows]`, whose result is only rows x tokens x groups. `best_clip` runs the identical search (same
+   token sample, same shrink grid, the processor's own pseudo-quantizer, same per-group mean squared
+   error) that way, in float32.
+
+2. One copy of each captured input. The processor records every linear's input per calibration
+   batch; q/k/v (and gate/up) are fed the very same tensor, but it concatenates the batches once per
+   module, so a decoder layer holds three copies of the attention input and two of the MLP input.
+   `_shared_layer_input_features` concatenates each distinct input once and hands the same tensor to
+   every module that read it; `_apply_scale_once` then divides a shared input by its group's scales
+   once, where GPTQModel would divide it once per module (its copies were separate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+N_GRID = 20  # ratios step by 1/N_GRID ...
+MAX_SHRINK = 0.5  # ... down to (1 - MAX_SHRINK), exclusive: ten candidates
+SAMPLE_TOKENS = 512  # calibration tokens the error is measured on (every k-th token)
+ROWS = 256  # output rows per slice: bounds the [groups, tokens, rows] float32 products
+
+
+def best_clip(
+    w: Any,
+    x: Any,
+    group_size: int,
+    quantize_into: Callable[[Any, Any], None],
+    *,
+    n_grid: int = N_GRID,
+    max_shrink: float = MAX_SHRINK,
+    n_sample_token: int = SAMPLE_TOKENS,
+    rows: int = ROWS,
+) -> Any:
+    """Best clipping bound per output row and weight group: a [out, groups, 1] tensor in w's dtype.
+
+    `w` is a [out, in] weight, `x` the module's calibration inputs (any leading shape, last dim
+    `in`), and `quantize_into(src, dst)` writes the pseudo-quantized `src` into `dst` group by group.
+    """
+    import torch
+
+    out_features, in_features = w.shape
+    group = group_size if group_size > 0 else in_features
+    if in_features % group:
+        raise ValueError(f"in_features {in_features} is not a multiple of the group size {group}")
+    groups = in_features // group
+    with torch.inference_mode():
+        x = x.reshape(-1, in_features)
+        x = x[:: max(1, x.shape[0] // n_sample_token)]
+        tokens = x.shape[0]
+        # [groups, tokens, g]: each group's slice of the inputs, as the left operand of a bmm.
+        xg = x.to(torch.float32).reshape(tokens, groups, group).transpose(0, 1).contiguous()
+        best = torch.empty(out_features, groups, 1, dtype=w.dtype, device=w.device)
+        clamped = torch.empty(min(rows, out_features), groups, group, dtype=w.dtype, device=w.device)
+        quant = torch.empty_like(clamped)
+        for start in range(0, out_features, rows):
+            wg = w[start : start + rows].reshape(-1, groups, group)  # [r, groups, g]
+            r = wg.shape[0]
+            c, q = clamped[:r], quant[:r]
+            org_max = wg.abs().amax(dim=-1, keepdim=True)  # [r, groups, 1]
+            reference = torch.bmm(xg, wg.to(torch.float32).permute(1, 2, 0))  # [groups, tokens, r]
+            best_max = org_max.clone()
+            min_err = torch.full((groups, r), float("inf"), dtype=torch.float32, device=w.device)
+            for step in range(int(max_shrink * n_grid)):
+                max_val = org_max * (1 - step / n_grid)
+                torch.clamp(wg, -max_val, max_val, out=c)
+                quantize_into(c, q)
+                out = torch.bmm(xg, q.to(torch.float32).permute(1, 2, 0))
+                err = out.sub_(reference).pow_(2).mean(dim=1)  # [groups, r]
+                better = err < min_err
+                min_err = torch.where(better, err, min_err)
+                best_max = torch.where(better.t().unsqueeze(-1), max_val, best_max)
+            best[start : start + r] = best_max
+    return best
+
+
+def _processor_clip(self: Any, w: Any, input_feat: Any, n_grid: int = N_GRID, max_shrink: float = MAX_SHRINK,
+                    n_sample_token: int = SAMPLE_TOKENS) -> Any:  # fmt: skip
+    """Drop-in for AWQProcessor._compute_best_clip (same signature and result layout)."""
+    return best_clip(w, input_feat, self.qcfg.group_size, self._pseudo_quantize_tensor_into,
+                     n_grid=n_grid, max_shrink=max_shrink, n_sample_token=n_sample_token)  # fmt: skip
+
+
+def _storage_key(t: Any) -> tuple[Any, ...]:
+    """Equal for two live tensors exactly when they are views of the same memory, same layout."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _shared_layer_input_features(self: Any, state: Any) -> dict[str, Any]:
+    """Drop-in for AWQProcessor._layer_input_features: modules whose captured batches are the same
+    tensors get one concatenation between them, and the same stats and replay kwargs."""
+    first_by_key: dict[tuple[Any, ...], str] = {}
+    aliases: dict[str, str] = {}
+    held: dict[str, Any] = {}
+    for name in list(state.modules):
+        entry = self.tasks.get(name) or {}
+        inputs = entry.get("inputs") or []
+        if not inputs:
+            continue
+        key = (tuple(_storage_key(t) for t in inputs), tuple(entry.get("batch_indices") or ()))
+        if key in first_by_key:
+            aliases[name] = first_by_key[key]
+            held[name] = entry
+            self.tasks[name] = {"inputs": [], "batch_indices": []}  # the original skips it
+        else:
+            first_by_key[key] = name
+    try:
+        features: dict[str, Any] = _ORIGINAL["_layer_input_features"](self, state)
+    finally:
+        self.tasks.update(held)
+    for name, first in aliases.items():
+        features[name] = features[first]
+        # The per-batch list goes (as the original does for its own copies), so the batches can be freed.
+        held[name]["inputs"] = [features[first]]
+        held[name]["batch_indices"] = list(self.tasks[first].get("batch_indices", [None]))
+        self._feature_stats[name] = dict(self._feature_stats.get(first, {}))
+        self._awq_feature_kwargs[name] = self._awq_feature_kwargs.get(first, {})
+    return features
+
+
+def _apply_scale_once(
+    module: Any, scales_list: list[Any], input_feat_dict: dict[str, Any] | None = None
+) -> None:
+    """Drop-in for gptqmodel's apply_scale as the AWQ processor calls it: a tensor shared by several
+    modules is divided by their group's scales once. Modules that share an input share its previous
+    op and so its scaling group; if they ever do not, they get copies of their own first."""
+    if input_feat_dict:
+        group_of = {n: i for i, (_, layer_names, *_) in enumerate(scales_list) for n in layer_names}
+        by_tensor: dict[int, list[str]] = {}
+        for name, t in input_feat_dict.items():
+            by_tensor.setdefault(id(t), []).append(name)
+        view = dict(input_feat_dict)
+        for names in by_tensor.values():
+            if len(names) < 2:
+                continue
+            if len({group_of.get(n) for n in names}) == 1:
+                for n in names[1:]:
+                    del view[n]
+            else:
+                for n in names[1:]:
+                    input_feat_dict[n] = view[n] = input_feat_dict[n].clone()
+        input_feat_dict = view
+    _ORIGINAL["apply_scale"](module, scales_list, input_feat_dict=input_feat_dict)
+
+
+_ORIGINAL: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def installed(*, matmul_clip: bool = True, shared_features: bool = True) -> Iterator[None]:
+    """GPTQModel's AWQ processor runs with the chosen changes inside the block, as shipped after."""
+    from gptqmodel.looper import awq_processor
+
+    cls = awq_processor.AWQProcessor
+    saved = {
+        "_compute_best_clip": cls.__dict__["_compute_best_clip"],
+        "_layer_input_features": cls.__dict__["_layer_input_features"],
+        "apply_scale": awq_processor.apply_scale,
+    }
+    _ORIGINAL.update(saved)
+    if matmul_clip:
+        cls._compute_best_clip = _processor_clip
+    if shared_features:
+        cls._layer_input_features = _shared_layer_input_features
+        awq_processor.apply_scale = _apply_scale_once
+    try:
+        yield
+    finally:
+        cls._compute_best_clip = saved["_compute_best_clip"]
+        cls._layer_input_features = saved["_layer_input_features"]
+        awq_processor.apply_scale = saved["apply_scale"]
