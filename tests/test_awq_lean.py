@@ -1,7 +1,8 @@
 """AWQ's clipping search as a matrix product (quantize/backends/awq_lean.py): it must choose, for
 every row and weight group, the shrink ratio with the least reconstruction error, as a float64
 search by the broadcast definition does; and it must agree with GPTQModel's own search. (That one
-shared input copy changes no weight is checked end to end in test_backend_awq.py.)"""
+shared input copy and the streamed input mean change no weight is checked end to end in
+test_backend_awq.py.)"""
 
 from __future__ import annotations
 
@@ -74,6 +75,17 @@ def test_row_slicing_does_not_change_the_result() -> None:
     assert torch.equal(awq_lean.best_clip(w, x, 128, q, rows=37), awq_lean.best_clip(w, x, 128, q, rows=4096))
 
 
+def test_abs_mean_streams_in_float32_chunks() -> None:
+    torch.manual_seed(3)
+    x = (torch.randn(5, 300, 96) * torch.linspace(0.1, 30, 96)).to(torch.float16)
+    exact = x.double().abs().reshape(-1, 96).mean(0)
+    # 96 float32 columns are 384 bytes a row: chunks of 7 rows, 215 of them, and one chunk
+    for chunk in (7 * 384, 2**30):
+        got = awq_lean.abs_mean(x, chunk_bytes=chunk)
+        assert got.dtype == torch.float16 and got.shape == (96,)
+        assert torch.allclose(got.double(), exact, rtol=1e-3, atol=0)
+
+
 def test_group_must_divide_the_input_width() -> None:
     w, x = torch.zeros(8, 100, dtype=torch.float16), torch.zeros(4, 100, dtype=torch.float16)
     with pytest.raises(ValueError, match="not a multiple of the group size 64"):
@@ -87,6 +99,7 @@ def test_agrees_with_gptqmodel_and_is_installed_only_inside_the_block() -> None:
 
     original = AWQProcessor.__dict__["_compute_best_clip"]
     features, apply_scale = AWQProcessor.__dict__["_layer_input_features"], awq_processor.apply_scale
+    search = AWQProcessor.__dict__["_search_best_scale"]
     torch.manual_seed(2)
     w = (torch.randn(256, 512) * 0.02).to(torch.float16)
     w[::5, :9] *= 25
@@ -97,11 +110,13 @@ def test_agrees_with_gptqmodel_and_is_installed_only_inside_the_block() -> None:
     with awq_lean.installed():
         assert AWQProcessor.__dict__["_compute_best_clip"] is awq_lean._processor_clip
         assert awq_processor.apply_scale is awq_lean._apply_scale_once
+        assert AWQProcessor.__dict__["_search_best_scale"] is awq_lean._search_best_scale_streamed
         ours = AWQProcessor._compute_best_clip(proc, w, x)
     assert AWQProcessor.__dict__["_compute_best_clip"] is original
     assert (
         AWQProcessor.__dict__["_layer_input_features"] is features
         and awq_processor.apply_scale is apply_scale
+        and AWQProcessor.__dict__["_search_best_scale"] is search
     )
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     # GPTQModel rounds each product to FP16 before summing, so a near tie can differ.

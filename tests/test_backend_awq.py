@@ -70,14 +70,14 @@ def test_hashes_stable_across_runs(awq_variants: dict[str, Path], tiny_checkpoin
 
 
 @pytest.mark.slow
-def test_one_shared_copy_of_each_input_changes_no_weight(
+def test_shared_inputs_and_streamed_mean_change_no_weight(
     awq_variants: dict[str, Path], tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path
 ) -> None:
     # awq_lean hands q/k/v (and gate/up) one concatenated input and divides it by the group's scales
-    # once; GPTQModel's own copies, each divided once, must give the same bytes.
-    own = quantize(
-        tiny_checkpoint, "awq-w4g128", tmp_path / "own", tiny_calibration, shared_features=False, **CALIB
-    )
+    # once, and takes the input mean chunk by chunk (one chunk at this size); GPTQModel's own copies,
+    # each divided once, and its one-piece mean must give the same bytes.
+    own = quantize(tiny_checkpoint, "awq-w4g128", tmp_path / "own", tiny_calibration,
+                   shared_features=False, streamed_mean=False, **CALIB)  # fmt: skip
     assert own.files == Variant.load(awq_variants["awq-w4g128"]).files
 
 

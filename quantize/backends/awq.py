@@ -22,7 +22,7 @@ GROUPS = (32, 64, 128)
 class AWQBackend(Backend):
     name = "gptqmodel-awq"
     formats = ("awq",)
-    options = {**gptqmodel_driver.OPTIONS, "sym": bool, "matmul_clip": bool, "shared_features": bool}
+    options = {**gptqmodel_driver.OPTIONS, "sym": bool, **dict.fromkeys(awq_lean.CHANGES, bool)}
 
     @classmethod
     def missing(cls) -> str | None:
@@ -55,12 +55,10 @@ class AWQBackend(Backend):
         # coverage threshold, and silently quantizes every layer round-to-nearest instead.
         # 32 blocks of 512 tokens by default (recipe option calib_samples): the scale search runs a
         # forward pass per grid point over every block, 313 s for the 8.8M tiny model on 2 cores.
-        # awq_lean: the clipping search as a matrix product, and one copy of each captured input
-        # (recipe options `matmul_clip: false` / `shared_features: false` keep GPTQModel's own).
-        lean = awq_lean.installed(
-            matmul_clip=bool(recipe.options.get("matmul_clip", True)),
-            shared_features=bool(recipe.options.get("shared_features", True)),
-        )
+        # awq_lean: the clipping search as a matrix product, one copy of each captured input, and
+        # the input mean streamed (recipe options `matmul_clip`, `shared_features`, `streamed_mean`:
+        # false keeps GPTQModel's own).
+        lean = awq_lean.installed(**{k: bool(recipe.options.get(k, True)) for k in awq_lean.CHANGES})
         with lean:
             facts = gptqmodel_driver.run(
                 ckpt, recipe, calib, out, qcfg, KERNEL.AWQ_TORCH, pack=True, samples=32

@@ -1,4 +1,4 @@
-"""Two changes to GPTQModel's AWQ processor that bound its memory, installed for a run.
+"""Three changes to GPTQModel's AWQ processor that bound its memory, installed for a run.
 
 1. The weight-clipping search as a batched matrix product. After the scale search, AWQ picks for
    every weight group a clipping bound: it tries ten shrink ratios of the group's max |w| (1, 0.95,
@@ -18,6 +18,12 @@
    `_shared_layer_input_features` concatenates each distinct input once and hands the same tensor to
    every module that read it; `_apply_scale_once` then divides a shared input by its group's scales
    once, where GPTQModel would divide it once per module (its copies were separate).
+
+3. The per-channel input mean streamed. The scale search averages |x| over the captured input: it
+   takes |x| of the whole input at once, then sums it in float32 chunks of up to 1 GiB, so a
+   down_proj input of 7,680 tokens x 2,816 costs 41 MiB for |x| and 82 MiB for the float32 copy.
+   `_search_best_scale_streamed` takes |x| and its float32 sum `CHUNK_BYTES` of rows at a time, and
+   runs the rest of the search (the reference outputs, GPTQModel's own grid over the scales) as is.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ N_GRID = 20  # ratios step by 1/N_GRID ...
 MAX_SHRINK = 0.5  # ... down to (1 - MAX_SHRINK), exclusive: ten candidates
 SAMPLE_TOKENS = 512  # calibration tokens the error is measured on (every k-th token)
 ROWS = 256  # output rows per slice: bounds the [groups, tokens, rows] float32 products
+# The changes, by their `installed` keyword (also the AWQ recipe options that turn them off).
+CHANGES = ("matmul_clip", "shared_features", "streamed_mean")
+CHUNK_BYTES = 16 * 2**20  # float32 rows at a time for the input mean
 
 
 def best_clip(
@@ -112,7 +121,10 @@ def _shared_layer_input_features(self: Any, state: Any) -> dict[str, Any]:
         if key in first_by_key:
             aliases[name] = first_by_key[key]
             held[name] = entry
-            self.tasks[name] = {"inputs": [], "batch_indices": []}  # the original skips it
+            # The original skips it; and its reference to the batches goes now, so that each batch
+            # is freed as soon as the first module's concatenation replaces it.
+            self.tasks[name] = {"inputs": [], "batch_indices": []}
+            entry["inputs"] = []
         else:
             first_by_key[key] = name
     try:
@@ -121,7 +133,6 @@ def _shared_layer_input_features(self: Any, state: Any) -> dict[str, Any]:
         self.tasks.update(held)
     for name, first in aliases.items():
         features[name] = features[first]
-        # The per-batch list goes (as the original does for its own copies), so the batches can be freed.
         held[name]["inputs"] = [features[first]]
         held[name]["batch_indices"] = list(self.tasks[first].get("batch_indices", [None]))
         self._feature_stats[name] = dict(self._feature_stats.get(first, {}))
@@ -154,29 +165,79 @@ def _apply_scale_once(
     _ORIGINAL["apply_scale"](module, scales_list, input_feat_dict=input_feat_dict)
 
 
+def abs_mean(x: Any, chunk_bytes: int = CHUNK_BYTES) -> Any:
+    """Mean of |x| over every axis but the last, summed in float32 `chunk_bytes` of rows at a time;
+    in x's dtype. (GPTQModel's sum, chunk for chunk, without its full-size |x|.)"""
+    import torch
+
+    flat = x.reshape(-1, x.shape[-1])
+    step = max(1, chunk_bytes // (4 * flat.shape[1]))
+    total = torch.zeros(flat.shape[1], dtype=torch.float32, device=x.device)
+    for i in range(0, flat.shape[0], step):
+        total += flat[i : i + step].abs().to(torch.float32).sum(dim=0)
+    return (total / flat.shape[0]).to(x.dtype)
+
+
+def _search_best_scale_streamed(self: Any, module: Any, prev_op: Any, layers: list[Any], inp: Any,
+                                module2inspect: Any = None, kwargs: dict[str, Any] | None = None) -> Any:  # fmt: skip
+    """Drop-in for AWQProcessor._search_best_scale (its default, chunked path): the same steps, with
+    the input mean from `abs_mean`. Returns (prev op name, layer names, best scales, loss)."""
+    if not getattr(self.qcfg, "scale_search_chunked_activations", True):
+        return _ORIGINAL["_search_best_scale"](
+            self, module, prev_op, layers, inp, module2inspect, kwargs or {}
+        )
+    import torch
+    from gptqmodel.looper import awq_processor
+
+    if module2inspect is None:
+        if len(layers) != 1:
+            raise ValueError(f"AWQ scale group of {len(layers)} layers needs the module that runs them")
+        module2inspect = layers[0]
+    kwargs = {k: v for k, v in (kwargs or {}).items() if k != "use_cache"}
+    w_mean = awq_processor._compute_awq_weight_mean(layers, self.qcfg.group_size)
+    x_mean = abs_mean(inp)
+    module_kwargs = self._sanitize_kwargs(kwargs, module2inspect)
+    for key, value in self._sanitize_kwargs(
+        getattr(self, "_module_forward_kwargs", {}), module2inspect
+    ).items():
+        module_kwargs.setdefault(key, value)
+    module_kwargs = self._align_module_kwargs_to_input(inp, module_kwargs)
+    with torch.inference_mode():  # the unquantized outputs, one micro-batch at a time, kept on CPU
+        reference = []
+        for out in self._iter_module_forward_outputs(inp, module2inspect, module_kwargs):
+            info = torch.finfo(out.dtype)
+            reference.append(out.clip(info.min, info.max).detach().cpu())
+    scales, loss = self._compute_best_scale(
+        inp, w_mean, x_mean, module2inspect, layers, reference, module_kwargs
+    )
+    name = awq_processor.get_op_name
+    return name(module, prev_op), tuple(name(module, m) for m in layers), scales, loss
+
+
 _ORIGINAL: dict[str, Any] = {}
 
 
 @contextlib.contextmanager
-def installed(*, matmul_clip: bool = True, shared_features: bool = True) -> Iterator[None]:
+def installed(
+    *, matmul_clip: bool = True, shared_features: bool = True, streamed_mean: bool = True
+) -> Iterator[None]:
     """GPTQModel's AWQ processor runs with the chosen changes inside the block, as shipped after."""
     from gptqmodel.looper import awq_processor
 
     cls = awq_processor.AWQProcessor
-    saved = {
-        "_compute_best_clip": cls.__dict__["_compute_best_clip"],
-        "_layer_input_features": cls.__dict__["_layer_input_features"],
-        "apply_scale": awq_processor.apply_scale,
-    }
-    _ORIGINAL.update(saved)
-    if matmul_clip:
-        cls._compute_best_clip = _processor_clip
-    if shared_features:
-        cls._layer_input_features = _shared_layer_input_features
-        awq_processor.apply_scale = _apply_scale_once
+    chosen = {"matmul_clip": [(cls, "_compute_best_clip", _processor_clip)],
+              "shared_features": [(cls, "_layer_input_features", _shared_layer_input_features),
+                                  (awq_processor, "apply_scale", _apply_scale_once)],
+              "streamed_mean": [(cls, "_search_best_scale", _search_best_scale_streamed)]}  # fmt: skip
+    on = {"matmul_clip": matmul_clip, "shared_features": shared_features, "streamed_mean": streamed_mean}
+    saved = [(owner, name, owner.__dict__[name]) for patches in chosen.values() for owner, name, _ in patches]
+    _ORIGINAL.update((name, fn) for _, name, fn in saved)
+    for change, patches in chosen.items():
+        for owner, name, fn in patches:
+            if on[change]:
+                setattr(owner, name, fn)
     try:
         yield
     finally:
-        cls._compute_best_clip = saved["_compute_best_clip"]
-        cls._layer_input_features = saved["_layer_input_features"]
-        awq_processor.apply_scale = saved["apply_scale"]
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
