@@ -51,7 +51,7 @@ def test_choice_is_the_least_error_candidate(out: int, inp: int, group: int, tok
     w[::7, :5] *= 30  # outliers, so that clipping pays off for some groups and not others
     x = torch.randn(tokens, inp).to(torch.float16)
     g = group if group > 0 else inp
-    best = awq_lean.best_clip(w, x, group, lambda s, d: asym4_into(s, d, g), rows=64)
+    best = awq_lean.best_clip(w, x, group, lambda s, d: asym4_into(s, d, g))
     assert best.shape == (out, inp // g, 1) and best.dtype == w.dtype
 
     errs = errors_by_definition(w, x, g)  # [ratios, out, groups]

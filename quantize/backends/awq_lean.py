@@ -7,10 +7,11 @@
    computes those outputs as a broadcast `(x[1, tokens, groups, g] * w[rows, 1, groups, g]).sum(-1)`,
    which materialises a rows x tokens x in_features tensor: 738 MiB in FP16 for one 256-row slice
    of a 2,816-wide down_proj. On a small model that is most of the peak memory, and on CPU most of
-   the run time. The same sums are a matrix product per group, `x[groups, tokens, g] @ w[groups, g,
-   rows]`, whose result is only rows x tokens x groups. `best_clip` runs the identical search (same
-   token sample, same shrink grid, the processor's own pseudo-quantizer, same per-group mean squared
-   error) that way, in float32.
+   the run time. The output error x.q - x.w is x.(q - w), a matrix product per group,
+   `x[groups, tokens, g] @ (q - w)[groups, g, rows]`, whose result is only rows x tokens x groups;
+   `best_clip` takes it for as many rows at a time as fit in 4 MiB. It is the same search (same
+   token sample, same shrink grid, the processor's own pseudo-quantizer, the same per-group mean
+   squared error), in float32 rather than with each product rounded to FP16.
 
 2. One copy of each captured input. The processor records every linear's input per calibration
    batch; q/k/v (and gate/up) are fed the very same tensor, but it concatenates the batches once per
@@ -35,7 +36,7 @@ from typing import Any
 N_GRID = 20  # ratios step by 1/N_GRID ...
 MAX_SHRINK = 0.5  # ... down to (1 - MAX_SHRINK), exclusive: ten candidates
 SAMPLE_TOKENS = 512  # calibration tokens the error is measured on (every k-th token)
-ROWS = 256  # output rows per slice: bounds the [groups, tokens, rows] float32 products
+PRODUCT_BYTES = 4 * 2**20  # output rows per slice: as many as keep [groups, tokens, rows] float32 within it
 # The changes, by their `installed` keyword (also the AWQ recipe options that turn them off).
 CHANGES = ("matmul_clip", "shared_features", "streamed_mean")
 CHUNK_BYTES = 16 * 2**20  # float32 rows at a time for the input mean
@@ -50,12 +51,13 @@ def best_clip(
     n_grid: int = N_GRID,
     max_shrink: float = MAX_SHRINK,
     n_sample_token: int = SAMPLE_TOKENS,
-    rows: int = ROWS,
+    rows: int = 0,
 ) -> Any:
     """Best clipping bound per output row and weight group: a [out, groups, 1] tensor in w's dtype.
 
     `w` is a [out, in] weight, `x` the module's calibration inputs (any leading shape, last dim
     `in`), and `quantize_into(src, dst)` writes the pseudo-quantized `src` into `dst` group by group.
+    `rows` output rows are searched at a time (0: as many as fit `PRODUCT_BYTES`).
     """
     import torch
 
@@ -71,22 +73,24 @@ def best_clip(
         # [groups, tokens, g]: each group's slice of the inputs, as the left operand of a bmm.
         xg = x.to(torch.float32).reshape(tokens, groups, group).transpose(0, 1).contiguous()
         best = torch.empty(out_features, groups, 1, dtype=w.dtype, device=w.device)
+        rows = rows or max(1, min(out_features, PRODUCT_BYTES // (4 * groups * tokens)))
         clamped = torch.empty(min(rows, out_features), groups, group, dtype=w.dtype, device=w.device)
         quant = torch.empty_like(clamped)
         for start in range(0, out_features, rows):
             wg = w[start : start + rows].reshape(-1, groups, group)  # [r, groups, g]
             r = wg.shape[0]
             c, q = clamped[:r], quant[:r]
+            wf = wg.to(torch.float32)
             org_max = wg.abs().amax(dim=-1, keepdim=True)  # [r, groups, 1]
-            reference = torch.bmm(xg, wg.to(torch.float32).permute(1, 2, 0))  # [groups, tokens, r]
             best_max = org_max.clone()
             min_err = torch.full((groups, r), float("inf"), dtype=torch.float32, device=w.device)
             for step in range(int(max_shrink * n_grid)):
                 max_val = org_max * (1 - step / n_grid)
                 torch.clamp(wg, -max_val, max_val, out=c)
                 quantize_into(c, q)
-                out = torch.bmm(xg, q.to(torch.float32).permute(1, 2, 0))
-                err = out.sub_(reference).pow_(2).mean(dim=1)  # [groups, r]
+                # x.q - x.w, as x.(q - w): one [groups, tokens, r] product per candidate
+                delta = q.to(torch.float32).sub_(wf).permute(1, 2, 0)  # [groups, g, r]
+                err = torch.bmm(xg, delta).pow_(2).mean(dim=1)  # [groups, r]
                 better = err < min_err
                 min_err = torch.where(better, err, min_err)
                 best_max = torch.where(better.t().unsqueeze(-1), max_val, best_max)
