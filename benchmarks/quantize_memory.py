@@ -33,9 +33,13 @@ SYNTHETIC = {  # random-weight llama models of the training configs' shapes, for
 def make_synthetic(tokenizer_from: Path, shape: str, out: Path) -> Path:
     """A random FP16 llama checkpoint of `shape` that reuses `tokenizer_from`'s tokenizer files."""
     code = f"""
-import json, shutil, sys, torch
+import json, logging, shutil, sys, torch
 from pathlib import Path
+for name in ("torchao", "torch.utils._pytree"):  # import-time noise about CUDA-only kernels
+    logging.getLogger(name).setLevel(logging.ERROR)
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
+hf_logging.disable_progress_bar()
 src, out = Path({str(tokenizer_from)!r}), Path({str(out)!r})
 cfg = json.loads((src / "config.json").read_text())
 for k in ("architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "head_dim"):

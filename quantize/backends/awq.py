@@ -54,7 +54,7 @@ class AWQBackend(Backend):
         # search; with variable-length samples it keeps only the last batch, falls below its 0.5%
         # coverage threshold, and silently quantizes every layer round-to-nearest instead.
         # 32 blocks of 512 tokens by default (recipe option calib_samples): the scale search runs a
-        # forward pass per grid point over every block, 313 s for the 8.8M tiny model on 2 cores.
+        # forward pass per grid point over every block.
         # awq_lean: the clipping search as a matrix product, one copy of each captured input, and
         # the input mean streamed (recipe options `matmul_clip`, `shared_features`, `streamed_mean`:
         # false keeps GPTQModel's own).
