@@ -1,8 +1,8 @@
 """AWQ's clipping search as a matrix product (quantize/backends/awq_lean.py): it must choose, for
 every row and weight group, the shrink ratio with the least reconstruction error, as a float64
 search by the broadcast definition does; and it must agree with GPTQModel's own search. (That one
-shared input copy and the streamed input mean change no weight is checked end to end in
-test_backend_awq.py.)"""
+shared input copy, the streamed input mean and the FP16 weight copies change no weight is checked
+end to end in test_backend_awq.py.)"""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def test_agrees_with_gptqmodel_and_is_installed_only_inside_the_block() -> None:
 
     original = AWQProcessor.__dict__["_compute_best_clip"]
     features, apply_scale = AWQProcessor.__dict__["_layer_input_features"], awq_processor.apply_scale
-    search = AWQProcessor.__dict__["_search_best_scale"]
+    search, grid = AWQProcessor.__dict__["_search_best_scale"], AWQProcessor.__dict__["_compute_best_scale"]
     torch.manual_seed(2)
     w = (torch.randn(256, 512) * 0.02).to(torch.float16)
     w[::5, :9] *= 25
@@ -111,12 +111,14 @@ def test_agrees_with_gptqmodel_and_is_installed_only_inside_the_block() -> None:
         assert AWQProcessor.__dict__["_compute_best_clip"] is awq_lean._processor_clip
         assert awq_processor.apply_scale is awq_lean._apply_scale_once
         assert AWQProcessor.__dict__["_search_best_scale"] is awq_lean._search_best_scale_streamed
+        assert AWQProcessor.__dict__["_compute_best_scale"] is awq_lean._compute_best_scale_exact_copy
         ours = AWQProcessor._compute_best_clip(proc, w, x)
     assert AWQProcessor.__dict__["_compute_best_clip"] is original
     assert (
         AWQProcessor.__dict__["_layer_input_features"] is features
         and awq_processor.apply_scale is apply_scale
         and AWQProcessor.__dict__["_search_best_scale"] is search
+        and AWQProcessor.__dict__["_compute_best_scale"] is grid
     )
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     # GPTQModel rounds each product to FP16 before summing, so a near tie can differ.

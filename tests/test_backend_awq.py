@@ -70,14 +70,15 @@ def test_hashes_stable_across_runs(awq_variants: dict[str, Path], tiny_checkpoin
 
 
 @pytest.mark.slow
-def test_shared_inputs_and_streamed_mean_change_no_weight(
+def test_lean_scale_search_changes_no_weight(
     awq_variants: dict[str, Path], tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path
 ) -> None:
     # awq_lean hands q/k/v (and gate/up) one concatenated input and divides it by the group's scales
-    # once, and takes the input mean chunk by chunk (one chunk at this size); GPTQModel's own copies,
-    # each divided once, and its one-piece mean must give the same bytes.
+    # once, takes the input mean chunk by chunk (one chunk at this size), and restores weights from
+    # FP16 copies; GPTQModel's own copies, each divided once, its one-piece mean and its float32
+    # copies must give the same bytes.
     own = quantize(tiny_checkpoint, "awq-w4g128", tmp_path / "own", tiny_calibration,
-                   shared_features=False, streamed_mean=False, **CALIB)  # fmt: skip
+                   shared_features=False, streamed_mean=False, exact_copy=False, **CALIB)  # fmt: skip
     assert own.files == Variant.load(awq_variants["awq-w4g128"]).files
 
 

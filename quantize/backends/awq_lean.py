@@ -1,4 +1,4 @@
-"""Three changes to GPTQModel's AWQ processor that bound its memory, installed for a run.
+"""Four changes to GPTQModel's AWQ processor that bound its memory, installed for a run.
 
 1. The weight-clipping search as a batched matrix product. After the scale search, AWQ picks for
    every weight group a clipping bound: it tries ten shrink ratios of the group's max |w| (1, 0.95,
@@ -24,7 +24,12 @@
    takes |x| of the whole input at once, then sums it in float32 chunks of up to 1 GiB, so a
    down_proj input of 7,680 tokens x 2,816 costs 41 MiB for |x| and 82 MiB for the float32 copy.
    `_search_best_scale_streamed` takes |x| and its float32 sum `CHUNK_BYTES` of rows at a time, and
-   runs the rest of the search (the reference outputs, GPTQModel's own grid over the scales) as is.
+   runs the rest of the search (the reference outputs, the grid over the scales) as GPTQModel does.
+
+4. The originals of the weights under the scale search kept in their own dtype. Each candidate
+   scaling is applied to the weights in place and undone from a copy; GPTQModel keeps that copy in
+   float32, 88 MiB for gate+up of a 2,048 x 5,632 MLP. `_compute_best_scale_exact_copy` runs the same
+   grid with an FP16 copy: the same values come back, at half the bytes.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ MAX_SHRINK = 0.5  # ... down to (1 - MAX_SHRINK), exclusive: ten candidates
 SAMPLE_TOKENS = 512  # calibration tokens the error is measured on (every k-th token)
 PRODUCT_BYTES = 4 * 2**20  # output rows per slice: as many as keep [groups, tokens, rows] float32 within it
 # The changes, by their `installed` keyword (also the AWQ recipe options that turn them off).
-CHANGES = ("matmul_clip", "shared_features", "streamed_mean")
+CHANGES = ("matmul_clip", "shared_features", "streamed_mean", "exact_copy")
 CHUNK_BYTES = 16 * 2**20  # float32 rows at a time for the input mean
+SCALE_GRID = 20  # exponents a = 0, 1/20, ... 19/20 of the scale search
 
 
 def best_clip(
@@ -218,12 +224,72 @@ def _search_best_scale_streamed(self: Any, module: Any, prev_op: Any, layers: li
     return name(module, prev_op), tuple(name(module, m) for m in layers), scales, loss
 
 
+def _compute_best_scale_exact_copy(self: Any, x: Any, w_mean: Any, x_mean: Any, module2inspect: Any,
+                                   linears2scale: list[Any], fp16_output: Any, kwargs: dict[str, Any] | None = None) -> Any:  # fmt: skip
+    """Drop-in for AWQProcessor._compute_best_scale (its default, chunked path): the same grid of 20
+    scalings s = x_mean^a / w_mean^(1-a), each pseudo-quantized in place and scored by the mean
+    squared error of the module's output against `fp16_output`; but the weights are restored from a
+    copy in their own dtype, where GPTQModel keeps float32 copies of them (twice the bytes, and the
+    same values back). Returns (best scales on CPU, their loss)."""
+    if not getattr(self.qcfg, "scale_search_chunked_activations", True):
+        return _ORIGINAL["_compute_best_scale"](self, x, w_mean, x_mean, module2inspect, linears2scale,
+                                                fp16_output, kwargs or {})  # fmt: skip
+    import torch
+
+    kwargs = kwargs or {}
+    params = list(module2inspect.parameters())
+    device = params[0].device if params else x.device
+    x_mean, w_mean = x_mean.view(-1).to(device), w_mean.view(-1).to(device)
+    prev_scale = getattr(self._scale_context, "prev_scale", None)
+    if prev_scale is not None:
+        w_mean = w_mean * float(prev_scale)
+    originals = [(fc, fc.weight.detach().clone()) for fc in linears2scale]
+    best_error, best_scales = float("inf"), None
+    try:
+        for step in range(SCALE_GRID):
+            ratio = step / SCALE_GRID
+            if self.duo_scaling:
+                scales = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+            else:
+                scales = x_mean.pow(ratio).clamp(min=1e-4)
+            scales = scales / (scales.max() * scales.min()).sqrt()
+            scales[torch.isinf(scales) | torch.isnan(scales)] = 1
+            row = scales.view(1, -1)
+            for fc, _ in originals:
+                fc.weight.mul_(row)
+                self._pseudo_quantize_tensor_into(fc.weight, fc.weight)
+                fc.weight.div_(row)
+            total, count = 0.0, 0
+            outputs = self._iter_module_forward_outputs(x, module2inspect, kwargs)
+            for ref, out in zip(self._iter_reference_output_chunks(x, fp16_output), outputs, strict=True):
+                info = torch.finfo(out.dtype)
+                out = out.clip(info.min, info.max)
+                diff = (ref.to(device=out.device, dtype=out.dtype) - out).float()
+                total += diff.pow(2).sum().item()
+                count += diff.numel()
+            loss = total / max(count, 1)
+            if loss < best_error:
+                best_error, best_scales = loss, scales.clone()
+            for fc, original in originals:
+                fc.weight.copy_(original)
+    finally:
+        for fc, original in originals:
+            fc.weight.copy_(original)
+    if best_scales is None or torch.isnan(best_scales).any():
+        raise ValueError(f"AWQ scale search found no finite loss for {type(module2inspect).__name__}")
+    return best_scales.detach().cpu(), best_error
+
+
 _ORIGINAL: dict[str, Any] = {}
 
 
 @contextlib.contextmanager
 def installed(
-    *, matmul_clip: bool = True, shared_features: bool = True, streamed_mean: bool = True
+    *,
+    matmul_clip: bool = True,
+    shared_features: bool = True,
+    streamed_mean: bool = True,
+    exact_copy: bool = True,
 ) -> Iterator[None]:
     """GPTQModel's AWQ processor runs with the chosen changes inside the block, as shipped after."""
     from gptqmodel.looper import awq_processor
@@ -232,8 +298,10 @@ def installed(
     chosen = {"matmul_clip": [(cls, "_compute_best_clip", _processor_clip)],
               "shared_features": [(cls, "_layer_input_features", _shared_layer_input_features),
                                   (awq_processor, "apply_scale", _apply_scale_once)],
-              "streamed_mean": [(cls, "_search_best_scale", _search_best_scale_streamed)]}  # fmt: skip
-    on = {"matmul_clip": matmul_clip, "shared_features": shared_features, "streamed_mean": streamed_mean}
+              "streamed_mean": [(cls, "_search_best_scale", _search_best_scale_streamed)],
+              "exact_copy": [(cls, "_compute_best_scale", _compute_best_scale_exact_copy)]}  # fmt: skip
+    on = {"matmul_clip": matmul_clip, "shared_features": shared_features, "streamed_mean": streamed_mean,
+          "exact_copy": exact_copy}  # fmt: skip
     saved = [(owner, name, owner.__dict__[name]) for patches in chosen.values() for owner, name, _ in patches]
     _ORIGINAL.update((name, fn) for _, name, fn in saved)
     for change, patches in chosen.items():
