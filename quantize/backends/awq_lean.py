@@ -43,7 +43,7 @@ MAX_SHRINK = 0.5  # ... down to (1 - MAX_SHRINK), exclusive: ten candidates
 SAMPLE_TOKENS = 512  # calibration tokens the error is measured on (every k-th token)
 PRODUCT_BYTES = 4 * 2**20  # output rows per slice: as many as keep [groups, tokens, rows] float32 within it
 # The changes, by their `installed` keyword (also the AWQ recipe options that turn them off).
-CHANGES = ("matmul_clip", "shared_features", "streamed_mean", "exact_copy")
+CHANGES = ("matmul_clip", "shared_features", "streamed_mean", "exact_copy", "release_packed")
 CHUNK_BYTES = 16 * 2**20  # float32 rows at a time for the input mean
 SCALE_GRID = 20  # exponents a = 0, 1/20, ... 19/20 of the scale search
 
@@ -116,12 +116,28 @@ def _storage_key(t: Any) -> tuple[Any, ...]:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
+def _concat_releasing(batches: list[Any], order: list[int]) -> Any:
+    """torch.cat of `batches` in `order` along dim 0, each batch's list slot emptied once it is copied."""
+    first = batches[order[0]]
+    out = first.new_empty((sum(int(b.shape[0]) for b in batches), *first.shape[1:]))
+    first, pos = None, 0  # no reference to batch 0 beyond its list slot
+    for k in order:
+        batch, batches[k] = batches[k], None
+        out[pos : pos + batch.shape[0]].copy_(batch)
+        pos += batch.shape[0]
+    return out
+
+
 def _shared_layer_input_features(self: Any, state: Any) -> dict[str, Any]:
-    """Drop-in for AWQProcessor._layer_input_features: modules whose captured batches are the same
-    tensors get one concatenation between them, and the same stats and replay kwargs."""
+    """Drop-in for AWQProcessor._layer_input_features. Modules whose captured batches are the same
+    tensors get one concatenation between them, and the same stats and replay kwargs; and a plain
+    concatenation (no model-specific aggregation policy, equal shapes) is built batch by batch, each
+    batch let go once copied, so that a module's batches and their concatenation are never both
+    whole. Other modules (MoE token-row policies, ragged batches) go to GPTQModel's own code."""
     first_by_key: dict[tuple[Any, ...], str] = {}
     aliases: dict[str, str] = {}
-    held: dict[str, Any] = {}
+    held: dict[str, Any] = {}  # entries hidden from the original for the call
+    mine: list[str] = []
     for name in list(state.modules):
         entry = self.tasks.get(name) or {}
         inputs = entry.get("inputs") or []
@@ -130,17 +146,32 @@ def _shared_layer_input_features(self: Any, state: Any) -> dict[str, Any]:
         key = (tuple(_storage_key(t) for t in inputs), tuple(entry.get("batch_indices") or ()))
         if key in first_by_key:
             aliases[name] = first_by_key[key]
-            held[name] = entry
-            # The original skips it; and its reference to the batches goes now, so that each batch
-            # is freed as soon as the first module's concatenation replaces it.
-            self.tasks[name] = {"inputs": [], "batch_indices": []}
-            entry["inputs"] = []
+            entry["inputs"] = []  # the first module's list is the one left holding the batches
+        elif self._feature_aggregation_policy(name) is None and self._can_concat_batch_tensors(inputs):
+            first_by_key[key] = name
+            mine.append(name)
         else:
             first_by_key[key] = name
+            continue
+        held[name] = entry
+        self.tasks[name] = {"inputs": [], "batch_indices": []}  # the original records it as empty
     try:
         features: dict[str, Any] = _ORIGINAL["_layer_input_features"](self, state)
     finally:
         self.tasks.update(held)
+    for name in mine:
+        entry = held[name]
+        batches, indices = entry["inputs"], list(entry.get("batch_indices") or [])
+        order = list(range(len(batches)))
+        if len(indices) == len(batches) and all(i is not None and i >= 0 for i in indices):
+            order.sort(key=lambda k: int(indices[k]))  # replay order, as the original restores it
+            indices = [indices[k] for k in order]
+        feature = features[name] = _concat_releasing(batches, order)
+        entry["inputs"], entry["batch_indices"] = [feature], [None]
+        tokens = int(feature.numel() // max(int(feature.shape[-1]), 1))
+        self._awq_feature_kwargs[name] = self._feature_kwargs_from_batch_indices(indices)
+        self._feature_stats[name] = {"mode": "batch", "raw_tokens": tokens, "retained_tokens": tokens,
+                                     "batches": len(batches)}  # fmt: skip
     for name, first in aliases.items():
         features[name] = features[first]
         held[name]["inputs"] = [features[first]]
@@ -280,6 +311,23 @@ def _compute_best_scale_exact_copy(self: Any, x: Any, w_mean: Any, x_mean: Any, 
     return best_scales.detach().cpu(), best_error
 
 
+def _pack_module_releasing(self: Any, module: Any) -> None:
+    """AWQProcessor.pack_module, then the pseudo-quantized FP16 weight it packed is let go: the
+    processor keeps it in the module's state, and the replaced linear still points at it, until the
+    looper drops the module one layer later."""
+    _ORIGINAL["pack_module"](self, module)
+    module.state.pop("wq", None)
+    linear = getattr(module, "module", None)
+    weight = getattr(linear, "weight", None)
+    if weight is None or self.gptq_model.model.get_submodule(module.full_name) is linear:
+        return  # not replaced by a packed module: its weight is still the model's
+    import torch
+
+    # A meta tensor in its place: shape and dtype stay readable, the values are gone.
+    meta = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+    linear.register_parameter("weight", torch.nn.Parameter(meta, requires_grad=False))
+
+
 _ORIGINAL: dict[str, Any] = {}
 
 
@@ -290,6 +338,7 @@ def installed(
     shared_features: bool = True,
     streamed_mean: bool = True,
     exact_copy: bool = True,
+    release_packed: bool = True,
 ) -> Iterator[None]:
     """GPTQModel's AWQ processor runs with the chosen changes inside the block, as shipped after."""
     from gptqmodel.looper import awq_processor
@@ -299,9 +348,10 @@ def installed(
               "shared_features": [(cls, "_layer_input_features", _shared_layer_input_features),
                                   (awq_processor, "apply_scale", _apply_scale_once)],
               "streamed_mean": [(cls, "_search_best_scale", _search_best_scale_streamed)],
-              "exact_copy": [(cls, "_compute_best_scale", _compute_best_scale_exact_copy)]}  # fmt: skip
+              "exact_copy": [(cls, "_compute_best_scale", _compute_best_scale_exact_copy)],
+              "release_packed": [(cls, "pack_module", _pack_module_releasing)]}  # fmt: skip
     on = {"matmul_clip": matmul_clip, "shared_features": shared_features, "streamed_mean": streamed_mean,
-          "exact_copy": exact_copy}  # fmt: skip
+          "exact_copy": exact_copy, "release_packed": release_packed}  # fmt: skip
     saved = [(owner, name, owner.__dict__[name]) for patches in chosen.values() for owner, name, _ in patches]
     _ORIGINAL.update((name, fn) for _, name, fn in saved)
     for change, patches in chosen.items():
