@@ -100,6 +100,7 @@ def test_agrees_with_gptqmodel_and_is_installed_only_inside_the_block() -> None:
     original = AWQProcessor.__dict__["_compute_best_clip"]
     features, apply_scale = AWQProcessor.__dict__["_layer_input_features"], awq_processor.apply_scale
     search, grid = AWQProcessor.__dict__["_search_best_scale"], AWQProcessor.__dict__["_compute_best_scale"]
+    pack = AWQProcessor.__dict__["pack_module"]
     torch.manual_seed(2)
     w = (torch.randn(256, 512) * 0.02).to(torch.float16)
     w[::5, :9] *= 25
@@ -112,6 +113,7 @@ def test_agrees_with_gptqmodel_and_is_installed_only_inside_the_block() -> None:
         assert awq_processor.apply_scale is awq_lean._apply_scale_once
         assert AWQProcessor.__dict__["_search_best_scale"] is awq_lean._search_best_scale_streamed
         assert AWQProcessor.__dict__["_compute_best_scale"] is awq_lean._compute_best_scale_exact_copy
+        assert AWQProcessor.__dict__["pack_module"] is awq_lean._pack_module_releasing
         ours = AWQProcessor._compute_best_clip(proc, w, x)
     assert AWQProcessor.__dict__["_compute_best_clip"] is original
     assert (
@@ -119,6 +121,7 @@ def test_agrees_with_gptqmodel_and_is_installed_only_inside_the_block() -> None:
         and awq_processor.apply_scale is apply_scale
         and AWQProcessor.__dict__["_search_best_scale"] is search
         and AWQProcessor.__dict__["_compute_best_scale"] is grid
+        and AWQProcessor.__dict__["pack_module"] is pack
     )
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     # GPTQModel rounds each product to FP16 before summing, so a near tie can differ.

@@ -74,11 +74,12 @@ def test_lean_scale_search_changes_no_weight(
     awq_variants: dict[str, Path], tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path
 ) -> None:
     # awq_lean hands q/k/v (and gate/up) one concatenated input and divides it by the group's scales
-    # once, takes the input mean chunk by chunk (one chunk at this size), and restores weights from
-    # FP16 copies; GPTQModel's own copies, each divided once, its one-piece mean and its float32
-    # copies must give the same bytes.
+    # once, takes the input mean chunk by chunk (one chunk at this size), restores weights from FP16
+    # copies, and frees packed weights early; GPTQModel's own copies, each divided once, its
+    # one-piece mean and its float32 copies must give the same bytes.
     own = quantize(tiny_checkpoint, "awq-w4g128", tmp_path / "own", tiny_calibration,
-                   shared_features=False, streamed_mean=False, exact_copy=False, **CALIB)  # fmt: skip
+                   shared_features=False, streamed_mean=False, exact_copy=False, release_packed=False,
+                   **CALIB)  # fmt: skip
     assert own.files == Variant.load(awq_variants["awq-w4g128"]).files
 
 

@@ -1,4 +1,5 @@
-"""Four changes to GPTQModel's AWQ processor that bound its memory, installed for a run.
+"""Five changes to GPTQModel's AWQ processor that bound its memory, installed for a run. Each is
+named in CHANGES and can be turned off alone (an AWQ recipe option of the same name).
 
 1. The weight-clipping search as a batched matrix product. After the scale search, AWQ picks for
    every weight group a clipping bound: it tries ten shrink ratios of the group's max |w| (1, 0.95,
@@ -18,7 +19,9 @@
    module, so a decoder layer holds three copies of the attention input and two of the MLP input.
    `_shared_layer_input_features` concatenates each distinct input once and hands the same tensor to
    every module that read it; `_apply_scale_once` then divides a shared input by its group's scales
-   once, where GPTQModel would divide it once per module (its copies were separate).
+   once, where GPTQModel would divide it once per module (its copies were separate). And it builds
+   each concatenation batch by batch, freeing each batch once copied, where GPTQModel holds all
+   the batches and their concatenation at once.
 
 3. The per-channel input mean streamed. The scale search averages |x| over the captured input: it
    takes |x| of the whole input at once, then sums it in float32 chunks of up to 1 GiB, so a
@@ -30,6 +33,12 @@
    scaling is applied to the weights in place and undone from a copy; GPTQModel keeps that copy in
    float32, 88 MiB for gate+up of a 2,048 x 5,632 MLP. `_compute_best_scale_exact_copy` runs the same
    grid with an FP16 copy: the same values come back, at half the bytes.
+
+5. The packed layer let go. After packing a linear into the AWQ format, GPTQModel keeps its
+   pseudo-quantized FP16 weight in the module's state and on the replaced linear until the looper
+   drops the module, one layer later; `_pack_module_releasing` drops both after packing.
+
+With 2-5 on and 1 off, the tiny model's AWQ weights are byte-identical to GPTQModel's (a slow test).
 """
 
 from __future__ import annotations
@@ -42,8 +51,7 @@ N_GRID = 20  # ratios step by 1/N_GRID ...
 MAX_SHRINK = 0.5  # ... down to (1 - MAX_SHRINK), exclusive: ten candidates
 SAMPLE_TOKENS = 512  # calibration tokens the error is measured on (every k-th token)
 PRODUCT_BYTES = 4 * 2**20  # output rows per slice: as many as keep [groups, tokens, rows] float32 within it
-# The changes, by their `installed` keyword (also the AWQ recipe options that turn them off).
-CHANGES = ("matmul_clip", "shared_features", "streamed_mean", "exact_copy", "release_packed")
+CHANGES = ("matmul_clip", "shared_features", "streamed_mean", "exact_copy", "release_packed")  # 1-5 above
 CHUNK_BYTES = 16 * 2**20  # float32 rows at a time for the input mean
 SCALE_GRID = 20  # exponents a = 0, 1/20, ... 19/20 of the scale search
 
