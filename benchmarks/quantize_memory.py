@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orlik.quantize.backends.gptqmodel_driver import QUIET_LOGGERS
+
 SYNTHETIC = {  # random-weight llama models of the training configs' shapes, for larger measurements
     "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=4),
@@ -35,7 +37,7 @@ def make_synthetic(tokenizer_from: Path, shape: str, out: Path) -> Path:
     code = f"""
 import json, logging, shutil, sys, torch
 from pathlib import Path
-for name in ("torchao", "torch.utils._pytree"):  # import-time noise about CUDA-only kernels
+for name in {QUIET_LOGGERS!r}:  # import-time noise about CUDA-only kernels
     logging.getLogger(name).setLevel(logging.ERROR)
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging

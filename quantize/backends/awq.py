@@ -55,9 +55,8 @@ class AWQBackend(Backend):
         # coverage threshold, and silently quantizes every layer round-to-nearest instead.
         # 32 blocks of 512 tokens by default (recipe option calib_samples): the scale search runs a
         # forward pass per grid point over every block.
-        # awq_lean: the clipping search as a matrix product, one copy of each captured input, and
-        # the input mean streamed (recipe options `matmul_clip`, `shared_features`, `streamed_mean`:
-        # false keeps GPTQModel's own).
+        # awq_lean replaces five parts of GPTQModel's AWQ processor to bound its memory; each recipe
+        # option named in awq_lean.CHANGES set to false keeps GPTQModel's own.
         lean = awq_lean.installed(**{k: bool(recipe.options.get(k, True)) for k in awq_lean.CHANGES})
         with lean:
             facts = gptqmodel_driver.run(

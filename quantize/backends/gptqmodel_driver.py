@@ -42,14 +42,14 @@ OPTIONS: dict[str, type] = {**CALIBRATION_OPTIONS, "offload": bool, "lean_malloc
 # Import-time warnings of GPTQModel's dependencies that say nothing about the user's run: torchao
 # failing to load its CUDA-only kernels (.so files for sm90/mxfp8) on a CPU machine, and torch
 # deprecating how torchao registers two enums. Errors from these loggers still show.
-_QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 def prepare_env() -> None:
     """GPTQModel defaults to half the cores for CPU work; on small machines that is one worker."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in _QUIET_LOGGERS:
+    for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
