@@ -1,0 +1,1 @@
+"""Data preparation before training: cleaning, Polish PII anonymization, stylometric quality scoring."""
