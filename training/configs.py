@@ -19,6 +19,10 @@ SIZES: dict[str, dict[str, Any]] = {
     # ~100M parameters: large enough that bits-per-weight targets mean something.
     "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                   num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048),
+    # ~112M parameters with a 32k vocab (49M of them embeddings, which cost no compute): the
+    # measurement model of docs/real-model.md, sized to train on 2 CPU cores in about an hour.
+    "base": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=10,
+                 num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
 }  # fmt: skip
 
 # Chat templates. ChatML for the qwen2 family (Bielik v3); the [INST] template of the Bielik 7B card
