@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orlik import corpus, gguf_read, llamacpp, progress
+from orlik import corpus, gguf_read, llamacpp, owner, progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, OutputError, ToolError
 from orlik.fsutil import check_writable, sha256_file
@@ -125,7 +125,8 @@ def compute(
 
     f16 = f16_gguf(ckpt)
     started = time.time()
-    tmp_im = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    owner.clean_stale_files(out)  # a killed run's half-written imatrix and card, if any
+    tmp_im = owner.partial_name(out)
     try:
         with tempfile.TemporaryDirectory(prefix="orlik-imatrix-") as td:
             txt = Path(td) / f"calibration-{lang}.txt"

@@ -11,7 +11,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from orlik.errors import OutputError
+from orlik import owner
+from orlik.errors import OrlikError, OutputError
 
 _CHUNK = 1 << 20
 
@@ -75,43 +76,102 @@ def _os_error(e: OSError, where: Path) -> OutputError:
     return OutputError(f"cannot write {where}: {e.strerror or e}")
 
 
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC however a library reports it (safetensors raises SafetensorError, not OSError)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno == errno.ENOSPC:
+            return True
+        text = str(cur)
+        if "No space left on device" in text or "os error 28" in text or "StorageFull" in text:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _unusable(final: Path) -> str | None:
+    name = final.name
+    if name in ("", ".", "..") or final.resolve() == Path(final.resolve().anchor):
+        return f"{final} cannot be an output directory (it names {final.resolve()}); give a new directory"
+    return None
+
+
 @contextlib.contextmanager
-def atomic_dir(final: Path, *, replace: bool = True) -> Iterator[Path]:
+def atomic_dir(
+    final: Path,
+    *,
+    replace: bool = True,
+    force: bool = False,
+    marks: tuple[str, ...] = (),
+    kind: str = "output",
+) -> Iterator[Path]:
     """Yield `<final>.partial`; rename it to `final` only if the block succeeds.
 
-    A failure or interruption removes the partial directory, so `final` is either the
-    complete previous result or the complete new one.
+    A failure or interruption removes the partial directory, so `final` is either the complete
+    previous result or the complete new one. Both carry orlik's mark (`owner.MARKER`, naming the
+    writing process while it works), and an existing `final` is replaced only if it is orlik's
+    (`marks` name the caller's own files that prove it too) or `force` is given. A kill -9 leaves
+    at most a marked `<final>.partial` or `<final>.old`, which the next run removes.
     """
     final = Path(final)
+    bad = _unusable(final)
+    if bad:
+        raise OutputError(bad)
     check_writable(final.parent)
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    if os.path.lexists(final) and not replace:
+        raise OutputError(f"{final} already exists")
+    owner.check_replaceable(final, force=force, marks=marks)
+    owner.clear_leftovers(final, force=force)
+    partial, old = owner.leftovers(final)
     try:
-        partial.mkdir(parents=True)
+        partial.mkdir()
+        owner.write_marker(partial, kind, "partial")
         yield partial
-        if final.exists():
+        owner.write_marker(partial, kind, "complete")
+        if os.path.lexists(final):
             if not replace:
                 raise OutputError(f"{final} already exists")
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            partial.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            owner.check_replaceable(final, force=force, marks=marks)  # it may have appeared meanwhile
+            _swap(final, partial, old, kind)
         else:
             partial.rename(final)
     except OSError as e:
         shutil.rmtree(partial, ignore_errors=True)
         raise _os_error(e, final) from None
+    except OrlikError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    except Exception as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if _disk_full(e):
+            raise OutputError(f"disk full while writing {final}; nothing was kept") from None
+        raise
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def _swap(final: Path, partial: Path, old: Path, kind: str) -> None:
+    """Put `partial` in the place of `final`. A link or file is unlinked, never followed; a directory
+    is first marked as orlik's old copy, so a kill between the two renames leaves a removable `.old`."""
+    if final.is_symlink() or not final.is_dir():
+        final.unlink()
+        partial.rename(final)
+        return
+    owner.write_marker(final, kind, "old")
+    final.rename(old)
+    partial.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file through a temporary sibling and rename, so readers never see half of it."""
     path = Path(path)
     check_writable(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    owner.clean_stale_files(path, "tmp")
+    tmp = owner.partial_name(path, "tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orlik import llamacpp, progress
+from orlik import llamacpp, owner, progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import CheckpointError, OutputError, ToolError
 from orlik.fsutil import atomic_write_text, cache_root, check_writable
@@ -52,11 +52,13 @@ def f16_gguf(ckpt: Checkpoint, *, outtype: str | None = None, force: bool = Fals
         return final
     converter = llamacpp.converter()
     check_writable(final.parent)
-    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    owner.clean_stale_files(final)  # a killed run's half-written conversion, if any
+    tmp = owner.partial_name(final)
     cmd = [sys.executable, str(converter), str(ckpt.path), "--outtype", outtype, "--outfile", str(tmp)]
     progress.info(f"gguf: converting {ckpt.path} to {outtype.upper()} with convert_hf_to_gguf.py")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
+                              preexec_fn=llamacpp.die_with_parent)  # fmt: skip
         if proc.returncode != 0:
             raise _conversion_error(ckpt, proc.stdout + proc.stderr)
         if not tmp.is_file():

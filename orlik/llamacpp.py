@@ -5,9 +5,12 @@ scripts/build-llamacpp.sh builds them once per version into the cache; every sta
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
+import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +21,21 @@ from orlik.errors import MissingDependencyError
 VERSION = "0.3.36"  # llama-cpp-python release whose vendored llama.cpp orlik builds
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-server")
 HINT = "run `make llamacpp` (builds llama.cpp once, ~25 min on 2 cores, then cached)"
+
+
+try:  # resolved in the parent: nothing is loaded between fork and exec
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _PRCTL = None
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """preexec_fn for tools that write orlik's outputs: on Linux the kernel sends them SIGTERM when
+    the thread that started them dies, so a kill -9 of orlik leaves no orphan writing a partial file
+    (the next run removes that file, see orlik.owner)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def build_root() -> Path:
@@ -83,7 +101,9 @@ def run_tool(name: str, args: list[str], on_output: Callable[[str], None] | None
     """
     cmd = [str(tool(name)), *args]
     log: list[str] = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+    ) as proc:
         assert proc.stdout is not None
         try:
             while data := proc.stdout.read1(65536):

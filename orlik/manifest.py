@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from orlik.errors import ManifestError
 from orlik.fsutil import atomic_write_text, sha256_file
+from orlik.owner import MARKER
 
 SCHEMA_VERSION = 1
 MANIFEST = "variant.json"
@@ -71,6 +73,11 @@ class Variant:
                 raise ManifestError(f"{where}: field {k!r} has the wrong type ({type(d[k]).__name__})")
         if not d["files"] or not all(isinstance(v, str) and len(v) == 64 for v in d["files"].values()):
             raise ManifestError(f"{where}: 'files' must map each file to its sha256")
+        outside = [k for k in d["files"] if _escapes(k)]
+        if outside:
+            raise ManifestError(
+                f"{where}: file name {outside[0]!r} is absolute or leaves the variant directory"
+            )
         if d["bytes"] <= 0 or not 0 < d["bpw"] <= 32:
             raise ManifestError(f"{where}: implausible bytes/bpw ({d['bytes']}, {d['bpw']})")
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
@@ -109,10 +116,32 @@ class Variant:
                 bad.append(rel)
         return bad
 
+    def check(self, *, hashes: bool = True, directory: Path | None = None) -> None:
+        """Raise ManifestError unless every file is present with the recorded total size and, with
+        `hashes`, its recorded sha256. The size check costs a stat per file; hashing reads them all."""
+        base = Path(directory or self.path or ".")
+        missing = [rel for rel in self.files if not (base / rel).is_file()]
+        if missing:
+            raise ManifestError(f"{base}: file(s) listed in {MANIFEST} are missing: {', '.join(missing)}")
+        size = sum((base / rel).stat().st_size for rel in self.files)
+        if size != self.bytes:
+            raise ManifestError(f"{base}: files hold {size} bytes, {MANIFEST} records {self.bytes} (truncated "
+                                "or replaced?); rebuild it with `orlik quantize`")  # fmt: skip
+        bad = self.verify(base) if hashes else []
+        if bad:
+            raise ManifestError(f"{base}: files differ from {MANIFEST}: {', '.join(bad)} (rebuild it with "
+                                "`orlik quantize`, or skip this check with --no-verify)")  # fmt: skip
+
     def main_file(self) -> Path:
         """The primary weights file (the first listed), for single-file formats such as GGUF."""
         assert self.path is not None
         return self.path / next(iter(self.files))
+
+
+def _escapes(name: str) -> bool:
+    """A manifest file name that is absolute, or climbs out of the variant directory with `..`."""
+    parts = name.replace("\\", "/").split("/")
+    return not name or os.path.isabs(name) or name.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts
 
 
 def hash_files(directory: Path, names: list[str] | None = None) -> dict[str, str]:
@@ -120,6 +149,8 @@ def hash_files(directory: Path, names: list[str] | None = None) -> dict[str, str
     directory = Path(directory)
     if names is None:
         names = sorted(
-            str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST
+            str(p.relative_to(directory))
+            for p in directory.rglob("*")
+            if p.is_file() and p.name not in (MANIFEST, MARKER)
         )
     return {n: sha256_file(directory / n) for n in names}

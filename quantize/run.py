@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orlik import progress
+from orlik import owner, progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ManifestError
 from orlik.fsutil import atomic_dir, check_writable, sha256_file
-from orlik.manifest import Variant
+from orlik.manifest import MANIFEST, Variant
 from orlik.quantize.backends import Backend, Calibration, backend_class, backend_for
 from orlik.quantize.recipe import Recipe, expand
 
@@ -142,6 +142,8 @@ def quantize_all(
         backends[r.format].check(r, calib)
     out_root = Path(out_root)
     check_writable(out_root)
+    for r in plan:  # a folder of the user's in the way is refused before any work, too
+        owner.check_replaceable(out_root / r.name, force=force, marks=(MANIFEST,))
     for r in plan:
         backends[r.format].prepare(ckpt, r, calib)
     outcomes: list[Outcome] = []
@@ -153,6 +155,7 @@ def quantize_all(
             existed = target.exists()
             reason = "--force" if force else _stale(target, r, ckpt, calib)
             if reason is None:
+                owner.clear_leftovers(target, claim=False)  # a killed earlier run's, if any
                 v = Variant.load(target)
                 outcomes.append(Outcome(v, "skipped", time.time() - t0))
                 progress.info(f"quantize: {r.name} verified, skipped")
@@ -163,7 +166,7 @@ def quantize_all(
             backend = backends[r.format]
             if hasattr(backend, "on_progress"):
                 backend.on_progress = lambda done, total: bar.update(tensors=f"{done}/{total}")
-            with atomic_dir(target) as tmp:
+            with atomic_dir(target, force=force, marks=(MANIFEST,), kind="variant") as tmp:
                 v = backend.quantize(ckpt, r, calib, tmp)
                 v.save(tmp)
             v.path = target

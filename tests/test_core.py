@@ -142,7 +142,7 @@ def test_atomic_dir_keeps_previous_result_on_failure_and_replaces_on_success(tmp
     with atomic_dir(final) as tmp:
         (tmp / "model.gguf").write_text("v2")
         (tmp / "variant.json").write_text("{}")
-    assert sorted(p.name for p in final.iterdir()) == ["model.gguf", "variant.json"]
+    assert sorted(p.name for p in final.iterdir()) == [".orlik", "model.gguf", "variant.json"]
     assert (final / "model.gguf").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["variant"]  # no .partial, no .old
     with pytest.raises(OutputError, match="already exists"), atomic_dir(final, replace=False) as tmp:

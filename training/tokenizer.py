@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from orlik import corpus
+from orlik import corpus, owner
 from orlik.errors import InputError
 from orlik.fsutil import atomic_dir
 
@@ -151,17 +151,20 @@ def report_markdown(rep: dict[str, Any]) -> str:
 
 
 def build(
-    out: Path, *, vocab_size: int = 8000, corpus_dir: Path | None = None, seed: int = 0
+    out: Path, *, vocab_size: int = 8000, corpus_dir: Path | None = None, seed: int = 0, force: bool = False
 ) -> dict[str, Any]:
-    """Train, export and report. `seed` is recorded; BPE training itself is deterministic."""
+    """Train, export and report. `seed` is recorded; BPE training itself is deterministic.
+
+    An existing `out` is replaced only if orlik made it, or with `force`."""
     if vocab_size < 300:
         raise InputError("vocab size must be at least 300 (256 byte pieces + specials + merges)")
+    owner.check_replaceable(Path(out), force=force)  # before the training, not after it
     lines = training_lines(corpus_dir)
     model_bytes = train_spm(lines, vocab_size)
     rep = report(model_bytes, corpus_dir, vocab_size)
     rep["seed"] = seed
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, force=force, kind="tokenizer") as tmp:
         export_hf(model_bytes, tmp)
         (tmp / "report.json").write_text(json.dumps(rep, indent=2))
         (tmp / "report.md").write_text(report_markdown(rep))
