@@ -14,7 +14,6 @@ from orlik.errors import ManifestError, OrlikError, OutputError, UnknownNameErro
 from orlik.fsutil import atomic_dir, sha256_file, sha256_file_remembered
 from orlik.manifest import MANIFEST, SCHEMA_VERSION, Variant, hash_files
 from orlik.quantize.recipe import GGUF_TYPES, PRESETS, Recipe, expand
-from orlik.registry import Registry
 
 
 # ---------------------------------------------------------------- variant.json
@@ -108,17 +107,24 @@ def test_verify_detects_tampered_and_missing_files(variant_dir: tuple[Path, Vari
 
 
 # ---------------------------------------------------------------- registry
-def test_registry_unknown_name_lists_the_valid_ones() -> None:
-    reg: Registry[int] = Registry("backend")
-    reg.register("gguf")(1)
-    reg.register("awq")(2)
-    assert reg.get("gguf") == 1 and "awq" in reg and list(reg) == ["awq", "gguf"]
+def test_registry_maps_formats_by_convention_and_lists_the_valid_ones() -> None:
+    from orlik import registry
+
+    assert registry.backend_class("gguf").__module__ == "orlik.quantize.backends.gguf"
+    assert registry.runtime_class("hqq").__module__ == "orlik.serving.runtimes.hqq"
+    # One runtime module may run several formats; the server runs GGUF in llama-server.
+    assert registry.runtime_class("gptq") is registry.runtime_class("awq")
+    assert registry.runtime_class("gguf").name == "llama.cpp"
+    assert registry.runtime_class("gguf", serving=True).name == "llama-server"
+    assert registry.runtime_class("fp16", serving=True) is registry.runtime_class("fp16")
+    for bad in ("gptq2", "common", "llamaserver", "hf", "../x"):
+        with pytest.raises(UnknownNameError) as e:
+            registry.runtime_class(bad) if bad != "common" else registry.backend_class(bad)
+        assert isinstance(e.value, OrlikError) and e.value.exit_code == 2
+        assert "gguf" in e.value.valid and "hqq" in e.value.valid and bad not in e.value.valid
     with pytest.raises(UnknownNameError) as e:
-        reg.get("gptq")
-    assert str(e.value) == "unknown backend 'gptq'; valid: awq, gguf"
-    assert isinstance(e.value, OrlikError) and e.value.exit_code == 2
-    with pytest.raises(ValueError, match="registered twice"):
-        reg.register("gguf")(3)
+        registry.backend_class("fp16")
+    assert str(e.value) == "unknown format 'fp16'; valid: awq, gguf, gptq, hqq, mlx"
 
 
 # ---------------------------------------------------------------- atomic_dir

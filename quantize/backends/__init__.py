@@ -1,4 +1,5 @@
-"""Quantization backends, one module per format, registered by name.
+"""Quantization backends, one module per format: `<format>.py` defines `BACKEND` (found by
+orlik.registry, by that convention).
 
 A backend turns an FP16 checkpoint into a variant directory; it never runs the result (that is
 serving's runtimes). Modules are imported only when their format is used.
@@ -6,18 +7,15 @@ serving's runtimes). Modules are imported only when their format is used.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
+from orlik import registry
 from orlik.checkpoint import Checkpoint
 from orlik.errors import MissingDependencyError, UnknownNameError
 from orlik.manifest import Variant
 from orlik.quantize.recipe import FORMATS, Recipe
-
-# format -> module under orlik.quantize.backends
-BACKEND_MODULES: dict[str, str] = {fmt: fmt for fmt in FORMATS}
 
 
 @dataclass(frozen=True)
@@ -62,15 +60,13 @@ class Backend(ABC):
 
 def backend_class(fmt: str) -> type[Backend]:
     """The backend class for `fmt`; its module imports no quantization library."""
-    if fmt not in BACKEND_MODULES:
-        raise UnknownNameError("format", fmt, list(BACKEND_MODULES))
     try:
-        mod = importlib.import_module(f"orlik.quantize.backends.{BACKEND_MODULES[fmt]}")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("orlik.quantize.backends"):
+        cls: type[Backend] = registry.backend_class(fmt)
+    except UnknownNameError:
+        if fmt in FORMATS:  # a format recipes may name, whose backend this build lacks
             raise MissingDependencyError(f"the {fmt} backend is not part of this orlik build yet") from None
         raise
-    return mod.BACKEND
+    return cls
 
 
 def backend_for(fmt: str) -> Backend:

@@ -1,21 +1,22 @@
-"""The Runtime interface shared by the evaluator and the server, and the format -> runtime table.
+"""The Runtime interface shared by the evaluator and the server.
 
 One runtime per format family loads a variant (or an FP16 checkpoint) and offers tokenization,
-full-vocabulary logits for evaluation, and token streaming for serving. Benchmarks and the server
-use the same runtimes, so a format is measured exactly the way it is served.
+full-vocabulary logits for evaluation, and token streaming for serving. orlik.registry finds the
+runtime of a format; benchmarks and the server use the same runtimes, with the one exception that
+registry documents (GGUF is served by llama-server and evaluated in-process, on one llama.cpp).
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orlik import registry
 from orlik.checkpoint import Checkpoint
-from orlik.errors import InputError, MissingDependencyError, UnknownNameError
+from orlik.errors import InputError, MissingDependencyError
 from orlik.manifest import MANIFEST, Variant
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class Token:
 
 
 class Runtime(ABC):
-    """A loaded model. Subclasses register a name in RUNTIME_MODULES and implement the methods."""
+    """A loaded model. A module under serving/runtimes defines one as `RUNTIME` (see orlik.registry)."""
 
     name: str = ""
     formats: tuple[str, ...] = ()
@@ -118,24 +119,9 @@ class Runtime(ABC):
         """Free native resources; the default has nothing to free."""
 
 
-# format -> module under orlik.serving.runtimes; modules import only when a format is used.
-RUNTIME_MODULES: dict[str, str] = {
-    "fp16": "hf",
-    "gguf": "llamacpp",
-    "gptq": "hfquant",
-    "awq": "hfquant",
-    "hqq": "hqq",
-    "mlx": "mlx",
-}
-
-
-def runtime_class(fmt: str) -> type[Runtime]:
-    try:
-        module = RUNTIME_MODULES[fmt]
-    except KeyError:
-        raise UnknownNameError("format", fmt, list(RUNTIME_MODULES)) from None
-    mod = importlib.import_module(f"orlik.serving.runtimes.{module}")
-    cls: type[Runtime] = mod.RUNTIME
+def runtime_class(fmt: str, *, serving: bool = False) -> type[Runtime]:
+    """The runtime for `fmt` (the server's with serving=True); MissingDependencyError if it cannot run here."""
+    cls: type[Runtime] = registry.runtime_class(fmt, serving=serving)
     why = cls.missing()
     if why:
         raise MissingDependencyError(why)
