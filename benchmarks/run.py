@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from orlik import __version__, progress
+from orlik import __version__, paths, progress
 from orlik.benchmarks import reference, speed, texts
 from orlik.benchmarks.evaluate import (
     TextScore,
@@ -48,12 +48,6 @@ class Options:
     cards: bool = True
     license: str | None = None
     base_model: str | None = None
-
-
-def default_dirs(model: Path) -> tuple[Path, Path]:
-    """runs/<m>/fp16 -> (runs/<m>/variants, runs/<m>/reports); any other dir -> siblings of it."""
-    root = model.parent if model.name == "fp16" else model
-    return root / "variants", root / "reports"
 
 
 def resolve_variants(names: Sequence[str], variants_dir: Path) -> list[Variant]:
@@ -151,8 +145,8 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
     started = time.perf_counter()
     plots.prewarm()
     ckpt = Checkpoint.open(model)
-    dv, do = default_dirs(Path(model))
-    variants_dir, out = Path(variants_dir or dv), Path(out or do)
+    variants_dir = Path(variants_dir or paths.variants_dir(model))
+    out = Path(out or paths.reports_dir(model))
     variants = resolve_variants(variant_names, variants_dir)
     for v in variants:
         if opts.verify:
@@ -168,8 +162,8 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
 
     eval_texts = texts.file_texts(list(opts.text_files)) if opts.text_files else texts.heldout_texts()
     calib = opts.calib
-    if calib is None and (model.parent / "calib" / "calibration.jsonl").is_file() and model.name == "fp16":
-        calib = model.parent / "calib" / "calibration.jsonl"
+    if calib is None and (paths.calib_dir(model) / "calibration.jsonl").is_file():
+        calib = paths.calib_dir(model) / "calibration.jsonl"
     overlap = texts.check_overlap(eval_texts, calib) if calib else None
 
     engine, engine_why = choose_engine(opts.engine, variants)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orlik import corpus, progress
+from orlik import corpus, paths, progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, OutputError
 from orlik.fsutil import atomic_dir
@@ -62,7 +62,7 @@ def build(
     """
     _validate(tokens, pl_ratio, lang, max_sample_tokens, near_dup_threshold)
     model = Path(model)
-    out = Path(out) if out is not None else model.resolve().parent / "calib"
+    out = Path(out) if out is not None else paths.calib_dir(model)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory")
     root = Path(corpus_root or corpus.DATA_DIR)

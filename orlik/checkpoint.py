@@ -8,6 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orlik import paths
 from orlik.errors import CheckpointError
 from orlik.fsutil import sha256_bytes, sha256_file_remembered
 
@@ -53,7 +54,7 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return self.path.resolve().name if self.path.name != "fp16" else self.path.resolve().parent.name
+        return paths.model_name(self.path)
 
     @property
     def weights_bytes(self) -> int:

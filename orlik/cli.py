@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from orlik import __version__
+from orlik import __version__, paths
 from orlik.cli_common import emit
 from orlik.cli_common import not_built as _not_built  # noqa: F401  (kept importable from orlik.cli)
 from orlik.cli_serve import chat, serve
@@ -54,7 +54,7 @@ def calibrate() -> None:
     "--out",
     type=click.Path(path_type=Path),
     default=None,
-    help="Output dir for calibration.jsonl and card.{json,md}  [default: MODEL/../calib]",
+    help="Output dir for calibration.jsonl and card.{json,md}  " + paths.default_help(paths.CALIB),
 )
 @click.option(
     "--tokens", default=60_000, show_default=True, help="Total tokens, counted with MODEL's tokenizer."
@@ -101,7 +101,7 @@ def calibrate_build(model: Path, out: Path | None, tokens: int, pl_ratio: float,
     "--calib",
     type=click.Path(path_type=Path),
     default=None,
-    help="calibration.jsonl or its directory  [default: MODEL/../calib]",
+    help="calibration.jsonl or its directory  " + paths.default_help(paths.CALIB),
 )
 @click.option(
     "--lang",
@@ -126,7 +126,7 @@ def calibrate_imatrix(model: Path, calib: Path | None, lang: str, chunk: int, ma
     """Compute MODEL's importance matrix with llama-imatrix on its F16 GGUF (llama.cpp format)."""
     from orlik.calibration import imatrix
 
-    calib = calib if calib is not None else model.resolve().parent / "calib"
+    calib = calib if calib is not None else paths.calib_dir(model)
     card = imatrix.compute(model, calib, lang=lang, chunk=chunk, max_chunks=max_chunks, out=out, force=force)
     emit({"out": card["path"], "lang": card["lang"], "chunks": card["chunks"], "chunk_size": card["chunk_size"],
           "tokens_processed": card["tokens_processed"], "entries": card["entries"],
@@ -163,13 +163,17 @@ def _pairs(example: str, split_last: bool) -> Any:
     "--calib",
     type=click.Path(path_type=Path),
     default=None,
-    help="`orlik calibrate build` output dir; its imatrix.gguf is used (computed if missing).",
+    help="`orlik calibrate build` output dir; its imatrix.gguf is used (computed if missing)  "
+    + paths.default_help(paths.CALIB).replace("[default:", "[default, when it exists:"),
 )
 @click.option(
     "--imatrix", type=click.Path(path_type=Path), default=None, help="imatrix file (wins over --calib)."
 )
 @click.option(
-    "--out", type=click.Path(path_type=Path), default=None, help="Variants root  [default: MODEL/../variants]"
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Variants root  " + paths.default_help(paths.VARIANTS),
 )
 @click.option("--force", is_flag=True, help="Rebuild variants even when they verify.")
 @click.option(
@@ -198,13 +202,15 @@ def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix:
 
     plan = run.with_options(run.with_overrides(rec.expand(list(recipes)), overrides, output_type, embedding_type),
                             options)  # fmt: skip
+    if calib is None and (paths.calib_dir(model) / "calibration.jsonl").is_file():
+        calib = paths.calib_dir(model)
     needs_imatrix = imatrix is None and calib is not None and any(r.imatrix for r in plan)
     if needs_imatrix and not (calib / "imatrix.gguf").is_file() and (calib / "calibration.jsonl").is_file():
         from orlik.calibration import imatrix as imat
 
         imat.compute(model, calib, lang="mixed")
     calibration = run.calibration_for(calib, imatrix)
-    outcomes = run.quantize_all(model, plan, out or model.resolve().parent / "variants", calib=calibration,
+    outcomes = run.quantize_all(model, plan, out or paths.variants_dir(model), calib=calibration,
                                 force=force)  # fmt: skip
     rows = [o.summary() for o in outcomes]
     if click.get_current_context().find_root().obj.get("json"):
@@ -223,7 +229,8 @@ def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix:
     "--variants-dir",
     type=click.Path(path_type=Path),
     default=None,
-    help="Where VARIANTS are looked up by name; all of them when none are named  [default: MODEL/../variants]",
+    help="Where VARIANTS are looked up by name; all of them when none are named  "
+    + paths.default_help(paths.VARIANTS),
 )
 @click.option(
     "--ctx",
@@ -243,13 +250,17 @@ def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix:
     "--calib",
     type=click.Path(path_type=Path),
     default=None,
-    help="calibration.jsonl (or its dir) the texts must not overlap  [default: MODEL/../calib if there]",
+    help="calibration.jsonl (or its dir) the texts must not overlap  "
+    + paths.default_help(paths.CALIB).replace("[default:", "[default, when it exists:"),
 )
 @click.option(
     "--speed", is_flag=True, help="Also measure prompt/decode speed, TTFT and peak RSS (child processes)."
 )
 @click.option(
-    "--out", type=click.Path(path_type=Path), default=None, help="Report dir  [default: MODEL/../reports]"
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Report dir  " + paths.default_help(paths.REPORTS),
 )
 @click.option(
     "--reference",

@@ -17,17 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orlik import paths
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, OrlikError, UnknownNameError
 from orlik.manifest import MANIFEST, Variant
 from orlik.serving import templates
 from orlik.serving.runtimes.base import Runtime, runtime_class
 from orlik.serving.templates import ChatTemplate
-
-# Formats the server runs through something other than the shared runtime table: GGUF goes to a
-# managed llama-server so that concurrent requests overlap in its continuous batch.
-SERVING_RUNTIMES = {"gguf": "orlik.serving.runtimes.llamaserver"}
-
 
 class ModelNotFound(OrlikError):
     """The request names a model this server does not serve (HTTP 404)."""
@@ -93,8 +89,8 @@ def _default_name(path: Path, source: Variant | Checkpoint | Path) -> str:
     if isinstance(source, Variant):
         return source.name
     if isinstance(source, Checkpoint):
-        p = path.resolve()
-        return f"{p.parent.name}-fp16" if p.name == "fp16" else p.name
+        name = paths.model_name(path)
+        return f"{name}-fp16" if paths.is_run_layout(path.resolve()) else name
     return path.stem
 
 
@@ -187,17 +183,7 @@ class ModelRegistry:
         return m
 
     def _runtime_class(self, fmt: str) -> type[Runtime]:
-        import importlib
-
-        if fmt in SERVING_RUNTIMES:
-            cls: type[Runtime] = importlib.import_module(SERVING_RUNTIMES[fmt]).RUNTIME
-            why = cls.missing()
-            if why:
-                from orlik.errors import MissingDependencyError
-
-                raise MissingDependencyError(why)
-            return cls
-        return runtime_class(fmt)
+        return runtime_class(fmt, serving=True)  # GGUF: llama-server (orlik.registry says why)
 
     def loaded_bytes(self) -> int:
         return sum(m.est_bytes for m in self.models.values() if m.runtime is not None)

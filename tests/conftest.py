@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 os.environ.setdefault("ORLIK_QUIET", "1")
+
+
+class CliResult(NamedTuple):
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(*args: str | Path) -> CliResult:
+    """`orlik ARGS...` in this process, through the console script's own main(): exit code, stdout, stderr."""
+    from orlik.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def orlik_cli() -> Callable[..., CliResult]:
+    """The in-process CLI runner every test file uses: `orlik_cli("quantize", ckpt, "--recipe", "Q8_0")`."""
+    return run_cli
 
 
 @pytest.fixture(scope="session")
