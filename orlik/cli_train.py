@@ -79,8 +79,7 @@ def train_eval(checkpoint: Path, corpus_dir: Path | None) -> None:
     emit(evaluate.heldout_report(checkpoint, corpus_dir=corpus_dir))
 
 
-for _verb, _issue in [("sft", "SFT with masked user tokens, WICEL, ALR"), ("dpo", "DPO-Positive"),
-                      ("merge", "linear merging"), ("upscale", "depth up-scaling")]:  # fmt: skip
+for _verb, _issue in [("sft", "SFT with masked user tokens, WICEL, ALR"), ("dpo", "DPO-Positive")]:
 
     def _make(verb: str = _verb, what: str = _issue) -> click.Command:
         @click.pass_context
@@ -90,3 +89,45 @@ for _verb, _issue in [("sft", "SFT with masked user tokens, WICEL, ALR"), ("dpo"
         return click.Command(verb, callback=_cmd, help=f"{what} (not built yet).")
 
     train.add_command(_make())
+
+
+@train.command("merge")
+@click.argument("models", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Merged FP16 checkpoint dir.")
+@click.option("--config", "config", type=click.Path(path_type=Path), default=None,
+              help="A mergekit YAML (merge_method: linear) instead of MODELS and --weights.")  # fmt: skip
+@click.option("--weights", default=None, help="Comma-separated, one per model (default: equal).")
+@click.option(
+    "--normalize/--no-normalize", default=True, show_default=True, help="Divide by the weights' sum."
+)
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Cast inputs to this dtype first (default: keep theirs).")  # fmt: skip
+def train_merge(models: tuple[Path, ...], out: Path, config: Path | None, weights: str | None,
+                normalize: bool, dtype: str | None) -> None:  # fmt: skip
+    """Linear merge of checkpoints of one shape, streamed tensor by tensor (mergekit's arithmetic)."""
+    from orlik.errors import InputError
+    from orlik.training import merge
+
+    if config is not None:
+        if models or weights:
+            raise InputError("give either --config or MODELS/--weights, not both")
+        plan = merge.plan_from_mergekit_yaml(config)
+    else:
+        try:
+            w = [float(x) for x in weights.split(",")] if weights else None
+        except ValueError:
+            raise InputError(f"--weights {weights!r} is not a comma-separated list of numbers") from None
+        plan = merge.plan_from_args(list(models), w, normalize=normalize, dtype=dtype)
+    emit(merge.run(plan, out))
+
+
+@train.command("upscale")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--layers", required=True, help="Inclusive source layer ranges, e.g. 0-23,8-31 (32 -> 48).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Deeper FP16 checkpoint dir.")
+def train_upscale(checkpoint: Path, layers: str, out: Path) -> None:
+    """Depth up-scaling: stack layer ranges of CHECKPOINT into a deeper checkpoint (SOLAR style)."""
+    from orlik.training import upscale
+
+    summary = upscale.run(checkpoint, layers, out)
+    emit({k: v for k, v in summary.items() if k != "layer_map"})
