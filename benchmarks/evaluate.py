@@ -10,7 +10,6 @@ Two ways, same figures:
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -135,13 +134,6 @@ def score_exact_text(rts: dict[str, Any], base: Any, chunks: Chunks, label: str,
             bar.advance()
     scores = {n: TextScore(_series(p), "exact", seconds[n] + scoring_s[n]) for n, p in parts.items()}
     return scores, (TopK.concat(tops) if compress_to is not None else None)
-
-
-def available_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
 
 
 # Below this FP16 size FP16 runs beside the variants on half the cores each; above it they take

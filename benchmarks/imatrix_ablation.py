@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from orlik.sysinfo import usable_cores
 
 TYPES = ("Q2_K", "Q3_K_M")
 ARMS = ("none", "en", "pl-en")
@@ -50,7 +51,7 @@ def run(model: Path, work: Path, tokens: int, chunk: int, ctx: int) -> dict[str,
     from orlik.gguf_convert import f16_gguf
 
     work.mkdir(parents=True, exist_ok=True)
-    threads = str(len(os.sched_getaffinity(0)))
+    threads = str(usable_cores())
     # 1. Two calibration sets with the same token budget: English only, and the Polish-leaning mix.
     sets = {"en": ("en", work / "calib-en"), "pl-en": ("mixed", work / "calib-pl-en")}
     cards = {}

@@ -30,7 +30,8 @@ from orlik.benchmarks.speed import machine
 from orlik.checkpoint import Checkpoint
 from orlik.gguf_convert import f16_gguf
 from orlik.manifest import Variant
-from orlik.serving.runtimes.llamacpp import default_threads, gguf_file
+from orlik.serving.runtimes.llamacpp import gguf_file
+from orlik.sysinfo import usable_cores
 
 _LLAMA = {"ppl": r"Mean PPL\(Q\)\s*:\s*([\d.]+)", "kld": r"Mean\s+KLD:\s*([\d.eE+-]+)",
           "same_top": r"Same top p:\s*([\d.]+)"}  # fmt: skip
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         "--text", type=Path, default=None, help="UTF-8 text (default: the corpus held-out split, pl+en)"
     )
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=default_threads())
+    ap.add_argument("--threads", type=int, default=usable_cores())
     ap.add_argument("--reps", type=int, default=2)
     a = ap.parse_args(argv)
 

@@ -8,12 +8,12 @@ import io
 import json
 import math
 import platform
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from orlik.checkpoint import Checkpoint
 from orlik.fsutil import atomic_write_text
+from orlik.sysinfo import package_version
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -35,10 +35,8 @@ def tool_versions() -> dict[str, str]:
 
     out = {"orlik": __version__, "python": platform.python_version()}
     for dist in ("numpy", "torch", "transformers", "llama_cpp_python"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
+        if (v := package_version(dist)) is not None:
+            out[dist] = v
     if "llama_cpp_python" in out:
         out["llama.cpp"] = llamacpp.build_info()
     return out

@@ -18,7 +18,6 @@ from orlik import __version__, paths, progress
 from orlik.benchmarks import reference, speed, texts
 from orlik.benchmarks.evaluate import (
     TextScore,
-    available_cores,
     check_tokenizer,
     choose_mode,
     overlap_fp16,
@@ -31,6 +30,7 @@ from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ManifestError
 from orlik.manifest import MANIFEST, Variant
 from orlik.serving.runtimes.base import Runtime, runtime_class
+from orlik.sysinfo import usable_cores
 
 
 @dataclass
@@ -173,7 +173,7 @@ def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | Non
     # transformers holds the fp16 weights as fp32, hence twice the file; llama.cpp maps them as they are.
     fp16_mem = ckpt.weights_bytes * (2 if engine == "transformers" else 1)
     mode, groups, why = choose_mode(opts.mode, [v.bytes for v in variants], fp16_mem)
-    total_threads = opts.threads or available_cores()
+    total_threads = opts.threads or usable_cores()
     beside = mode == "exact" and overlap_fp16(ckpt.weights_bytes, total_threads)
     fp16_threads, variant_threads = split_threads(total_threads, beside)
     base = BaseModel(ckpt, fp16_threads, engine, n_ctx=opts.ctx)

@@ -23,6 +23,7 @@ from typing import Any
 
 from orlik import progress
 from orlik.errors import InputError
+from orlik.sysinfo import usable_cores
 
 PROMPT_TOKENS = 512
 GEN_TOKENS = 128
@@ -160,11 +161,7 @@ def machine() -> dict[str, Any]:
             mem = int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal"))) * 1024
     except (OSError, StopIteration):
         pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return {"cpu": cpu, "cores": cores, "memory_bytes": mem, "os": f"{platform.system()} {platform.release()}",
+    return {"cpu": cpu, "cores": usable_cores(), "memory_bytes": mem, "os": f"{platform.system()} {platform.release()}",
             "python": platform.python_version()}  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, OutputError, ToolError
 from orlik.fsutil import check_writable, sha256_file
 from orlik.gguf_convert import f16_gguf
+from orlik.sysinfo import usable_cores
 
 LANGS = ("pl", "en", "mixed")
 CARD_SUFFIX = ".card.json"
@@ -197,7 +198,7 @@ def _run_imatrix(
     # Several chunks share one batch (n_batch a multiple of the chunk), as llama-imatrix prefers.
     batch = chunk * max(1, 2048 // chunk)
     args = ["-m", str(f16), "-f", str(txt), "-o", str(out), "-c", str(chunk), "-b", str(batch),
-            "-t", str(threads or os.cpu_count() or 1), "--parse-special", "--output-frequency", "1000000"]  # fmt: skip
+            "-t", str(threads or usable_cores()), "--parse-special", "--output-frequency", "1000000"]  # fmt: skip
     if max_chunks:
         args += ["--chunks", str(max_chunks)]
     state: dict[str, Any] = {"buf": "", "done": 0}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from orlik.errors import MissingDependencyError
+from orlik.sysinfo import package_version
 
 # ISO 639-1 codes of the candidate languages; only "pl" and "en" are ever kept.
 CANDIDATES = ("pl", "en", "cs", "sk", "uk", "ru", "de", "fr", "es", "it")
@@ -44,13 +45,7 @@ def check() -> None:
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as _v
-
-    try:
-        return _v("lingua-language-detector")
-    except PackageNotFoundError:
-        return "not installed"
+    return package_version("lingua-language-detector") or "not installed"
 
 
 def detect(texts: Sequence[str]) -> list[str | None]:

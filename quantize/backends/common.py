@@ -20,6 +20,7 @@ from orlik.fsutil import sha256_file
 from orlik.manifest import Variant, hash_files
 from orlik.quantize.backends import Calibration
 from orlik.quantize.recipe import Recipe
+from orlik.sysinfo import package_version
 
 BPW_DEFINITION = "8 x tensor-data bytes / parameters of the FP16 checkpoint, over all tensors (as GGUF's BPW)"
 
@@ -42,10 +43,8 @@ def missing_modules(modules: Iterable[str], extra: str) -> str | None:
 
 
 def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    """A tool version for variant.json ("unknown" rather than absent)."""
+    return package_version(dist) or "unknown"
 
 
 def check_arch(ckpt: Checkpoint, supported: Iterable[str], library: str) -> None:

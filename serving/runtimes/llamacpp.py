@@ -9,7 +9,6 @@ from __future__ import annotations
 import atexit
 import ctypes
 import json
-import os
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ManifestError, ToolError
 from orlik.manifest import Variant
 from orlik.serving.runtimes.base import Runtime, Sampling, Token
+from orlik.sysinfo import usable_cores
 
 # llama.cpp's default repetition window (common_params_sampling.penalty_last_n).
 PENALTY_LAST_N = 64
@@ -34,14 +34,6 @@ _OPEN: weakref.WeakSet[LlamaCppRuntime] = weakref.WeakSet()
 def _close_all() -> None:
     for rt in list(_OPEN):
         rt.close()
-
-
-def default_threads() -> int:
-    """All cores this process may use; llama-cpp-python's own default is half of them."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
 
 
 def gguf_file(source: Variant | Path) -> Path:
@@ -97,7 +89,7 @@ class LlamaCppRuntime(Runtime):
         if isinstance(source, Checkpoint):
             raise InputError(f"{source.path} is an FP16 checkpoint; llama.cpp runs GGUF variants")
         path = gguf_file(source)
-        threads = int(options.get("threads") or default_threads())
+        threads = int(options.get("threads") or usable_cores())
         n_ctx = int(options.get("n_ctx") or 0)
         n_batch = int(options.get("n_batch") or 512)
         kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_batch, 512), n_threads=threads,
