@@ -1,0 +1,124 @@
+"""Pretraining speed: transformers' Trainer (what `orlik train pretrain` runs) against the hand-written
+loop it replaced, side by side in one process on the same batches, model and thread count.
+
+    .venv/bin/python scripts/bench_training_engine.py --steps 30 --rounds 2 --threads 2
+
+Rounds alternate (loop, engine, loop, engine, ...) so that load from other processes falls on both.
+Tokens/s counts trained next-token predictions (steps x batch x seq) over the training loop's wall
+time; model construction, tokenization and export are outside the clock for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def hand_written_loop(
+    model: Any, stream: np.ndarray, steps: int, bs: int, seq: int, lr: float, seed: int
+) -> float:
+    """The loop `orlik train pretrain` ran before it moved to the Trainer (orlik 0.x), minus checkpoints."""
+    import torch
+
+    from orlik.training.pretrain import batch_starts
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), eps=1e-8)  # fmt: skip
+    warmup = max(1, steps // 20)
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        if step < warmup:
+            cur = lr * (step + 1) / warmup
+        else:
+            cur = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+        for g in opt.param_groups:
+            g["lr"] = cur
+        starts = batch_starts(len(stream), seed, step, bs, seq)
+        t = torch.from_numpy(np.stack([stream[s : s + seq + 1] for s in starts]))
+        x, y = t[:, :-1], t[:, 1:]
+        logits = model(x, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        float(loss.detach())
+    return time.perf_counter() - t0
+
+
+def engine_loop(model: Any, stream: np.ndarray, steps: int, bs: int, seq: int, lr: float, seed: int) -> float:
+    """The same steps through pretrain's Trainer setup (no checkpoint falls inside the run)."""
+    from transformers import Trainer, default_data_collator
+
+    from orlik.training import engine
+    from orlik.training.pretrain import StepBatches
+
+    with tempfile.TemporaryDirectory() as work:
+        targs = engine.training_args(
+            Path(work), seed=seed, steps=steps, batch_size=bs, lr=lr, adam_beta1=0.9, adam_beta2=0.95,
+            weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="cosine_with_min_lr",
+            lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=max(1, steps // 20), save_steps=10**9,
+            include_num_input_tokens_seen="all",
+        )  # fmt: skip
+        trainer = Trainer(model=model, args=targs, train_dataset=StepBatches(stream, seed, steps, bs, seq),
+                          data_collator=default_data_collator)  # fmt: skip
+        bar = engine.ProgressBar("engine")
+        engine.install(trainer, bar)
+        t0 = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--tokenizer", type=Path, default=None, help="default: train one (vocab 8000) in a temp dir"
+    )
+    a = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orlik import corpus
+    from orlik.training import configs, pretrain, tokenizer
+
+    torch.set_num_threads(a.threads)
+    tmp = tempfile.TemporaryDirectory()
+    tok_dir = a.tokenizer or Path(tmp.name) / "tok"
+    if a.tokenizer is None:
+        tokenizer.build(tok_dir)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    stream = pretrain.encode_stream(tok, pretrain.training_texts(tok, "llama", corpus.DATA_DIR))
+    tokens = a.steps * a.batch_size * a.seq_len
+    rates: dict[str, list[float]] = {"hand-written loop": [], "Trainer": []}
+    for _ in range(a.rounds):
+        for name, fn in (("hand-written loop", hand_written_loop), ("Trainer", engine_loop)):
+            torch.manual_seed(0)
+            cfg = configs.make_config("llama", "tiny", len(tok), bos=tok.bos_token_id, eos=tok.eos_token_id,
+                                      pad=tok.pad_token_id)  # fmt: skip
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+            rates[name].append(tokens / fn(model, stream, a.steps, a.batch_size, a.seq_len, 3e-3, 0))
+            print(f"{name:>18}: {rates[name][-1]:,.0f} tok/s", flush=True)
+    loop, eng = float(np.median(rates["hand-written loop"])), float(np.median(rates["Trainer"]))
+    print(json.dumps({"steps": a.steps, "rounds": a.rounds, "batch": a.batch_size, "seq": a.seq_len,
+                      "threads": a.threads, "loop_tok_s": round(loop), "engine_tok_s": round(eng),
+                      "ratio": round(eng / loop, 3)}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
