@@ -32,10 +32,12 @@ from orlik.manifest import MANIFEST, Variant
 from orlik.serving.runtimes.base import Runtime, runtime_class
 from orlik.sysinfo import usable_cores
 
+CTX = 512  # tokens per evaluation chunk; the second half of each is scored
+
 
 @dataclass
 class Options:
-    ctx: int = 512
+    ctx: int = CTX
     text_files: Sequence[Path] = ()
     calib: Path | None = None
     speed: bool = False

@@ -35,6 +35,9 @@ from .sources import (
 LANG_MODES = ("pl", "en", "mixed")
 OUTPUT_FILES = ("calibration.jsonl", "card.json", "card.md")
 MIN_TOKENS = 8  # shorter samples carry no context worth calibrating on
+TOKENS = 60_000  # a set's default size, counted with the model's tokenizer
+PL_RATIO = 0.7  # Polish share of a mixed set's tokens
+MAX_SAMPLE_TOKENS = 512  # longer texts are cut into chunks of this many tokens
 _EXAMPLES = 5
 _BATCH = 256
 
@@ -43,15 +46,15 @@ def build(
     model: Path,
     out: Path | None = None,
     *,
-    tokens: int = 60_000,
-    pl_ratio: float = 0.7,
+    tokens: int = TOKENS,
+    pl_ratio: float = PL_RATIO,
     seed: int = 0,
     lang: str = "mixed",
     user_files: Sequence[Path] = (),
     include_corpus: bool = True,
     include_chat: bool = True,
     include_parallel: bool = True,
-    max_sample_tokens: int = 512,
+    max_sample_tokens: int = MAX_SAMPLE_TOKENS,
     near_dup_threshold: float = 0.8,
     corpus_root: Path | None = None,
 ) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from orlik.gguf_convert import f16_gguf
 from orlik.sysinfo import usable_cores
 
 LANGS = ("pl", "en", "mixed")
+CHUNK = 512  # tokens per llama-imatrix chunk (its -c)
 CARD_SUFFIX = ".card.json"
 _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 _NCHUNKS = re.compile(r"computing over (\d+) chunks")
@@ -92,7 +93,7 @@ def compute(
     calib: str | Path,
     *,
     lang: str = "mixed",
-    chunk: int = 512,
+    chunk: int = CHUNK,
     max_chunks: int | None = None,
     out: Path | None = None,
     threads: int | None = None,

@@ -10,13 +10,14 @@ from typing import Any
 import click
 
 from orlik import __version__, paths
-from orlik.cli_common import emit
+from orlik.cli_common import Constant, emit
 from orlik.cli_common import not_built as _not_built  # noqa: F401  (kept importable from orlik.cli)
 from orlik.cli_serve import chat, serve
 from orlik.cli_train import train
 from orlik.errors import OrlikError
 
 _DEBUG = {"on": False}
+_BUILD, _REFERENCE = "orlik.calibration.build", "orlik.benchmarks.reference"  # whose constants are defaults
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -57,9 +58,19 @@ def calibrate() -> None:
     help="Output dir for calibration.jsonl and card.{json,md}  " + paths.default_help(paths.CALIB),
 )
 @click.option(
-    "--tokens", default=60_000, show_default=True, help="Total tokens, counted with MODEL's tokenizer."
+    "--tokens",
+    type=int,
+    default=Constant(_BUILD, "TOKENS"),
+    show_default=True,
+    help="Total tokens, counted with MODEL's tokenizer.",
 )
-@click.option("--pl-ratio", default=0.7, show_default=True, help="Polish share of the tokens (--lang mixed).")
+@click.option(
+    "--pl-ratio",
+    type=float,
+    default=Constant(_BUILD, "PL_RATIO"),
+    show_default=True,
+    help="Polish share of the tokens (--lang mixed).",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--lang",
@@ -78,7 +89,13 @@ def calibrate() -> None:
 @click.option("--no-corpus", is_flag=True, help="Leave out the built-in corpus documents.")
 @click.option("--no-chat", is_flag=True, help="Leave out chats rendered through MODEL's chat template.")
 @click.option("--no-parallel", is_flag=True, help="Leave out the Polish-English parallel pairs.")
-@click.option("--max-sample-tokens", default=512, show_default=True, help="Longer texts are cut into chunks.")
+@click.option(
+    "--max-sample-tokens",
+    type=int,
+    default=Constant(_BUILD, "MAX_SAMPLE_TOKENS"),
+    show_default=True,
+    help="Longer texts are cut into chunks.",
+)
 def calibrate_build(model: Path, out: Path | None, tokens: int, pl_ratio: float, seed: int, lang: str,
                     files: tuple[Path, ...], no_corpus: bool, no_chat: bool, no_parallel: bool,
                     max_sample_tokens: int) -> None:  # fmt: skip
@@ -110,7 +127,13 @@ def calibrate_build(model: Path, out: Path | None, tokens: int, pl_ratio: float,
     show_default=True,
     help="Use only the samples of this language.",
 )
-@click.option("--chunk", default=512, show_default=True, help="Tokens per llama-imatrix chunk (its -c).")
+@click.option(
+    "--chunk",
+    type=int,
+    default=Constant("orlik.calibration.imatrix", "CHUNK"),
+    show_default=True,
+    help="Tokens per llama-imatrix chunk (its -c).",
+)
 @click.option(
     "--chunks", "max_chunks", default=None, type=int, help="At most this many chunks (default: all)."
 )
@@ -235,7 +258,8 @@ def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix:
 @click.option(
     "--ctx",
     "ctx_len",
-    default=512,
+    type=int,
+    default=Constant("orlik.benchmarks.run", "CTX"),
     show_default=True,
     help="Tokens per chunk; the second half of each is scored.",
 )
@@ -283,10 +307,18 @@ def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix:
     "variant is GGUF, else transformers.",
 )
 @click.option(
-    "--kmax", default=1024, show_default=True, help="Most top tokens kept per position in the reference."
+    "--kmax",
+    type=int,
+    default=Constant(_REFERENCE, "KMAX"),
+    show_default=True,
+    help="Most top tokens kept per position in the reference.",
 )
 @click.option(
-    "--tail-mass", default=1e-4, show_default=True, help="FP16 probability mass the reference may leave out."
+    "--tail-mass",
+    type=float,
+    default=Constant(_REFERENCE, "TAIL_MASS"),
+    show_default=True,
+    help="FP16 probability mass the reference may leave out.",
 )
 @click.option("--threads", default=None, type=int, help="CPU threads per runtime (default: all cores).")
 @click.option("--no-verify", is_flag=True, help="Skip checking the variants' file sha256s.")

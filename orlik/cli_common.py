@@ -1,7 +1,9 @@
-"""What every `orlik` verb shares: printing a result, and refusing a stage that is not built."""
+"""What every `orlik` verb shares: printing a result, defaults read from the stages, and refusing a
+stage that is not built."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from typing import Any, NoReturn
 
@@ -13,6 +15,21 @@ from orlik.errors import NotBuiltError
 
 def not_built(verb: str, issue: str) -> NoReturn:
     raise NotBuiltError(f"`orlik {verb}` is not built yet in orlik {__version__} ({issue})")
+
+
+class Constant:
+    """A click default that is a stage module's constant, read when first needed (a verb's --help or
+    run), so the option never repeats the value and `orlik --help` imports no stage:
+    `@click.option("--kmax", type=int, default=Constant("orlik.benchmarks.reference", "KMAX"))`."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __str__(self) -> str:  # what --help shows as the default
+        return str(self())
 
 
 def emit(obj: Any, ctx: click.Context | None = None) -> None:

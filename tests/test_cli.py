@@ -124,3 +124,25 @@ def test_json_mode_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     stats = json.loads(out)
     assert set(stats["documents"]) == {"pl", "en"} and stats["parallel_pairs"] >= 300
+
+
+def test_option_defaults_are_the_stage_constants() -> None:
+    """Each default written once: the options read the stage modules' constants, typed, at run time."""
+    from orlik.benchmarks import reference
+    from orlik.benchmarks import run as bench_run
+    from orlik.calibration import build, imatrix
+    from orlik.cli_common import Constant
+
+    want = {("bench", "kmax"): reference.KMAX, ("bench", "tail_mass"): reference.TAIL_MASS,
+            ("bench", "ctx_len"): bench_run.CTX, ("build", "tokens"): build.TOKENS,
+            ("build", "pl_ratio"): build.PL_RATIO, ("build", "max_sample_tokens"): build.MAX_SAMPLE_TOKENS,
+            ("imatrix", "chunk"): imatrix.CHUNK}  # fmt: skip
+    calibrate = cli.commands["calibrate"]
+    commands = {"bench": cli.commands["bench"], "build": calibrate.commands["build"],  # type: ignore[attr-defined]
+                "imatrix": calibrate.commands["imatrix"]}  # type: ignore[attr-defined]  # fmt: skip
+    for (verb, name), value in want.items():
+        param = next(p for p in commands[verb].params if p.name == name)
+        assert isinstance(param.default, Constant), (verb, name)
+        with click.Context(commands[verb]) as ctx:
+            got = param.type_cast_value(ctx, param.get_default(ctx))
+        assert got == value and type(got) is type(value), (verb, name, got)
