@@ -19,7 +19,7 @@ import numpy as np
 
 from orlik import progress
 from orlik.benchmarks.reference import Chunks, Reference
-from orlik.benchmarks.scoring import ChunkScores, TopK, compress, score_exact_many, score_topk
+from orlik.benchmarks.scoring import TopK, compress, score_exact_many, score_topk
 from orlik.benchmarks.stats import Series
 from orlik.errors import InputError
 
@@ -32,12 +32,6 @@ class TextScore:
     mode: str  # "topk" or "exact": how the KLD was computed
     seconds: float  # time in this variant's own forward passes and scoring
     notes: list[str] = field(default_factory=list)
-
-
-def _series(parts: list[ChunkScores]) -> Series:
-    return Series(
-        **{f: np.concatenate([getattr(p, f) for p in parts]) for f in ChunkScores.__dataclass_fields__}
-    )
 
 
 def _scored_logits(rt: Any, chunks: Chunks, c: int) -> np.ndarray:
@@ -73,7 +67,7 @@ def score_topk_text(rt: Any, chunks: Chunks, ref: Reference, label: str) -> Text
         for c in range(chunks.n_chunks):
             parts.append(score_topk(_scored_logits(rt, chunks, c), chunks.targets[c], ref.chunk(c, per)))
             bar.advance()
-    return TextScore(_series(parts), "topk", time.perf_counter() - t0)
+    return TextScore(Series.concat(parts), "topk", time.perf_counter() - t0)
 
 
 def score_exact_text(rts: dict[str, Any], base: Any, chunks: Chunks, label: str,
@@ -88,7 +82,7 @@ def score_exact_text(rts: dict[str, Any], base: Any, chunks: Chunks, label: str,
     and numpy's array loops release the GIL, so the stages share the cores. At most three chunks of
     logits are held at once.
     """
-    parts: dict[str, list[ChunkScores]] = {n: [] for n in rts}
+    parts: dict[str, list[Series]] = {n: [] for n in rts}
     seconds = dict.fromkeys(rts, 0.0)  # forward passes, this thread
     scoring_s = dict.fromkeys(rts, 0.0)  # scoring, the scorer's thread (kept apart: no shared +=)
     tops: list[TopK] = []
@@ -132,7 +126,7 @@ def score_exact_text(rts: dict[str, Any], base: Any, chunks: Chunks, label: str,
         if scoring is not None:
             scoring.result()
             bar.advance()
-    scores = {n: TextScore(_series(p), "exact", seconds[n] + scoring_s[n]) for n, p in parts.items()}
+    scores = {n: TextScore(Series.concat(p), "exact", seconds[n] + scoring_s[n]) for n, p in parts.items()}
     return scores, (TopK.concat(tops) if compress_to is not None else None)
 
 

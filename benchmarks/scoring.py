@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from orlik.benchmarks.stats import Series
+
 FP32_REL = 2.0**-24  # relative rounding of a float32 (half an ulp)
 BLOCK_BYTES = 1 << 20  # rows per numpy pass: each float32 temporary stays near 1 MiB, inside L2
 
@@ -125,17 +127,6 @@ def _compress_block(logits: np.ndarray, targets: np.ndarray, kmax: int, tail_mas
     )
 
 
-@dataclass
-class ChunkScores:
-    nll_q: np.ndarray
-    nll_b: np.ndarray
-    kld: np.ndarray
-    kld_lo: np.ndarray
-    kld_hi: np.ndarray
-    dp: np.ndarray
-    same_top: np.ndarray
-
-
 def _common(
     q: np.ndarray, qlogits: np.ndarray, targets: np.ndarray, logp_obs: np.ndarray, argmax_b: np.ndarray
 ):
@@ -147,19 +138,17 @@ def _common(
     return nll_q, nll_b, dp, same
 
 
-def score_topk(qlogits: np.ndarray, targets: np.ndarray, ref: TopK) -> ChunkScores:
+def score_topk(qlogits: np.ndarray, targets: np.ndarray, ref: TopK) -> Series:
     """Score a variant's logits for ref.n positions against the compressed reference."""
     parts = []
     rb = row_block(qlogits.shape[1], 8)
     for s in range(0, ref.n, rb):
         e = min(s + rb, ref.n)
         parts.append(_score_topk_block(qlogits[s:e], targets[s:e], ref.rows(s, e)))
-    return ChunkScores(
-        *(np.concatenate([getattr(p, f) for p in parts]) for f in ChunkScores.__dataclass_fields__)
-    )
+    return Series.concat(parts)
 
 
-def _score_topk_block(qlogits: np.ndarray, targets: np.ndarray, ref: TopK) -> ChunkScores:
+def _score_topk_block(qlogits: np.ndarray, targets: np.ndarray, ref: TopK) -> Series:
     n = ref.n
     q = log_softmax(qlogits)
     nll_q, nll_b, dp, same = _common(q, qlogits, targets, ref.logp_obs, ref.argmax)
@@ -194,19 +183,19 @@ def _score_topk_block(qlogits: np.ndarray, targets: np.ndarray, ref: TopK) -> Ch
         fill = cap * before + (T - (m - 1) * cap) * qs[rows, m - 1]
     upper = np.where(T > 0, S - fill, 0.0)
     kld = top + lower
-    return ChunkScores(
+    return Series(
         nll_q, nll_b, kld, kld - rounding, kld + np.maximum(upper - lower, 0.0) + rounding, dp, same
     )
 
 
-def score_exact(qlogits: np.ndarray, blogits: np.ndarray, targets: np.ndarray) -> ChunkScores:
+def score_exact(qlogits: np.ndarray, blogits: np.ndarray, targets: np.ndarray) -> Series:
     """Full-vocabulary scores of one variant's logits against FP16's (see score_exact_many)."""
     return score_exact_many({"": qlogits}, blogits, targets)[""]
 
 
 def score_exact_many(
     qs: dict[str, np.ndarray], blogits: np.ndarray, targets: np.ndarray
-) -> dict[str, ChunkScores]:
+) -> dict[str, Series]:
     """Full-vocabulary scores of each variant's logits against FP16's: the KLD sums over every token.
 
     With z = x − max, e = exp(z_b), s = Σ e and d = x_b − x_q,
@@ -220,7 +209,7 @@ def score_exact_many(
     n, vocab = blogits.shape
     rb = row_block(vocab)
     buf = np.empty((2, rb, vocab), np.float32)
-    parts: dict[str, list[ChunkScores]] = {name: [] for name in qs}
+    parts: dict[str, list[Series]] = {name: [] for name in qs}
     for s in range(0, n, rb):
         e_ = min(s + rb, n)
         rows = np.arange(e_ - s)
@@ -243,10 +232,5 @@ def score_exact_many(
             kld = w.sum(axis=1, dtype=np.float64) / sb - lse_b + lse_q
             nll_q = lse_q - xq[rows, t]
             dp = np.exp(-nll_q) - np.exp(-nll_b)
-            parts[name].append(ChunkScores(nll_q, nll_b, kld, kld, kld, dp, aq == ab))
-    return {
-        name: ChunkScores(
-            *(np.concatenate([getattr(p, f) for p in ps]) for f in ChunkScores.__dataclass_fields__)
-        )
-        for name, ps in parts.items()
-    }
+            parts[name].append(Series(nll_q, nll_b, kld, kld, kld, dp, aq == ab))
+    return {name: Series.concat(ps) for name, ps in parts.items()}
