@@ -120,7 +120,7 @@ def _template(fmt: str, path: Path, source: Any, override: Path | None) -> ChatT
 def _estimate(fmt: str, source: Any, parallel: int, n_ctx: int | None) -> int:
     """Resident bytes once loaded: what the memory budget is checked against."""
     if fmt == "gguf":
-        from orlik.serving.gguf_meta import GGUFMeta
+        from orlik.gguf_read import GGUFMeta
         from orlik.serving.runtimes.llamaserver import gguf_file
 
         f = gguf_file(source)

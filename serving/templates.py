@@ -107,7 +107,7 @@ def from_hf_dir(path: Path) -> ChatTemplate | None:
 
 def from_gguf(path: Path) -> ChatTemplate | None:
     """tokenizer.chat_template from a GGUF file's metadata, with its BOS/EOS token texts."""
-    from orlik.serving.gguf_meta import GGUFMeta
+    from orlik.gguf_read import GGUFMeta
 
     meta = GGUFMeta.read(path)
     if not meta.chat_template:

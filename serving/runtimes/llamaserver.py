@@ -191,7 +191,7 @@ class LlamaServerRuntime(Runtime):
 
     @classmethod
     def load(cls, source: Variant | Checkpoint, **options: Any) -> LlamaServerRuntime:
-        from orlik.serving.gguf_meta import GGUFMeta
+        from orlik.gguf_read import GGUFMeta
 
         path = gguf_file(source)
         meta = GGUFMeta.read(path)
