@@ -36,8 +36,11 @@ def _close_all() -> None:
         rt.close()
 
 
-def gguf_file(source: Variant | Path) -> Path:
-    """The .gguf file of a variant (the first listed), or the path itself when it is a file."""
+def gguf_file(source: Variant | Checkpoint | str | Path) -> Path:
+    """The .gguf file of a variant (the first .gguf its manifest lists: a variant also holds its
+    README.md model card), or a path to a .gguf file itself; what both GGUF runtimes load."""
+    if isinstance(source, Checkpoint):
+        raise InputError(f"{source.path} is a checkpoint, not a GGUF variant or file")
     if isinstance(source, Variant):
         assert source.path is not None
         ggufs = [n for n in source.files if n.endswith(".gguf")]
@@ -47,7 +50,7 @@ def gguf_file(source: Variant | Path) -> Path:
     else:
         path = Path(source)
     if not path.is_file():
-        raise InputError(f"{path} does not exist")
+        raise InputError(f"{path} is not a GGUF file (it does not exist or is a directory)")
     return path
 
 

@@ -30,6 +30,7 @@ from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, MissingDependencyError, ToolError
 from orlik.manifest import Variant
 from orlik.serving.runtimes.base import Runtime, Sampling, Token
+from orlik.serving.runtimes.llamacpp import gguf_file
 
 _PR_SET_PDEATHSIG = 1
 _live: set[LlamaServer] = set()
@@ -147,14 +148,6 @@ def _stop_all() -> None:
         servers = list(_live)
     for s in servers:
         s.stop()
-
-
-def gguf_file(source: Variant | Checkpoint | Path) -> Path:
-    if isinstance(source, Variant):
-        return source.main_file()
-    if isinstance(source, Path) and source.suffix == ".gguf":
-        return source
-    raise InputError(f"{source} is not a GGUF variant")
 
 
 class LlamaServerRuntime(Runtime):
