@@ -60,7 +60,8 @@ class HQQBackend(Backend):
 
     def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
         import torch
-        from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+        from hqq.core.quantize import HQQBackend as HqqKernels  # not this module's HQQBackend
         from safetensors.torch import save_file
 
         self.check(recipe, calib)
@@ -70,7 +71,7 @@ class HQQBackend(Backend):
 
         common.check_arch(ckpt, CONFIG_MAPPING_NAMES, "HQQ (through transformers' model classes)")
         common.seed_everything(int(recipe.options.get("seed", 0)))
-        HQQLinear.set_backend(HQQBackend.PYTORCH)
+        HQQLinear.set_backend(HqqKernels.PYTORCH)
         qcfg = BaseQuantizeConfig(nbits=bits, group_size=group, axis=axis)
         # Layer by layer from the safetensors files: the model is built on the meta device only to
         # name its linear layers, and each weight is read, quantized and dropped in turn, so peak
