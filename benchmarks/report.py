@@ -210,12 +210,25 @@ def notes_md(results: dict[str, Any]) -> list[str]:
             parts.append(f"{name}: {r['mode']}" + (f" (KLD in [{r['kld_lo']:.4g}, {r['kld_hi']:.4g}])"
                                                   if r["mode"] == "topk" else ""))  # fmt: skip
         lines.append(f"- {v['name']}: " + "; ".join(parts))
+    lines += _mismatch_notes(results)
     if results.get("overlap"):
         o = results["overlap"]
         worst = max(t["fraction"] for t in o["texts"].values())
         lines.append(f"- Overlap with the calibration set {o['calibration']}: at most {100 * worst:.2f}% of "
                      f"{o['ngram']}-word sequences (limit {100 * o['max_fraction']:g}%).")  # fmt: skip
     return [*lines, ""]
+
+
+def _mismatch_notes(results: dict[str, Any]) -> list[str]:
+    """A note for each variant whose own tokenizer splits a text differently from the shared ids."""
+    lines = []
+    for v in results["variants"]:
+        shares = {t: x for t, x in (v.get("token_mismatch") or {}).items() if x > 0}
+        if shares:
+            each = "; ".join(f"{t} {100 * x:.2f}%" for t, x in shares.items())
+            lines.append(f"- {v['name']} is scored on the FP16 reference's token ids, but its own tokenizer splits "
+                         f"the text differently ({each} of the tokens differ): served, it sees its own split.")  # fmt: skip
+    return lines
 
 
 CSV_FIELDS = ("ppl", "ppl_err", "ppl_base", "dppl", "dppl_err", "ppl_ratio", "ppl_ratio_err", "ln_ppl_ratio",

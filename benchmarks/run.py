@@ -1,8 +1,9 @@
 """`orlik bench`: every variant against its FP16 checkpoint on the same tokens, one Table 8.
 
-Checks the inputs first (variants, manifests, texts, calibration overlap, tokenizers), builds or
-loads the FP16 reference per text, scores each variant through its serving runtime, optionally
-measures speed and memory, then writes the report, plots and model cards.
+Three steps, each on one screen: benchmarks/plan.py checks the inputs and decides how to run;
+Scorer tokenizes the texts once (the FP16 reference's ids, fed to every runtime), builds or loads
+the FP16 reference and scores each variant through its serving runtime; `results` and `report`
+gather the figures (and speed, with --speed) into results.json, the tables, plots and model cards.
 """
 
 from __future__ import annotations
@@ -14,91 +15,35 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from orlik import __version__, paths, progress
-from orlik.benchmarks import reference, speed, texts
-from orlik.benchmarks.evaluate import (
-    TextScore,
-    check_tokenizer,
-    choose_mode,
-    overlap_fp16,
-    score_exact_text,
-    score_topk_text,
-    split_threads,
-)
+import numpy as np
+
+from orlik import __version__, progress
+from orlik.benchmarks import reference, speed
+from orlik.benchmarks.evaluate import TextScore, score_exact_text, score_topk_text, token_mismatch
+from orlik.benchmarks.plan import CTX, Options, Plan, choose_engine, make_plan, resolve_variants
 from orlik.benchmarks.stats import Series, baseline_row, summarize
 from orlik.checkpoint import Checkpoint
-from orlik.errors import InputError, ManifestError
-from orlik.manifest import MANIFEST, Variant
+from orlik.errors import InputError
+from orlik.manifest import Variant
 from orlik.serving.runtimes.base import Runtime, runtime_class
-from orlik.sysinfo import usable_cores
 
-CTX = 512  # tokens per evaluation chunk; the second half of each is scored
-
-
-@dataclass
-class Options:
-    ctx: int = CTX
-    text_files: Sequence[Path] = ()
-    calib: Path | None = None
-    speed: bool = False
-    mode: str = "auto"
-    engine: str = "auto"  # how FP16 logits are computed: transformers, llama.cpp (F16 GGUF) or auto
-    kmax: int = reference.KMAX
-    tail_mass: float = reference.TAIL_MASS
-    threads: int | None = None
-    verify: bool = True
-    cards: bool = True
-    license: str | None = None
-    base_model: str | None = None
+__all__ = ["CTX", "Options", "Plan", "bench", "choose_engine", "make_plan", "resolve_variants"]
 
 
-def resolve_variants(names: Sequence[str], variants_dir: Path) -> list[Variant]:
-    """Each name is a variant directory or a name under variants_dir; none means all of them."""
-    available = (
-        sorted(p.name for p in variants_dir.iterdir() if (p / MANIFEST).is_file())
-        if variants_dir.is_dir()
-        else []
-    )
-    if not names:
-        if not available:
-            raise InputError(f"no variants given and none found in {variants_dir}; run `orlik quantize` first "
-                             "or name variant directories")  # fmt: skip
-        names = available
-    out: list[Variant] = []
-    for n in names:
-        p = Path(n)
-        if not p.is_dir():
-            p = variants_dir / n
-        if not p.is_dir():
-            hint = f"; available in {variants_dir}: {', '.join(available)}" if available else ""
-            raise InputError(f"variant {n!r} not found (not a directory, nor in {variants_dir}){hint}")
-        out.append(Variant.load(p))
-    seen: set[str] = set()
-    for v in out:
-        if v.name in seen or v.name == "FP16":
-            raise InputError(f"two variants are named {v.name!r}; give each its own name")
-        seen.add(v.name)
-    return out
+def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | None = None, out: Path | None = None,
+          opts: Options | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run the whole comparison; returns the results dict that results.json holds."""
+    from orlik.benchmarks import plots
+
+    started = time.perf_counter()
+    plots.prewarm()
+    plan = make_plan(Path(model), variant_names, variants_dir=variants_dir, out=out, opts=opts)
+    scorer = Scorer(plan)
+    scorer.run()
+    return report(plan, scorer, started)
 
 
-ENGINES = ("auto", "transformers", "llama.cpp")
-
-
-def choose_engine(engine: str, variants: Sequence[Variant]) -> tuple[str, str]:
-    """(engine, why). auto runs FP16 in llama.cpp, from the checkpoint's lossless 16-bit GGUF, when
-    every variant is GGUF: the reference then shares the variants' kernels, as llama-perplexity's
-    base pass does, and no torch is loaded. With any other format in the table, FP16 runs in
-    transformers, the neutral ground for all of them."""
-    if engine not in ENGINES:
-        raise InputError(f"unknown FP16 engine {engine!r}; valid: {', '.join(ENGINES)}")
-    if engine != "auto":
-        return engine, "asked for (--fp16-engine)"
-    if variants and all(v.format == "gguf" for v in variants) and runtime_class("gguf").missing() is None:
-        return "llama.cpp", "every variant is GGUF"
-    return "transformers", "the table has non-GGUF variants" if variants else "default"
-
-
-class BaseModel:
+class FP16Loader:
     """The FP16 runtime, loaded when first needed and released between phases to save memory."""
 
     def __init__(
@@ -126,6 +71,119 @@ class BaseModel:
             self._rt = None
 
 
+@dataclass
+class Tokens:
+    """Each text tokenized once, by the FP16 reference's tokenizer; every runtime is fed these ids."""
+
+    ids: dict[str, list[int]]
+    chunks: dict[str, reference.Chunks]
+    bos: int | None
+    n_vocab: int
+
+
+class Scorer:
+    """Tokenizes once, then scores every variant against FP16 in the plan's mode."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.fp16 = FP16Loader(plan.ckpt, plan.fp16_threads, plan.engine, n_ctx=plan.opts.ctx)
+        self.tokens = self._tokenize()
+        self.cache_dir = plan.out / "reference"
+        o = plan.opts
+        self.keys = {n: reference.cache_key(plan.ckpt.hash, ch, o.kmax, o.tail_mass, plan.engine)
+                     for n, ch in self.tokens.chunks.items()}  # fmt: skip
+        self.refs: dict[str, reference.Reference] = {}
+        self.cached: dict[str, bool] = {}
+        for n, key in self.keys.items():
+            ref = reference.load(reference.cache_path(self.cache_dir, n, key), key)
+            self.cached[n] = ref is not None
+            if ref is not None:
+                self.refs[n] = ref
+        names = [v.name for v in plan.variants]
+        self.scores: dict[str, dict[str, TextScore]] = {n: {} for n in names}
+        self.seconds: dict[str, float] = dict.fromkeys(names, 0.0)
+        self.runtimes: dict[str, str] = {}
+        self.mismatch: dict[str, dict[str, float]] = {n: {} for n in names}  # variant -> text -> share
+
+    def _tokenize(self) -> Tokens:
+        brt, ctx = self.fp16(), self.plan.opts.ctx
+        if ctx > brt.n_ctx:
+            raise InputError(f"--ctx {ctx} exceeds the model's context of {brt.n_ctx} tokens")
+        bos_in = brt.tokenize("a", add_bos=True)
+        bos = brt.bos_id if bos_in and bos_in[0] == brt.bos_id else None
+        ids = {t.name: brt.tokenize(t.text, add_bos=True) for t in self.plan.texts}
+        chunks = {n: reference.make_chunks(i, ctx, bos, name=n) for n, i in ids.items()}
+        return Tokens(ids, chunks, bos, brt.n_vocab)
+
+    def run(self) -> None:
+        p = self.plan
+        progress.info(f"FP16 in {p.engine} ({p.engine_why}); KLD: {p.mode} ({p.mode_why})")
+        if p.mode == "exact":
+            for gi, group in enumerate(p.groups or []):
+                self._exact_group([p.variants[i] for i in group], first=gi == 0)
+        else:
+            self._topk()
+        self.fp16.release()
+
+    def load(self, v: Variant) -> Runtime:
+        """The variant's runtime, and how often its own tokenizer disagrees with the shared ids."""
+        t0 = time.perf_counter()
+        rt = runtime_class(v.format).load(v, n_ctx=self.plan.opts.ctx, threads=self.plan.variant_threads)
+        self.runtimes[v.name] = rt.name
+        for t in self.plan.texts:
+            self.mismatch[v.name][t.name] = token_mismatch(rt, v.name, t.text, self.tokens.ids[t.name],
+                                                           self.tokens.n_vocab)  # fmt: skip
+        self.seconds[v.name] += time.perf_counter() - t0
+        return rt
+
+    def _exact_group(self, group: list[Variant], first: bool) -> None:
+        """FP16 streamed beside the group's variants; the first group also builds missing references."""
+        o, rts = self.plan.opts, {}
+        try:
+            for v in group:
+                rts[v.name] = self.load(v)
+            for n, ch in self.tokens.chunks.items():
+                want_ref = first and n not in self.refs
+                label = f"{', '.join(rts)} · {n}" if len(rts) <= 3 else f"{len(rts)} variants · {n}"
+                got, top = score_exact_text(rts, self.fp16(), ch, label,
+                                            (o.kmax, o.tail_mass) if want_ref else None, self.plan.beside)  # fmt: skip
+                for name, sc in got.items():
+                    self.scores[name][n] = sc
+                if top is not None:
+                    self._store(n, top)
+        finally:
+            for rt in rts.values():
+                rt.close()
+
+    def _topk(self) -> None:
+        """FP16 once into the compact reference, released; then each variant alone against it."""
+        o = self.plan.opts
+        for n, ch in self.tokens.chunks.items():
+            if n not in self.refs:
+                self._store(n, reference.build(self.fp16(), ch, kmax=o.kmax, tail_mass=o.tail_mass, label=n))
+        self.fp16.release()
+        for v in self.plan.variants:
+            rt = self.load(v)
+            try:
+                for n, ch in self.tokens.chunks.items():
+                    self.scores[v.name][n] = score_topk_text(rt, ch, self.refs[n], f"{v.name} · {n}")
+            finally:
+                rt.close()
+
+    def _store(self, n: str, top: Any) -> None:
+        o, ch = self.plan.opts, self.tokens.chunks[n]
+        self.refs[n] = reference.store(self.cache_dir, n, self.keys[n], top, self.plan.ckpt.hash, ch, o.kmax,
+                                       o.tail_mass)  # fmt: skip
+
+    def reference_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        for n, ref in self.refs.items():
+            path = reference.cache_path(self.cache_dir, n, self.keys[n])
+            info[n] = {"path": str(path), "bytes": path.stat().st_size, "reused": self.cached[n],
+                       **{k: ref.meta[k] for k in ("mean_k", "positions_over_tail_mass", "kmax", "tail_mass")}}  # fmt: skip
+        return info
+
+
 def _rows(scores: dict[str, TextScore]) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for name, sc in scores.items():
@@ -138,205 +196,65 @@ def _rows(scores: dict[str, TextScore]) -> dict[str, Any]:
     return rows
 
 
-def bench(model: Path, variant_names: Sequence[str], *, variants_dir: Path | None = None, out: Path | None = None,
-          opts: Options | None = None) -> dict[str, Any]:  # fmt: skip
-    """Run the whole comparison; returns the results dict that results.json holds."""
-    from orlik.benchmarks import modelcard, plots, report
+def variant_rows(plan: Plan, s: Scorer) -> list[dict[str, Any]]:
+    """One results entry per variant, in Table 8's order: largest first."""
+    out = []
+    for v in sorted(plan.variants, key=lambda v: (-v.bytes, v.name)):
+        out.append({"name": v.name, "format": v.format, "bytes": v.bytes, "bpw": v.bpw, "path": str(v.path),
+                    "runtime": s.runtimes[v.name], "recipe": v.recipe, "files": v.files, "tools": v.tools,
+                    "calibration_hash": v.calibration_hash, "imatrix_hash": v.imatrix_hash,
+                    "rows": _rows(s.scores[v.name]), "token_mismatch": s.mismatch[v.name],
+                    "eval_seconds": s.seconds[v.name] + sum(sc.seconds for sc in s.scores[v.name].values())})  # fmt: skip
+    return out
 
-    opts = opts or Options()
-    started = time.perf_counter()
-    plots.prewarm()
-    ckpt = Checkpoint.open(model)
-    variants_dir = Path(variants_dir or paths.variants_dir(model))
-    out = Path(out or paths.reports_dir(model))
-    variants = resolve_variants(variant_names, variants_dir)
-    for v in variants:
-        if opts.verify:
-            bad = v.verify()
-            if bad:
-                raise ManifestError(
-                    f"variant {v.name}: files differ from {v.path}/{MANIFEST}: {', '.join(bad)}"
-                )
-        if v.base_hash != ckpt.hash:
-            raise InputError(f"variant {v.name} was made from checkpoint {v.base_hash[:12]}, not from "
-                             f"{ckpt.path} ({ckpt.hash[:12]}); compare it with its own FP16 checkpoint")  # fmt: skip
-        runtime_class(v.format)  # an unknown format or a missing runtime fails here, before any work
 
-    eval_texts = texts.file_texts(list(opts.text_files)) if opts.text_files else texts.heldout_texts()
-    calib = opts.calib
-    if calib is None and (paths.calib_dir(model) / "calibration.jsonl").is_file():
-        calib = paths.calib_dir(model) / "calibration.jsonl"
-    overlap = texts.check_overlap(eval_texts, calib) if calib else None
-
-    engine, engine_why = choose_engine(opts.engine, variants)
-    n_ctx_train = int(ckpt.config.get("max_position_embeddings") or 0)
-    if n_ctx_train and opts.ctx > n_ctx_train:
-        raise InputError(f"--ctx {opts.ctx} exceeds the model's context of {n_ctx_train} tokens")
-    # transformers holds the fp16 weights as fp32, hence twice the file; llama.cpp maps them as they are.
-    fp16_mem = ckpt.weights_bytes * (2 if engine == "transformers" else 1)
-    mode, groups, why = choose_mode(opts.mode, [v.bytes for v in variants], fp16_mem)
-    total_threads = opts.threads or usable_cores()
-    beside = mode == "exact" and overlap_fp16(ckpt.weights_bytes, total_threads)
-    fp16_threads, variant_threads = split_threads(total_threads, beside)
-    base = BaseModel(ckpt, fp16_threads, engine, n_ctx=opts.ctx)
-    brt = base()
-    if opts.ctx > brt.n_ctx:
-        raise InputError(f"--ctx {opts.ctx} exceeds the model's context of {brt.n_ctx} tokens")
-    bos_in = brt.tokenize("a", add_bos=True)
-    bos = brt.bos_id if bos_in and bos_in[0] == brt.bos_id else None
-    ids = {t.name: brt.tokenize(t.text, add_bos=True) for t in eval_texts}
-    chunked = {t.name: reference.make_chunks(ids[t.name], opts.ctx, bos, name=t.name) for t in eval_texts}
-    n_vocab = brt.n_vocab
-
-    progress.info(f"FP16 in {engine} ({engine_why}); KLD: {mode} ({why})")
-    cache_dir = out / "reference"
-    keys = {
-        n: reference.cache_key(ckpt.hash, ch, opts.kmax, opts.tail_mass, engine) for n, ch in chunked.items()
-    }
-    refs: dict[str, reference.Reference] = {}
-    cached: dict[str, bool] = {}
-    for n in chunked:
-        ref = reference.load(reference.cache_path(cache_dir, n, keys[n]), keys[n])
-        cached[n] = ref is not None
-        if ref is not None:
-            refs[n] = ref
-    scores: dict[str, dict[str, TextScore]] = {v.name: {} for v in variants}
-    seconds: dict[str, float] = dict.fromkeys(scores, 0.0)
-    runtimes: dict[str, str] = {}
-
-    def load(v: Variant) -> Runtime:
-        t0 = time.perf_counter()
-        rt = runtime_class(v.format).load(v, n_ctx=opts.ctx, threads=variant_threads)
-        runtimes[v.name] = rt.name
-        for t in eval_texts:
-            check_tokenizer(rt, v.name, t.name, t.text, ids[t.name], n_vocab)
-        seconds[v.name] += time.perf_counter() - t0
-        return rt
-
-    if mode == "exact":
-        for gi, group in enumerate(groups or []):
-            rts: dict[str, Runtime] = {}
-            try:
-                for i in group:
-                    rts[variants[i].name] = load(variants[i])
-                for n, ch in chunked.items():
-                    want_ref = gi == 0 and n not in refs
-                    label = f"{', '.join(rts)} · {n}" if len(rts) <= 3 else f"{len(rts)} variants · {n}"
-                    got, top = score_exact_text(rts, base(), ch, label,
-                                                (opts.kmax, opts.tail_mass) if want_ref else None, beside)  # fmt: skip
-                    for name, sc in got.items():
-                        scores[name][n] = sc
-                    if top is not None:
-                        refs[n] = reference.store(
-                            cache_dir, n, keys[n], top, ckpt.hash, ch, opts.kmax, opts.tail_mass
-                        )
-            finally:
-                for rt in rts.values():
-                    rt.close()
-    else:
-        for n, ch in chunked.items():
-            if n not in refs:
-                top = reference.build(base(), ch, kmax=opts.kmax, tail_mass=opts.tail_mass, label=n)
-                refs[n] = reference.store(
-                    cache_dir, n, keys[n], top, ckpt.hash, ch, opts.kmax, opts.tail_mass
-                )
-        base.release()
-        for v in variants:
-            rt = load(v)
-            try:
-                for n, ch in chunked.items():
-                    scores[v.name][n] = score_topk_text(rt, ch, refs[n], f"{v.name} · {n}")
-            finally:
-                rt.close()
-    base.release()
-
-    ref_info: dict[str, Any] = {}
-    for n in chunked:
-        if n in refs:
-            path = reference.cache_path(cache_dir, n, keys[n])
-            ref_info[n] = {"path": str(path), "bytes": path.stat().st_size, "reused": cached[n],
-                           **{k: refs[n].meta[k] for k in ("mean_k", "positions_over_tail_mass", "kmax", "tail_mass")}}  # fmt: skip
-
-    results_v: list[dict[str, Any]] = []
-    for v in sorted(variants, key=lambda v: (-v.bytes, v.name)):  # Table 8's order: largest first
-        results_v.append({"name": v.name, "format": v.format, "bytes": v.bytes, "bpw": v.bpw, "path": str(v.path),
-                          "runtime": runtimes[v.name], "recipe": v.recipe, "files": v.files, "tools": v.tools,
-                          "calibration_hash": v.calibration_hash, "imatrix_hash": v.imatrix_hash,
-                          "rows": _rows(scores[v.name]),
-                          "eval_seconds": seconds[v.name] + sum(sc.seconds for sc in scores[v.name].values())})  # fmt: skip
+def fp16_row(plan: Plan, s: Scorer) -> dict[str, Any]:
     # The base NLL series is the same for every variant (same tokens, same FP16 logits).
-    fp16_nll = {n: sc.series.nll_b for n, sc in scores[variants[0].name].items()}
-
-    fp16_rows = {n: baseline_row(fp16_nll[n]) for n in fp16_nll}
+    fp16_nll = {n: sc.series.nll_b for n, sc in s.scores[plan.variants[0].name].items()}
+    rows = {n: baseline_row(fp16_nll[n]) for n in fp16_nll}
     if len(fp16_nll) > 1:
-        import numpy as np
+        rows["all"] = baseline_row(np.concatenate(list(fp16_nll.values())))
+    ckpt = plan.ckpt
+    return {"name": "FP16", "format": "fp16", "bytes": ckpt.weights_bytes, "bpw": ckpt.bpw, "path": str(ckpt.path),
+            "runtime": plan.engine, "rows": rows}  # fmt: skip
 
-        fp16_rows["all"] = baseline_row(np.concatenate(list(fp16_nll.values())))
-    fp16 = {"name": "FP16", "format": "fp16", "bytes": ckpt.weights_bytes, "bpw": _fp16_bpw(ckpt),
-            "path": str(ckpt.path), "runtime": engine, "rows": fp16_rows}  # fmt: skip
 
-    speeds = None
-    if opts.speed:
-        first = eval_texts[0].name
-        prompt_sets = speed.prompts(ids[first], bos)
-        speeds = speed.measure_all([("FP16", ckpt.path)] + [(v.name, v.path) for v in variants if v.path],
-                                   prompt_sets, threads=opts.threads)  # fmt: skip
-        fp16["speed"] = speeds.get("FP16")
-        for r in results_v:
+def settings(plan: Plan) -> dict[str, Any]:
+    o = plan.opts
+    return {"ctx": o.ctx, "reference": o.mode, "fp16_engine": plan.engine, "fp16_engine_why": plan.engine_why,
+            "kld_mode": plan.mode, "kld_mode_why": plan.mode_why, "kmax": o.kmax, "tail_mass": o.tail_mass,
+            "threads": {"fp16": plan.fp16_threads, "variants": plan.variant_threads,
+                        "fp16_beside_variants": plan.beside},
+            "scored_positions_per_chunk": o.ctx - 1 - o.ctx // 2}  # fmt: skip
+
+
+def report(plan: Plan, s: Scorer, started: float) -> dict[str, Any]:
+    """Gather the results (and speed, with --speed), then write the report, plots and model cards."""
+    from orlik.benchmarks import modelcard, plots
+    from orlik.benchmarks import report as rep
+
+    fp16, results_v = fp16_row(plan, s), variant_rows(plan, s)
+    if plan.opts.speed:
+        prompt_sets = speed.prompts(s.tokens.ids[plan.texts[0].name], s.tokens.bos)
+        speeds = speed.measure_all([("FP16", plan.ckpt.path)] + [(v.name, v.path) for v in plan.variants if v.path],
+                                   prompt_sets, threads=plan.opts.threads)  # fmt: skip
+        for r in (fp16, *results_v):
             r["speed"] = speeds.get(r["name"])
-
+    ref_info, ch = s.reference_info(), s.tokens.chunks
     results = {
-        "orlik": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": speed.machine(),
-        "tools": report.tool_versions(),
-        "model": report.model_facts(ckpt),
-        "settings": {
-            "ctx": opts.ctx,
-            "reference": opts.mode,
-            "fp16_engine": engine,
-            "fp16_engine_why": engine_why,
-            "kld_mode": mode,
-            "kld_mode_why": why,
-            "kmax": opts.kmax,
-            "tail_mass": opts.tail_mass,
-            "threads": {"fp16": fp16_threads, "variants": variant_threads, "fp16_beside_variants": beside},
-            "scored_positions_per_chunk": opts.ctx - 1 - opts.ctx // 2,
-        },
-        "texts": {
-            t.name: {
-                "source": t.source,
-                "tokens": len(ids[t.name]),
-                "chunks": chunked[t.name].n_chunks,
-                "scored_tokens": chunked[t.name].n_scored,
-                "tokens_sha256": chunked[t.name].digest,
-                "reference": ref_info.get(t.name),
-            }
-            for t in eval_texts
-        },
-        "overlap": overlap,
-        "variants": [fp16, *results_v],
-        "seconds": time.perf_counter() - started,
-    }
-    results["out"] = str(out)
-    results["plots"] = plots.write_all(results, out)
-    report.write_all(results, out)
-    if opts.cards:
-        results["cards"] = modelcard.write_all(results, variants, ckpt, out, license=opts.license,
-                                               base_model=opts.base_model)  # fmt: skip
-        report.write_json(results, out)
+        "orlik": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": speed.machine(), "tools": rep.tool_versions(), "model": rep.model_facts(plan.ckpt),
+        "settings": settings(plan),
+        "texts": {t.name: {"source": t.source, "tokens": len(s.tokens.ids[t.name]), "chunks": ch[t.name].n_chunks,
+                           "scored_tokens": ch[t.name].n_scored, "tokens_sha256": ch[t.name].digest,
+                           "reference": ref_info.get(t.name)} for t in plan.texts},
+        "overlap": plan.overlap, "variants": [fp16, *results_v], "seconds": time.perf_counter() - started,
+    }  # fmt: skip
+    results["out"] = str(plan.out)
+    results["plots"] = plots.write_all(results, plan.out)
+    rep.write_all(results, plan.out)
+    if plan.opts.cards:
+        results["cards"] = modelcard.write_all(results, plan.variants, plan.ckpt, plan.out, license=plan.opts.license,
+                                               base_model=plan.opts.base_model)  # fmt: skip
+        rep.write_json(results, plan.out)
     return results
-
-
-def _fp16_bpw(ckpt: Checkpoint) -> float:
-    """Bits per weight of the checkpoint, from the safetensors headers (16.0 for fp16/bf16)."""
-    import json
-    import math
-
-    params = 0
-    for w in ckpt.weight_files:
-        with open(w, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        params += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    return ckpt.weights_bytes * 8 / params if params else 16.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -59,6 +60,17 @@ class Checkpoint:
     @property
     def weights_bytes(self) -> int:
         return sum(w.stat().st_size for w in self.weight_files)
+
+    @cached_property
+    def n_params(self) -> int:
+        """Parameters in the weight files, from their safetensors headers (no tensor is read)."""
+        headers = (safetensors_layout(w)[1] for w in self.weight_files)
+        return sum(math.prod(v["shape"]) for h in headers for v in h.values())
+
+    @property
+    def bpw(self) -> float:
+        """Bits per weight of the checkpoint's files (16.0 for fp16/bf16)."""
+        return self.weights_bytes * 8 / self.n_params if self.n_params else 16.0
 
     @cached_property
     def hash(self) -> str:
@@ -128,6 +140,16 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     if declares_sentencepiece_llama(path):
         return LlamaTokenizer.from_pretrained(str(path))
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+
+def safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:
+    """Where a safetensors file's tensor data starts, and its header (tensor name -> dtype, shape,
+    data_offsets relative to that start), without the metadata entry."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header: dict[str, Any] = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
 
 
 def _weight_files(p: Path) -> list[Path]:

@@ -330,22 +330,30 @@ def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix:
     help="Model-card license  [default: the base README's, else 'other']",
 )
 @click.option("--base-model", default=None, help="Model-card base_model  [default: the checkpoint's name]")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check the inputs, print what would run (engine, KLD mode, threads) and stop.",
+)
 def bench(model: Path, variants: tuple[str, ...], variants_dir: Path | None, ctx_len: int, text_files: tuple[Path, ...],
           calib: Path | None, speed: bool, out: Path | None, mode: str, engine: str, kmax: int,
           tail_mass: float, threads: int | None, no_verify: bool, no_cards: bool, license_: str | None,
-          base_model: str | None) -> None:  # fmt: skip
+          base_model: str | None, dry_run: bool) -> None:  # fmt: skip
     """Table 8: every VARIANT against the FP16 checkpoint MODEL on the same tokens (llama.cpp's method).
 
     Writes table.md, table.csv, results.json, pareto.png (and speed.png with --speed) to --out and a
     README.md model card into each variant, and prints the table.
     """
     from orlik.benchmarks import report
-    from orlik.benchmarks.run import Options
+    from orlik.benchmarks.plan import Options, make_plan
     from orlik.benchmarks.run import bench as run_bench
 
     opts = Options(ctx=ctx_len, text_files=text_files, calib=calib, speed=speed, mode=mode, engine=engine,
                    kmax=kmax, tail_mass=tail_mass, threads=threads,
                    verify=not no_verify, cards=not no_cards, license=license_, base_model=base_model)  # fmt: skip
+    if dry_run:
+        emit(make_plan(model, variants, variants_dir=variants_dir, out=out, opts=opts).describe())
+        return
     results = run_bench(model, variants, variants_dir=variants_dir, out=out, opts=opts)
     if click.get_current_context().find_root().obj.get("json"):
         emit({k: results[k] for k in ("out", "model", "settings", "texts", "variants")})

@@ -165,16 +165,29 @@ def test_text_shorter_than_two_contexts(capsys, tmp_path: Path, tiny_checkpoint:
     assert "at least 2×ctx = 1024 are needed" in msg
 
 
-def test_variant_with_another_tokenizer(capsys, tmp_path: Path, tiny_checkpoint: Path,
-                                        bench_ggufs: dict[str, Path], text_file: Path) -> None:  # fmt: skip
+def test_variant_with_another_tokenizer_is_scored_on_the_shared_ids(tmp_path: Path, tiny_checkpoint: Path,
+        bench_ggufs: dict[str, Path], text_file: Path) -> None:  # fmt: skip
+    """Q8_0's weights with a tokenizer that splits text differently: fed the reference's ids it scores
+    exactly as Q8_0 does, and the table notes how often its own split differs."""
     from bench_helpers import make_variant, retokenized_copy
 
-    gguf = retokenized_copy(bench_ggufs["Q8_0"], tmp_path / "retok.gguf")
-    v = make_variant(gguf, "Q8_0-retok", tmp_path / "variants", tiny_checkpoint)
-    msg = _bad(capsys, str(tiny_checkpoint), str(v), "--text", str(text_file), "--ctx", str(CTX),
-               "--out", str(tmp_path / "reports"), "--threads", "1")  # fmt: skip
-    assert "tokenizes the 'heldout-pl' text differently from the FP16 reference" in msg
-    assert not (tmp_path / "reports" / "table.md").exists()
+    from orlik.benchmarks.run import Options, bench
+
+    vdir = tmp_path / "variants"
+    shutil.copytree(bench_ggufs["variants"] / "Q8_0", vdir / "Q8_0")
+    make_variant(
+        retokenized_copy(bench_ggufs["Q8_0"], tmp_path / "retok.gguf"), "Q8_0-retok", vdir, tiny_checkpoint
+    )
+    res = bench(tiny_checkpoint, [], variants_dir=vdir, out=tmp_path / "reports",
+                opts=Options(ctx=CTX, text_files=[text_file], mode="exact", threads=1, cards=False))  # fmt: skip
+    by = {v["name"]: v for v in res["variants"]}
+    assert by["Q8_0-retok"]["rows"]["heldout-pl"]["kld"] == by["Q8_0"]["rows"]["heldout-pl"]["kld"]
+    assert by["Q8_0"]["token_mismatch"] == {"heldout-pl": 0.0}
+    share = by["Q8_0-retok"]["token_mismatch"]["heldout-pl"]
+    assert 0.01 < share <= 1.0
+    md = (tmp_path / "reports" / "table.md").read_text()
+    assert "Q8_0-retok is scored on the FP16 reference's token ids" in md and f"{100 * share:.2f}%" in md
+    assert "- Q8_0 is scored" not in md
 
 
 def test_text_overlapping_the_calibration_set(capsys, tmp_path: Path, tiny_checkpoint: Path,

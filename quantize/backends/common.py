@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import random
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from orlik import corpus
-from orlik.checkpoint import Checkpoint
+from orlik.checkpoint import Checkpoint, safetensors_layout
 from orlik.errors import InputError
 from orlik.fsutil import sha256_file
 from orlik.manifest import Variant, hash_files
@@ -180,17 +178,8 @@ def lean_malloc() -> None:
         lib.mallopt(option, value)
 
 
-def safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:
-    """Where a safetensors file's tensor data starts, and its header (tensor name -> dtype, shape,
-    data_offsets relative to that start), without the metadata entry."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header: dict[str, Any] = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return 8 + n, header
-
-
 def safetensors_header(path: Path) -> dict[str, Any]:
+    """Tensor name -> dtype, shape, data_offsets (checkpoint.safetensors_layout without the start)."""
     return safetensors_layout(path)[1]
 
 
@@ -202,17 +191,6 @@ def tensor_bytes(files: Iterable[Path]) -> dict[str, int]:
             start, end = meta["data_offsets"]
             out[name] = int(end) - int(start)
     return out
-
-
-def parameter_count(ckpt: Checkpoint) -> int:
-    n = 0
-    for f in ckpt.weight_files:
-        for meta in safetensors_header(f).values():
-            c = 1
-            for d in meta["shape"]:
-                c *= int(d)
-            n += c
-    return n
 
 
 def manifest(
@@ -237,7 +215,7 @@ def manifest(
         raise InputError(f"{out} holds no safetensors weights after quantization")
     sizes = tensor_bytes(weights)
     data_bytes = sum(sizes.values())
-    n_params = parameter_count(ckpt)
+    n_params = ckpt.n_params
     prefixes = {k[: -len(marker)] for k in sizes if k.endswith(marker)}
     linear_bytes = sum(b for k, b in sizes.items() if k.rsplit(".", 1)[0] in prefixes)
     linear_params = _fp16_params_of(ckpt, prefixes)

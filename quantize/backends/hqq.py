@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from orlik import progress
-from orlik.checkpoint import TOKENIZER_FILES, Checkpoint
+from orlik.checkpoint import TOKENIZER_FILES, Checkpoint, safetensors_layout
 from orlik.errors import InputError
 from orlik.manifest import Variant
 from orlik.quantize.backends import Backend, Calibration, common
@@ -157,7 +157,7 @@ class _Tensors:
     def __init__(self, ckpt: Checkpoint) -> None:
         self._where: dict[str, tuple[Path, int, int, str, list[int]]] = {}
         for f in ckpt.weight_files:
-            base, header = common.safetensors_layout(f)
+            base, header = safetensors_layout(f)
             for name, meta in header.items():
                 start, end = (int(x) for x in meta["data_offsets"])
                 if meta["dtype"] not in self._DTYPES:
