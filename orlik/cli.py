@@ -12,6 +12,7 @@ import click
 from orlik import __version__, paths
 from orlik.cli_common import Constant, emit
 from orlik.cli_common import not_built as _not_built  # noqa: F401  (kept importable from orlik.cli)
+from orlik.cli_data import data
 from orlik.cli_serve import chat, serve
 from orlik.cli_train import train
 from orlik.errors import OrlikError
@@ -39,7 +40,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool, json_mode: bool) -> None:
     ctx.obj = {"json": json_mode, "quiet": quiet}
 
 
-for _command in (train, serve, chat):  # verbs kept in modules of their own
+for _command in (train, data, serve, chat):  # verbs kept in modules of their own
     cli.add_command(_command)
 
 
