@@ -89,6 +89,15 @@ def _text(results: dict[str, Any]) -> str:
     return "all" if len(names) > 1 else names[0]
 
 
+def is_auto(v: dict[str, Any]) -> bool:
+    """A size-budgeted mix (`--recipe auto`, `mlx-auto`) rather than a fixed recipe."""
+    return bool(((v.get("recipe") or {}).get("options") or {}).get("auto"))
+
+
+def _kind(imatrix: bool, auto: bool) -> str:
+    return "auto" if auto else "imat" if imatrix else "plain"
+
+
 def pareto(results: dict[str, Any], path: Path) -> None:
     plt = _plt()
     text = _text(results)
@@ -102,19 +111,29 @@ def pareto(results: dict[str, Any], path: Path) -> None:
     pts = [(v["bytes"] / div, max(v["rows"][text]["kld"], floor)) for v in quants]
     fig, ax = plt.subplots(figsize=(9, 6), dpi=130)
     imat = [bool(v.get("imatrix_hash")) for v in quants]
+    auto = [is_auto(v) for v in quants]
+    # Marker: o plain, s with imatrix, * size-budgeted auto mix (types chosen per tensor by orlik).
+    styles = (("plain", "o", 6.5, ""), ("imat", "s", 6.5, " + imatrix"), ("auto", "*", 11, " auto"))
     for fmt in dict.fromkeys(v["format"] for v in quants):
-        for with_imat in (False, True):
-            idx = [i for i, v in enumerate(quants) if v["format"] == fmt and imat[i] == with_imat]
+        for kind, marker, ms, tag in styles:
+            idx = [i for i, v in enumerate(quants) if v["format"] == fmt and _kind(imat[i], auto[i]) == kind]
             if not idx:
                 continue
             ax.errorbar([pts[i][0] for i in idx], [pts[i][1] for i in idx],
-                        yerr=[quants[i]["rows"][text]["kld_err"] for i in idx], fmt="s" if with_imat else "o",
-                        ms=6.5, capsize=3, color=COLOURS.get(fmt, "#17becf"), zorder=3,
-                        label=fmt.upper() + (" + imatrix" if with_imat else ""))  # fmt: skip
+                        yerr=[quants[i]["rows"][text]["kld_err"] for i in idx], fmt=marker,
+                        ms=ms, capsize=3, color=COLOURS.get(fmt, "#17becf"), zorder=3,
+                        label=fmt.upper() + tag)  # fmt: skip
     front = pareto_front(pts)
+    if any(auto) and not all(auto):
+        # The front of the fixed recipes alone, beside the one auto variants join: the gap is what
+        # measuring each tensor buys at equal size.
+        stock = [i for i in range(len(quants)) if not auto[i]]
+        sf = [stock[j] for j in pareto_front([pts[i] for i in stock])]
+        ax.plot([pts[i][0] for i in sf], [pts[i][1] for i in sf], "--", color="#8a8a8a", lw=1.1,
+                drawstyle="steps-post", zorder=1, label="Pareto front, fixed recipes")  # fmt: skip
     if front:
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "-", color="#2a2a2a", lw=1.2,
-                drawstyle="steps-post", zorder=2, label="Pareto front")  # fmt: skip
+                drawstyle="steps-post", zorder=2, label="Pareto front" + (", with auto" if any(auto) else ""))  # fmt: skip
         ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=170, facecolors="none",
                    edgecolors="#2a2a2a", linewidths=1.3, zorder=4)  # fmt: skip
     labels = [ax.annotate(v["name"], pts[i], textcoords="offset points", xytext=(6, -6), va="top", fontsize=8.5,

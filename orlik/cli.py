@@ -217,15 +217,17 @@ def _pairs(example: str, split_last: bool) -> Any:
 )
 @click.option("--output-type", default=None, help="Tensor type of output.weight (e.g. Q8_0).")
 @click.option("--embedding-type", default=None, help="Tensor type of token_embd.weight (e.g. Q4_K).")
+@click.option("--target-size", default=None, help="Size of the auto/mlx-auto file, e.g. 90MiB (--recipe auto).")
+@click.option("--target-bpw", default=None, type=float, help="Bits per weight of the auto/mlx-auto file.")
 def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix: Path | None, out: Path | None,
              force: bool, overrides: list[tuple[str, str]], options: list[tuple[str, str]], output_type: str | None,
-             embedding_type: str | None) -> None:  # fmt: skip
+             embedding_type: str | None, target_size: str | None, target_bpw: float | None) -> None:  # fmt: skip
     """Produce quantized variants of MODEL, one directory with variant.json per recipe."""
     from orlik.quantize import recipe as rec
     from orlik.quantize import run
 
-    plan = run.with_options(run.with_overrides(rec.expand(list(recipes)), overrides, output_type, embedding_type),
-                            options)  # fmt: skip
+    named = rec.with_target(rec.expand(list(recipes)), target_size, target_bpw)
+    plan = run.with_options(run.with_overrides(named, overrides, output_type, embedding_type), options)
     if calib is None and (paths.calib_dir(model) / "calibration.jsonl").is_file():
         calib = paths.calib_dir(model)
     needs_imatrix = imatrix is None and calib is not None and any(r.imatrix for r in plan)
@@ -400,6 +402,15 @@ def inspect(path: Path, verify: bool) -> None:
             if bad:
                 raise ManifestError(f"{path}: files differ from the manifest: {', '.join(bad)}")
             d["verified"] = True
+        auto = v.extra.get("auto")
+        if auto and not click.get_current_context().find_root().obj.get("json"):
+            from orlik.quantize.backends.gguf_auto import summary_lines
+
+            hidden = ("auto", "tensor_type_by_name", "llama_quantize_args")  # one line per tensor below
+            d["extra"] = {k: x for k, x in d["extra"].items() if k not in hidden}
+            emit(d)
+            click.echo("\n".join(summary_lines(auto)))
+            return
         emit(d)
     else:
         c = Checkpoint.open(path)

@@ -93,7 +93,8 @@ GGUF_TENSOR_TYPES = (
 GGUF_TENSOR_TYPES_REQUIRING_IMATRIX = ("IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 
 _EXAMPLES = ["gptq-w4g128", "gptq-w4g128-act", "awq-w4g128", "hqq-3bit-g64", "exl2-4.0bpw", "mlx-q4",
-             "mlx-q4-g32", "mlx-q4-h6", "mlx-q4-awq"]  # fmt: skip
+             "mlx-q4-g32", "mlx-q4-h6", "mlx-q4-awq", "auto", "auto-90MiB", "auto-3.5bpw", "auto-like-Q3_K_M",
+             "mlx-auto-4.5bpw"]  # fmt: skip
 
 
 def _gguf(m: re.Match[str], name: str) -> Recipe:
@@ -135,7 +136,47 @@ def _mlx(m: re.Match[str], name: str) -> Recipe:
                   overrides=head, calibration=awq, options={"method": "awq"} if awq else {})  # fmt: skip
 
 
+_SIZE = r"\d+(?:\.\d+)?[KMGT]i?B"
+
+
+def _auto(m: re.Match[str], name: str) -> Recipe:
+    """Size-budgeted recipes: "auto" (target from --target-size/--target-bpw), "auto-90MiB", "auto-3.5bpw", "auto-like-Q3_K_M"
+    (the stock type's file size, same imatrix): per-tensor GGUF types chosen by measured sensitivity.
+    "mlx-auto[-4.5bpw]": the same allocator over MLX bits and group sizes."""
+    mlx, like, size, bpw = m.group(1), m.group(2), m.group(3), m.group(4)
+    opts: dict[str, Any] = {"auto": True}
+    if like:
+        like = like.upper()
+        if like not in GGUF_TYPES or like in ("F16", "BF16") or mlx:
+            raise UnknownNameError("stock type to match", like, [t for t in GGUF_TYPES if "F16" not in t])
+        opts["like"] = like
+    elif size:
+        opts["target_size"] = size
+    elif bpw:
+        opts["target_bpw"] = float(bpw)
+    base = "mlx-auto" if mlx else "auto"
+    tail = f"-like-{like}" if like else f"-{size}" if size else f"-{bpw}bpw" if bpw else ""
+    if mlx:
+        return Recipe(name=base + tail, format="mlx", calibration=True, options=opts)
+    return Recipe(name=base + tail, format="gguf", imatrix=True, calibration=True, options=opts)
+
+
+def with_target(recipes: list[Recipe], size: str | None = None, bpw: float | None = None) -> list[Recipe]:
+    """Bare "auto"/"mlx-auto" recipes given the target of --target-size or --target-bpw."""
+    if size is None and bpw is None:
+        return recipes
+    if size is not None and bpw is not None:
+        raise InputError("give --target-size or --target-bpw, not both")
+    bare = [r for r in recipes if r.options.get("auto") and r.name in ("auto", "mlx-auto")]
+    if not bare:
+        raise InputError("--target-size/--target-bpw apply to --recipe auto or mlx-auto")
+    tail = f"-{size}" if size is not None else f"-{bpw:g}bpw"
+    opt = {"target_size": size} if size is not None else {"target_bpw": float(bpw)}  # type: ignore[arg-type]
+    return [replace(r, name=r.name + tail, options={**r.options, **opt}) if r in bare else r for r in recipes]
+
+
 _PARSERS: list[tuple[str, Any]] = [
+    (r"(mlx-)?auto(?:-like-([A-Z0-9_]+)|-(" + _SIZE + r")|-(\d+(?:\.\d+)?)bpw)?", _auto),
     (r"([A-Z0-9_]+?)(-imat)?", _gguf),
     (r"gptq-w(\d)(?:g(\d+))?(-act)?", _gptq),
     (r"awq-w(\d)(?:g(\d+))?", _grouped("awq", True)),
@@ -144,7 +185,7 @@ _PARSERS: list[tuple[str, Any]] = [
     (r"mlx-q(\d)(?:-g(\d+))?(?:-h(\d))?(-awq)?", _mlx),
 ]
 # The GGUF pattern matches any upper-case word; try the specific patterns first.
-_PARSERS = _PARSERS[1:] + _PARSERS[:1]
+_PARSERS = _PARSERS[:1] + _PARSERS[2:] + _PARSERS[1:2]
 
 TABLE8 = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -152,6 +193,8 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "bielik-table8": (*(n for t in TABLE8 for n in (t, f"{t}-imat")), "IQ2_XXS-imat"),
     # The non-GGUF variants the Bielik models ship, as the demo builds them beside the GGUF ones.
     "bielik-other": ("gptq-w4g128", "awq-w4g128", "hqq-3bit-g64", "hqq-4bit-g64", "mlx-q4", "mlx-q3"),
+    # Size-budgeted mixes at the sizes of three stock Table 8 types (same imatrix): the auto comparison.
+    "auto-table8": ("auto-like-Q4_K_M", "auto-like-Q3_K_M", "auto-like-Q2_K"),
     "gguf-all": tuple(t for t in GGUF_TYPES if t not in ("F16", "BF16") and t not in GGUF_REQUIRES_IMATRIX)
     + tuple(f"{t}-imat" for t in GGUF_TYPES if t not in ("F16", "BF16")),
 }

@@ -63,7 +63,7 @@ PY
 
 step "5 GGUF variants: Bielik Table 8 (Q8_0 .. Q2_K, each with and without imatrix) + IQ2_XXS"
 # Variants whose variant.json hashes verify are skipped; a damaged one is rebuilt.
-$ORLIK -q quantize "$dir/fp16" --recipe bielik-table8 --calib "$dir/calib" --out "$dir/variants" >/dev/null
+$ORLIK -q quantize "$dir/fp16" --recipe bielik-table8 --recipe auto-like-Q3_K_M --calib "$dir/calib" --out "$dir/variants" >/dev/null
 python3 - "$dir/variants" <<'PY'
 import json, sys, pathlib
 rows = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*/variant.json")]

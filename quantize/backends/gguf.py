@@ -77,6 +77,11 @@ def _tensor_type(t: str, what: str) -> str:
 class GGUFBackend(Backend):
     name = "gguf"
     formats = ("gguf",)
+    # Read by the auto recipes (gguf_auto.py): calibration tokens and window of the sensitivity pass,
+    # fraction of rows whose error is measured, sampling seed, comma-separated candidate types, and
+    # calibration tokens on which the result's real KLD is measured (0: not measured).
+    options = {"sens_tokens": int, "sens_seq_len": int, "sens_rows": float, "seed": int, "types": str,
+               "measure_tokens": int}  # fmt: skip
 
     def __init__(self) -> None:
         self.on_progress: Any = None  # callable(done, total) set by the driver for per-tensor progress
@@ -96,6 +101,8 @@ class GGUFBackend(Backend):
 
     def check(self, recipe: Recipe, calib: Calibration) -> None:
         """Refuse, before any work, what llama-quantize would refuse or silently misread."""
+        if recipe.options.get("auto"):
+            return self._check_auto(recipe, calib)
         if recipe.qtype not in GGUF_TYPES:
             raise UnknownNameError("GGUF type", str(recipe.qtype), GGUF_TYPES)
         types = [_tensor_type(t, g) for g, t in recipe.overrides]
@@ -121,6 +128,25 @@ class GGUFBackend(Backend):
                 f"override type(s) {', '.join(bad)} need an importance matrix; use {recipe.qtype}-imat"
             )
 
+    def _check_auto(self, recipe: Recipe, calib: Calibration) -> None:
+        from orlik.quantize.backends import gguf_auto
+
+        if not any(recipe.options.get(k) is not None for k in ("like", "target_size", "target_bpw")):
+            raise InputError(f"recipe {recipe.name} needs a target: --target-size SIZE, --target-bpw BPW, "
+                             "or a preset such as auto-like-Q3_K_M")  # fmt: skip
+        if recipe.options.get("target_size") is not None:
+            from orlik.quantize.allocate import parse_size
+
+            parse_size(recipe.options["target_size"])
+        gguf_auto._types_option(recipe)
+        if calib.jsonl is None:
+            raise InputError(
+                f"recipe {recipe.name} measures sensitivity on the calibration set; pass --calib DIR"
+            )
+        if recipe.imatrix and calib.imatrix is None:
+            raise InputError(f"recipe {recipe.name} quantizes with the importance matrix; pass --calib DIR "
+                             "(its imatrix.gguf is computed if missing) or --imatrix FILE")  # fmt: skip
+
     def prepare(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration) -> None:
         self._inputs(ckpt, recipe, calib)
 
@@ -141,6 +167,42 @@ class GGUFBackend(Backend):
         return f16, source, imatrix
 
     def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
+        if recipe.options.get("auto"):
+            return self._quantize_auto(ckpt, recipe, calib, out)
+        return self._quantize(ckpt, recipe, calib, out)
+
+    def _quantize_auto(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
+        """Plan the per-tensor types, then run llama-quantize with every matrix overridden."""
+        import dataclasses
+        import time
+
+        from orlik.quantize.backends import gguf_auto
+
+        _, source, imatrix = self._inputs(ckpt, recipe, calib)
+        plan = gguf_auto.plan(ckpt, recipe, calib, source, imatrix.path if imatrix else None, _threads())
+        types = plan.types
+        tool_recipe = dataclasses.replace(recipe, qtype=gguf_auto.base_file_type(types, source), options={},
+                                          overrides=tuple((n, t) for n, t in types.items()))  # fmt: skip
+        t0 = time.time()
+        v = self._quantize(ckpt, tool_recipe, calib, out)
+        record = plan.record()
+        record["seconds"]["llama_quantize"] = round(time.time() - t0, 2)
+        record["bytes"] = v.bytes
+        record["size_error"] = round(v.bytes / plan.target_bytes - 1, 6)
+        record["calibration_hash"] = calib.hash
+        t1 = time.time()
+        record["measured"] = gguf_auto.measure_kld(f16_gguf(ckpt), out / MODEL_FILE, calib, recipe, ckpt.hash)
+        record["seconds"]["measure"] = round(time.time() - t1, 2)
+        if abs(record["size_error"]) > 0.01:
+            raise ToolError(f"{recipe.name}: the file is {v.bytes:,} bytes, not within 1% of the target "
+                            f"{plan.target_bytes:,}")  # fmt: skip
+        v.recipe = recipe.to_dict()
+        v.name = recipe.name
+        v.extra["gguf_file_type"] = f"auto (base {tool_recipe.qtype})"
+        v.extra["auto"] = record
+        return v
+
+    def _quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
         f16, source, imatrix = self._inputs(ckpt, recipe, calib)
         _check_space(out, source.tensor_bytes, recipe.qtype or "F16")
         dst = out / MODEL_FILE

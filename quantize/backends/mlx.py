@@ -89,13 +89,22 @@ def awq_convert(
 class MLXBackend(Backend):
     name = "mlx-lm"
     formats = ("mlx",)
-    options = {"calib_samples": int, "calib_seq_len": int, "embed_bits": int, "method": str, "seed": int}
+    # sens_*: the sensitivity pass of mlx-auto (mlx_auto.py).
+    options = {"calib_samples": int, "calib_seq_len": int, "embed_bits": int, "method": str, "seed": int,
+               "sens_tokens": int, "sens_seq_len": int, "sens_rows": float}  # fmt: skip
 
     @classmethod
     def missing(cls) -> str | None:
         return common.missing_modules(("mlx", "mlx_lm"), "mlx")
 
     def check(self, recipe: Recipe, calib: Calibration) -> None:
+        if recipe.options.get("auto"):  # mlx-auto: bits and group per layer, chosen in mlx_auto.py
+            if not any(recipe.options.get(k) is not None for k in ("target_size", "target_bpw")):
+                raise InputError(
+                    f"recipe {recipe.name} needs a target: --target-bpw BPW or --target-size SIZE"
+                )
+            common.require_calibration(recipe, calib)
+            return
         bits, group = int(recipe.bits or 4), recipe.group_size or 64
         if bits not in BITS:
             raise InputError(f"MLX bits must be one of {', '.join(map(str, BITS))}, not {bits}")
@@ -113,6 +122,10 @@ class MLXBackend(Backend):
             common.require_calibration(recipe, calib)
 
     def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
+        if recipe.options.get("auto"):
+            from orlik.quantize.backends import mlx_auto
+
+            return mlx_auto.quantize(self, ckpt, recipe, calib, out)
         import importlib.util
 
         from mlx_lm import convert

@@ -1,0 +1,342 @@
+"""`--recipe auto`: per-tensor GGUF types chosen by measured sensitivity under a size budget.
+
+For each weight matrix llama-quantize would quantize, every candidate type's error is measured with
+ggml's own quantizer (same importance matrix) on a sample of rows, weighted by the calibration-set
+Fisher sensitivity (quantize/sensitivity.py) into an estimated KLD; quantize/allocate.py picks the
+types; llama-quantize writes them through per-tensor overrides. The table of estimates is cached
+under the checkpoint, calibration and imatrix hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orlik import gguf_read, llamacpp, progress
+from orlik.checkpoint import Checkpoint
+from orlik.errors import InputError, ToolError
+from orlik.fsutil import atomic_write_text, cache_root, sha256_bytes
+from orlik.quantize import allocate, ggml_quants, sensitivity
+from orlik.quantize.backends import Calibration, common
+from orlik.quantize.recipe import Recipe
+
+METHOD = "fisher-diag-v1"  # bump when the estimate changes, so cached tables are recomputed
+# Candidates for rows that are multiples of 256, and the 32-block types for other widths (llama-quantize
+# would silently turn a K-quant there into one of these, so the allocator chooses among them itself).
+TYPES_256 = ("IQ2_XXS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+TYPES_32 = ("Q4_0", "IQ4_NL", "Q5_0", "Q5_1", "Q8_0")
+# The llama-quantize file type named as the base of the command (every matrix is overridden; the base
+# only sets general.file_type): the one whose main type most of the weights got.
+_FILE_TYPE = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
+              "Q8_0": "Q8_0", "IQ2_XXS": "IQ2_XXS", "IQ2_S": "IQ2_S", "IQ3_XXS": "IQ3_XXS", "IQ3_S": "IQ3_S",
+              "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL", "Q4_0": "Q4_0", "Q5_0": "Q5_0", "Q5_1": "Q5_K_M"}  # fmt: skip
+_DRY_LINE = re.compile(r"\]\s+(\S+)\s+-.*?size =\s*[0-9.]+ MiB ->\s*[0-9.]+ MiB \((\w+)\)")
+
+
+@dataclass
+class Plan:
+    target_bytes: int
+    fixed_bytes: int  # metadata, norms and anything not allocated
+    solution: allocate.Solution
+    table: dict[str, Any]  # the cached sensitivity table
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def types(self) -> dict[str, str]:
+        return self.solution.kinds()
+
+    def record(self) -> dict[str, Any]:
+        """What variant.json keeps: target, estimate, and each tensor's type and estimated KLD."""
+        return {"method": METHOD, "target_bytes": self.target_bytes, "planned_bytes": self.fixed_bytes + self.solution.bytes,
+                "estimated_kld": self.solution.cost, "sensitivity_cached": self.table.get("cached", False),
+                "sensitivity_tokens": self.table["tokens"], "seconds": self.seconds,
+                "tensors": {n: {"type": o.kind, "estimated_kld": o.cost} for n, o in self.solution.choice.items()}}  # fmt: skip
+
+
+def candidates(row_length: int, has_imatrix: bool, types: tuple[str, ...] | None = None) -> list[str]:
+    """Types llama-quantize accepts for rows of this length, as it is told (no fallback)."""
+    pool = types or (TYPES_256 + tuple(t for t in TYPES_32 if t not in TYPES_256))
+    ok = [t for t in pool if ggml_quants.info(t).fits(row_length)]
+    if not has_imatrix:
+        ok = [t for t in ok if t not in ggml_quants.NEEDS_IMATRIX]
+    if not any(t in TYPES_256 for t in ok) and not types:
+        ok = [t for t in ok if t in TYPES_32]
+    return ok or ["F16"]
+
+
+def imatrix_values(path: Path) -> dict[str, np.ndarray]:
+    """Mean squared activation per column, as llama-quantize hands it to ggml (in_sum2 / counts)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path), "r")
+    sums = {
+        t.name.removesuffix(".in_sum2"): np.asarray(t.data) for t in r.tensors if t.name.endswith(".in_sum2")
+    }
+    counts = {
+        t.name.removesuffix(".counts"): np.asarray(t.data) for t in r.tensors if t.name.endswith(".counts")
+    }
+    if not sums:
+        raise InputError(f"{path}: auto needs a GGUF imatrix (llama-imatrix's current format)")
+    out = {}
+    for name, s in sums.items():
+        n = float(counts[name].reshape(-1)[0]) or 1.0
+        out[name] = (s.reshape(-1)[: s.size // counts[name].size] / n).astype(np.float32)
+    return out
+
+
+def _gguf_names(ckpt: Checkpoint, source: gguf_read.GGUFSummary, fisher_names: list[str]) -> dict[str, str]:
+    """GGUF tensor name -> checkpoint tensor name, through gguf-py's own name map."""
+    import gguf
+
+    meta = gguf_read.metadata(source.path)
+    arch_name = meta.get("general.architecture")
+    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch_name)
+    if arch is None:
+        raise InputError(f"auto does not know GGUF architecture {arch_name!r}")
+    n_blocks = int(meta.get(f"{arch_name}.block_count") or 0)
+    tmap = gguf.get_tensor_name_map(arch, n_blocks)
+    out = {}
+    for hf in fisher_names:
+        g = tmap.get_name(hf, try_suffixes=(".weight",))
+        if g:
+            out[g] = hf
+    return out
+
+
+def allocatable(source: gguf_read.GGUFSummary) -> list[gguf_read.TensorInfo]:
+    """The weight matrices llama-quantize quantizes (2-D `.weight` tensors that are not norms)."""
+    return [
+        t for t in source.tensors if len(t.ne) >= 2 and t.name.endswith(".weight") and "_norm" not in t.name
+    ]
+
+
+def stock_types(f16: Path, qtype: str, imatrix: Path | None) -> dict[str, str]:
+    """The per-tensor types of a stock llama-quantize file type, from its own --dry-run."""
+    args = ["--dry-run", *(["--imatrix", str(imatrix)] if imatrix else []), str(f16), qtype]
+    rc, log = llamacpp.run_tool("llama-quantize", args)
+    types = {m.group(1): m.group(2).upper() for m in _DRY_LINE.finditer(log)}
+    if rc != 0 or not types:
+        raise ToolError(f"llama-quantize --dry-run {qtype} failed: {log.strip().splitlines()[-1:]}")
+    return types
+
+
+def file_bytes(source: gguf_read.GGUFSummary, types: dict[str, str]) -> int:
+    """Size of the F16 file with the named tensors re-typed (header and padding as in the F16 file)."""
+    f16 = source.path.stat().st_size
+    for t in source.tensors:
+        if t.name in types:
+            f16 += (
+                t.ne[1] * int(np.prod(t.ne[2:])) * ggml_quants.info(types[t.name]).row_bytes(t.ne[0])
+                - t.n_bytes
+            )
+    return int(f16)
+
+
+def target_bytes(recipe: Recipe, source: gguf_read.GGUFSummary, imatrix: Path | None) -> int:
+    o = recipe.options
+    if o.get("like"):
+        return file_bytes(source, stock_types(source.path, str(o["like"]), imatrix))
+    if o.get("target_bpw") is not None:
+        fixed_tensors = source.path.stat().st_size - source.tensor_bytes
+        return int(float(o["target_bpw"]) * source.n_params / 8) + fixed_tensors
+    if o.get("target_size") is not None:
+        return allocate.parse_size(o["target_size"])
+    raise InputError(
+        f"recipe {recipe.name} needs a target: --target-size SIZE, --target-bpw BPW or auto-like-<TYPE>"
+    )
+
+
+def _cache_key(ckpt: Checkpoint, calib: Calibration, imatrix: Path | None, settings: dict[str, Any]) -> str:
+    from orlik.fsutil import sha256_file
+
+    parts = {"method": METHOD, "checkpoint": ckpt.hash, "calibration": calib.hash,
+             "imatrix": (calib.imatrix_hash or sha256_file(imatrix)) if imatrix else None,
+             "llama.cpp": llamacpp.build_info(), **settings}  # fmt: skip
+    return sha256_bytes(json.dumps(parts, sort_keys=True).encode())
+
+
+def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, source: gguf_read.GGUFSummary,
+                      imatrix: Path | None, threads: int) -> dict[str, Any]:  # fmt: skip
+    """{"tensors": {gguf name: {"ne": [...], "types": {type: estimated KLD}}}, "tokens", "seconds"},
+    computed once per checkpoint, calibration set, imatrix and settings, then read from the cache."""
+    o = recipe.options
+    settings = {"tokens": int(o.get("sens_tokens", 4096)), "seq_len": int(o.get("sens_seq_len", 512)),
+                "rows": float(o.get("sens_rows", 1 / 16)), "seed": int(o.get("seed", 0)),
+                "types": list(_types_option(recipe) or ())}  # fmt: skip
+    path = cache_root() / "sensitivity" / f"{_cache_key(ckpt, calib, imatrix, settings)}.json"
+    if path.is_file():
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+            return {**table, "cached": True, "cache": str(path)}
+        except (OSError, ValueError):
+            pass
+    t0 = time.time()
+    texts = common.calibration_texts(calib, recipe, None)
+    fis = sensitivity.fisher(ckpt, texts, tokens=settings["tokens"], seq_len=settings["seq_len"],
+                             seed=settings["seed"], threads=threads)  # fmt: skip
+    names = _gguf_names(ckpt, source, list(fis.weights))
+    imat = imatrix_values(imatrix) if imatrix else {}
+    read = sensitivity.weight_reader(ckpt)
+    jobs = []
+    for t in allocatable(source):
+        hf = names.get(t.name)
+        if hf is None:
+            raise InputError(f"auto cannot map GGUF tensor {t.name} to a layer of {ckpt.path}")
+        jobs.append((t, hf))
+
+    def measure(job: tuple[gguf_read.TensorInfo, str]) -> tuple[str, dict[str, Any]]:
+        t, hf = job
+        return t.name, _tensor_costs(t, read(hf if hf in read.names else fis.tied.get(hf, hf)), fis.weights[hf],
+                                     imat.get(t.name), settings, _types_option(recipe))  # fmt: skip
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        rows = dict(pool.map(measure, jobs))
+    table = {"method": METHOD, "tensors": rows, "tokens": fis.tokens,
+             "seconds": {"fisher": round(fis.seconds, 2), "errors": round(time.time() - t0 - fis.seconds, 2)}}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(table) + "\n")
+    return {**table, "cached": False, "cache": str(path)}
+
+
+def _types_option(recipe: Recipe) -> tuple[str, ...] | None:
+    raw = recipe.options.get("types")
+    if not raw:
+        return None
+    types = tuple(t.strip().upper() for t in str(raw).split(",") if t.strip())
+    bad = [t for t in types if t not in ggml_quants.TYPE_IDS]
+    if bad:
+        raise InputError(f"auto types: unknown tensor type(s) {', '.join(bad)}")
+    return types
+
+
+def _tensor_costs(t: gguf_read.TensorInfo, w: np.ndarray, pairs: sensitivity.Pairs, imat: np.ndarray | None,
+                  settings: dict[str, Any], types: tuple[str, ...] | None) -> dict[str, Any]:  # fmt: skip
+    w = w.reshape(-1, t.ne[0])
+    if w.shape[0] != int(np.prod(t.ne[1:])):
+        raise InputError(f"auto: {t.name} has shape {w.shape} in the checkpoint, {t.ne} in the GGUF")
+    rows, scale = sensitivity.sample_rows(pairs, w.shape[0], settings["rows"], settings["seed"])
+    sub = w[rows]
+    costs = {}
+    for ty in candidates(t.ne[0], imat is not None, types):
+        err2 = (ggml_quants.roundtrip(ty, sub, imat) - sub).astype(np.float64) ** 2
+        costs[ty] = sensitivity.weighted_error(pairs, rows, scale, err2)
+    return {"ne": list(t.ne), "types": costs}
+
+
+def plan(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, source: gguf_read.GGUFSummary,
+         imatrix: Path | None, threads: int) -> Plan:  # fmt: skip
+    """The per-tensor types for `recipe`'s target, or a one-line error when it cannot be met."""
+    if calib.jsonl is None:
+        raise InputError(
+            f"recipe {recipe.name} measures sensitivity on the calibration set; pass --calib DIR"
+        )
+    t0 = time.time()
+    target = target_bytes(recipe, source, imatrix)
+    mats = {t.name: t for t in allocatable(source)}
+    smallest = {n: _options(t, {"types": {c: 0.0 for c in candidates(t.ne[0], imatrix is not None,
+                                                                      _types_option(recipe))}})
+                for n, t in mats.items()}  # fmt: skip
+    fixed = source.path.stat().st_size - sum(t.n_bytes for t in mats.values())
+    budget = allocate.check_target(target, fixed, smallest, source.path.stat().st_size, "F16 GGUF")
+    t1 = time.time()
+    table = sensitivity_table(ckpt, recipe, calib, source, imatrix, threads)
+    t2 = time.time()
+    sol = allocate.solve({n: _options(mats[n], table["tensors"][n]) for n in mats}, budget)
+    progress.info(
+        f"auto: {len(mats)} tensors, estimated KLD {sol.cost:.4g}, {(fixed + sol.bytes) / 2**20:.2f} MiB"
+    )
+    secs = {
+        "target": round(t1 - t0, 2),
+        "sensitivity": round(t2 - t1, 2),
+        "solve": round(time.time() - t2, 2),
+    }
+    return Plan(target, fixed, sol, table, secs)
+
+
+def _options(t: gguf_read.TensorInfo, row: dict[str, Any]) -> list[allocate.Option]:
+    n_rows = int(np.prod(t.ne[1:]))
+    return [allocate.Option(ty, n_rows * ggml_quants.info(ty).row_bytes(t.ne[0]), float(cost))
+            for ty, cost in row["types"].items()]  # fmt: skip
+
+
+def estimate(table: dict[str, Any], types: dict[str, str]) -> float | None:
+    """The estimated KLD of any typing of the tensors (e.g. a stock file type), None if a type was
+    not measured."""
+    total = 0.0
+    for name, row in table["tensors"].items():
+        cost = row["types"].get(types.get(name, ""))
+        if cost is None:
+            return None
+        total += cost
+    return total
+
+
+def base_file_type(types: dict[str, str], source: gguf_read.GGUFSummary) -> str:
+    weight: dict[str, int] = {}
+    sizes = {t.name: t.n_elements for t in source.tensors}
+    for n, ty in types.items():
+        weight[ty] = weight.get(ty, 0) + sizes[n]
+    main = max(weight, key=lambda k: weight[k]) if weight else "Q8_0"
+    return _FILE_TYPE.get(main, "Q8_0")
+
+
+_KLD = re.compile(r"Mean\s+KLD:\s+(-?[0-9.]+)\s+±\s+([0-9.]+)")
+_TOP = re.compile(r"Same top p:\s+([0-9.]+)\s+±")
+
+
+def measure_kld(
+    f16: Path, quant: Path, calib: Calibration, recipe: Recipe, ckpt_hash: str
+) -> dict[str, Any] | None:
+    """llama-perplexity --kl-divergence of `quant` against the F16 GGUF on the first calibration
+    tokens (the F16 logits cached beside the sensitivity table); None when measure_tokens is 0."""
+    n = int(recipe.options.get("measure_tokens", 2048))
+    ctx = 512
+    if n < ctx or calib.jsonl is None:
+        return None
+    work = cache_root() / "sensitivity" / f"kld-{sha256_bytes(f'{ckpt_hash}:{calib.hash}:{n}'.encode())[:24]}"
+    work.mkdir(parents=True, exist_ok=True)
+    text, base = work / "calibration.txt", work / "f16-logits.kld"
+    common_args = ["-c", str(ctx), "-b", str(ctx), "--chunks", str(n // ctx), "-t", str(_threads())]
+    if not base.is_file():
+        texts = common.calibration_texts(calib, recipe, None)
+        atomic_write_text(text, "\n\n".join(texts))
+        tmp = work / f".f16-logits.{time.time_ns()}.partial"
+        rc, log = llamacpp.run_tool("llama-perplexity", ["-m", str(f16), "-f", str(text), *common_args,
+                                                         "--kl-divergence-base", str(tmp)])  # fmt: skip
+        if rc != 0 or not tmp.is_file():
+            raise ToolError(f"llama-perplexity (F16 logits) failed: {log.strip().splitlines()[-1:]}")
+        tmp.rename(base)
+    for _ in range(3):  # llama.cpp's logger can drop its last lines on a busy machine; rerun then
+        rc, log = llamacpp.run_tool("llama-perplexity", ["-m", str(quant), *common_args, "--kl-divergence-base",
+                                                         str(base), "--kl-divergence"])  # fmt: skip
+        k, top = _KLD.search(log), _TOP.search(log)
+        if rc == 0 and k:
+            return {"kld": float(k.group(1)), "kld_err": float(k.group(2)), "same_top_p": float(top.group(1)) / 100
+                    if top else None, "tokens": n, "text": "calibration set (in-sample)"}  # fmt: skip
+    raise ToolError(f"llama-perplexity --kl-divergence printed no KLD for {quant}")
+
+
+def _threads() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def summary_lines(record: dict[str, Any]) -> list[str]:
+    """`orlik inspect`'s view of an auto variant: target, estimate against measurement, each tensor."""
+    m = record.get("measured") or {}
+    size = record.get("bytes", record.get("tensor_bytes", 0))
+    got = f"{m['kld']:.4g} ± {m['kld_err']:.2g} on {m['tokens']} calibration tokens" if m else "not measured"
+    lines = [f"auto: target {record['target_bytes']:,} bytes, got {size:,} ({100 * record.get('size_error', 0):+.3f}%)",
+             f"auto: KLD estimated {record['estimated_kld']:.4g}, measured {got}"]  # fmt: skip
+    tensors = record.get("tensors") or record.get("layers") or {}
+    for name, t in tensors.items():
+        lines.append(f"  {name:<40} {t['type']:<8} est. KLD {t['estimated_kld']:.3g}")
+    return lines

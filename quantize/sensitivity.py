@@ -1,0 +1,166 @@
+"""How much each weight matrix's error costs in KLD against FP16, measured on the calibration set.
+
+One forward and backward pass over the calibration tokens collects, for every linear layer, the mean
+squared input per column (C, the importance matrix) and the diagonal Fisher information of the model's
+own output distribution at the layer's output, per row (R: mean squared gradient of log p(y) with y
+sampled from the FP16 model). To second order, quantization error dW in that layer raises the mean
+per-token KLD by about 1/2 sum_rc R_r C_c dW_rc^2; the embedding is the same with token frequencies
+as R and the Fisher at its output as C. A format's quantizer (ggml's for GGUF, MLX's for MLX) fills
+dW for each candidate type on a sample of rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orlik import progress
+from orlik.checkpoint import Checkpoint
+from orlik.errors import InputError
+
+# (row weights R [rows], column weights C [row length]) for one weight matrix, in the checkpoint's
+# (Hugging Face) orientation; a tied embedding has two pairs: as embedding and as output head.
+Pairs = list[tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Fisher:
+    weights: dict[str, Pairs]  # HF parameter name -> pairs
+    tokens: int
+    seconds: float
+    tied: dict[str, str] = field(default_factory=dict)  # tied output head -> the embedding it reuses
+
+
+def _token_windows(ckpt: Checkpoint, texts: list[str], tokens: int, seq_len: int) -> list[list[int]]:
+    """Contiguous windows of `seq_len` tokens over the texts in file order (as llama-imatrix chunks)."""
+    tok = ckpt.load_tokenizer()
+    ids: list[int] = []
+    for t in texts:
+        ids += tok(t, add_special_tokens=True)["input_ids"]
+        if len(ids) >= tokens:
+            break
+    n = min(len(ids), tokens) // seq_len
+    if n < 1:
+        raise InputError(f"the calibration set has fewer than {seq_len} tokens; auto needs at least that")
+    return [ids[i * seq_len : (i + 1) * seq_len] for i in range(n)]
+
+
+def fisher(
+    ckpt: Checkpoint, texts: list[str], *, tokens: int, seq_len: int, seed: int, threads: int
+) -> Fisher:
+    """R and C of every linear layer and embedding of `ckpt` on up to `tokens` calibration tokens."""
+    import torch
+
+    t0 = time.time()
+    torch.set_num_threads(max(1, threads))
+    gen = torch.Generator().manual_seed(seed)
+    windows = _token_windows(ckpt, texts, tokens, seq_len)
+    model = ckpt.load_model(torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sums: dict[str, list[Any]] = {}
+    hooks = [m.register_forward_hook(_hook(name, m, sums)) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]  # fmt: skip
+    vocab = int(model.config.vocab_size)
+    per_batch = max(1, min(len(windows), (1 << 25) // (vocab * seq_len)))
+    n_tok = 0
+    try:
+        for b in range(0, len(windows), per_batch):
+            x = torch.tensor(windows[b : b + per_batch])
+            logits = model(input_ids=x).logits.float()
+            with torch.no_grad():
+                labels = torch.multinomial(torch.softmax(logits.reshape(-1, vocab), -1), 1, generator=gen)
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, vocab), labels[:, 0], reduction="sum"
+            ).backward()
+            n_tok += x.numel()
+            progress.info(f"auto: sensitivity pass {n_tok}/{len(windows) * seq_len} tokens")
+    finally:
+        for h in hooks:
+            h.remove()
+    tied = {}
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    if out_emb is not None and out_emb.weight is in_emb.weight:
+        tied[f"{names[id(out_emb)]}.weight"] = f"{names[id(in_emb)]}.weight"
+    del model
+    weights: dict[str, Pairs] = {}
+    for name, (rows, cols) in sums.items():
+        weights[f"{name}.weight"] = [(rows.double().numpy() / n_tok, cols.double().numpy() / n_tok)]
+    for head, emb in tied.items():
+        weights[emb] = weights[emb] + weights.pop(head)
+    return Fisher(weights, n_tok, time.time() - t0, tied)
+
+
+def _hook(name: str, module: Any, sums: dict[str, list[Any]]) -> Any:
+    """Forward hook accumulating the layer's R (at its output, via a gradient hook) and C."""
+    import torch
+
+    def forward(mod: Any, args: tuple[Any, ...], out: Any) -> Any:
+        x = args[0]
+        if isinstance(mod, torch.nn.Embedding):
+            col_len, row_len = mod.embedding_dim, mod.num_embeddings
+            counts = torch.bincount(x.reshape(-1), minlength=row_len).double()
+            acc = sums.setdefault(name, [torch.zeros(row_len, dtype=torch.float64), torch.zeros(col_len, dtype=torch.float64)])  # fmt: skip
+            acc[0] += counts
+            out = out.detach().requires_grad_(True)  # the pass needs no weight gradients
+            target = 1
+        else:
+            acc = sums.setdefault(name, [torch.zeros(mod.out_features, dtype=torch.float64),
+                                         torch.zeros(mod.in_features, dtype=torch.float64)])  # fmt: skip
+            acc[1] += x.detach().reshape(-1, mod.in_features).pow(2).sum(0).double()
+            target = 0
+
+        def grad(g: Any) -> None:
+            acc[target] += g.detach().reshape(-1, g.shape[-1]).pow(2).sum(0).double()
+
+        if out.requires_grad:
+            out.register_hook(grad)
+        return out
+
+    return forward
+
+
+def sample_rows(pairs: Pairs, n_rows: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows to measure and each one's weight in the total: the heaviest rows (by R) all, and a
+    uniform sample of the rest scaled up, so the sum stays unbiased and its variance small."""
+    m = max(min(n_rows, 64), int(np.ceil(n_rows * fraction)))
+    if m >= n_rows:
+        return np.arange(n_rows), np.ones(n_rows)
+    weight = sum(r / max(r.sum(), 1e-300) for r, _ in pairs)
+    top = np.argsort(-weight, kind="stable")[: m // 2]
+    rest = np.setdiff1d(np.arange(n_rows), top)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(rest, m - len(top), replace=False)
+    scale = np.concatenate([np.ones(len(top)), np.full(len(pick), len(rest) / len(pick))])
+    return np.concatenate([top, pick]), scale
+
+
+def weighted_error(pairs: Pairs, rows: np.ndarray, scale: np.ndarray, err2: np.ndarray) -> float:
+    """1/2 sum_rc R_r C_c dW_rc^2 over the sampled rows (err2 = dW^2 of those rows)."""
+    total = 0.0
+    for r, c in pairs:
+        total += float(np.dot(scale * r[rows], err2 @ c))
+    return 0.5 * total
+
+
+def weight_reader(ckpt: Checkpoint) -> Any:
+    """name -> float32 numpy array of a checkpoint tensor, read one at a time from safetensors."""
+    from safetensors import safe_open
+
+    index: dict[str, Path] = {}
+    for f in ckpt.weight_files:
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+                index[k] = f
+
+    def read(name: str) -> np.ndarray:
+        with safe_open(str(index[name]), framework="pt") as h:
+            return h.get_tensor(name).float().numpy()
+
+    read.names = set(index)  # type: ignore[attr-defined]
+    return read

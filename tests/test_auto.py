@@ -1,0 +1,219 @@
+"""Size-budgeted mixed precision (`--recipe auto`, `mlx-auto`): the allocator, the size it lands at,
+what llama-quantize accepts, the sensitivity cache, and the one-line refusals."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orlik.errors import InputError
+from orlik.quantize import allocate
+
+pytestmark = pytest.mark.usefixtures("gguf_cache")
+FAST = ("--option", "sens_tokens=1024", "--option", "sens_seq_len=256", "--option", "measure_tokens=512")
+
+
+def _random_tensors(rng: np.random.Generator, n: int) -> dict[str, list[allocate.Option]]:
+    out = {}
+    for i in range(n):
+        size = int(rng.integers(1000, 5000))
+        sens = float(rng.lognormal(0, 1.5))
+        out[f"t{i}"] = [
+            allocate.Option(f"{b}b", size * b, sens * 2.0 ** (-2 * b)) for b in (2, 3, 4, 5, 6, 8)
+        ]
+    return out
+
+
+def test_solver_fits_the_budget_and_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    tensors = _random_tensors(rng, 5)
+    names = list(tensors)
+    for budget in (30_000, 60_000, 90_000):
+        sol = allocate.solve(tensors, budget)
+        assert sol.bytes <= budget
+        best = min(
+            (sum(o.cost for o in combo), combo)
+            for combo in itertools.product(*(tensors[n] for n in names))
+            if sum(o.bytes for o in combo) <= budget
+        )
+        # Sizes are rounded to 1/20000 of the budget: within a hair of the exact optimum.
+        assert sol.cost <= best[0] * 1.01
+    with pytest.raises(InputError, match="below the smallest"):
+        allocate.solve(tensors, 100)
+
+
+def test_parse_size() -> None:
+    assert allocate.parse_size("90MiB") == 90 << 20
+    assert allocate.parse_size("1.5GB") == 1_500_000_000
+    assert allocate.parse_size("512") == 512
+    with pytest.raises(InputError):
+        allocate.parse_size("ninety")
+
+
+@pytest.fixture(scope="module")
+def auto_variant(
+    tiny_checkpoint: Path, tiny_calibration: Path, tiny_imatrix: Path, tmp_path_factory, orlik_cli
+):
+    out = tmp_path_factory.mktemp("auto-variants")
+    r = orlik_cli("--json", "quantize", tiny_checkpoint, "--recipe", "auto", "--target-bpw", "4.0",
+                  "--recipe", "Q3_K_M-imat", "--recipe", "auto-like-Q3_K_M", "--calib", tiny_calibration,
+                  "--out", out, *FAST)  # fmt: skip
+    assert r.code == 0, r.err
+    return out
+
+
+def test_auto_lands_within_one_percent(auto_variant: Path, orlik_cli) -> None:
+    from orlik import gguf_read
+    from orlik.manifest import Variant
+
+    v = Variant.load(auto_variant / "auto-4bpw")
+    assert abs(v.bpw / 4.0 - 1) < 0.01
+    stock = Variant.load(auto_variant / "Q3_K_M-imat")
+    like = Variant.load(auto_variant / "auto-like-Q3_K_M")
+    assert abs(like.bytes / stock.bytes - 1) < 0.01
+    # The file holds exactly the types the allocator chose, and they are not all one type.
+    got = gguf_read.summarize(like.path / "model.gguf").types()
+    chosen = {n: t["type"] for n, t in like.extra["auto"]["tensors"].items()}
+    assert all(got[n] == t for n, t in chosen.items())
+    assert len(set(chosen.values())) > 1
+    assert like.imatrix_hash == stock.imatrix_hash
+    m = like.extra["auto"]["measured"]
+    assert m["kld"] >= 0 and like.extra["auto"]["estimated_kld"] > 0
+    r = orlik_cli("inspect", like.path)
+    assert r.code == 0 and "estimated KLD" in r.out and "blk.0.ffn_down.weight" in r.out
+
+
+def test_targets_out_of_range_are_one_line_exit_2(tiny_checkpoint: Path, tiny_calibration: Path,
+                                                  tiny_imatrix: Path, tmp_path: Path, orlik_cli) -> None:  # fmt: skip
+    for size in ("10KiB", "10GiB"):
+        r = orlik_cli("quantize", tiny_checkpoint, "--recipe", "auto", "--target-size", size,
+                      "--calib", tiny_calibration, "--out", tmp_path, *FAST)  # fmt: skip
+        assert r.code == 2, r.err
+        assert len(r.err.strip().splitlines()) == 1 and (
+            "below the smallest" in r.err or "above the" in r.err
+        )
+    r = orlik_cli(
+        "quantize", tiny_checkpoint, "--recipe", "auto", "--calib", tiny_calibration, "--out", tmp_path
+    )
+    assert r.code == 2 and "needs a target" in r.err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def narrow_checkpoint(tokenizer_dir: Path, tmp_path_factory) -> Path:
+    """A llama checkpoint whose hidden size (320) is not a multiple of 256; random weights are
+    enough to ask which types llama-quantize accepts."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("narrow") / "fp16"
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=320, intermediate_size=768, num_hidden_layers=2,
+                      num_attention_heads=5, num_key_value_heads=5, max_position_embeddings=512,
+                      tie_word_embeddings=False, torch_dtype="float16")  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.float16).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_narrow_model_gets_only_types_llama_quantize_accepts(
+    narrow_checkpoint: Path, tiny_calibration: Path, tmp_path: Path, orlik_cli
+) -> None:
+    from orlik.manifest import Variant
+    from orlik.quantize.backends import gguf_auto
+
+    for t in ("Q2_K", "IQ2_XXS", "Q4_K"):
+        assert t not in gguf_auto.candidates(320, True)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    shutil.copy(tiny_calibration / "calibration.jsonl", calib)
+    r = orlik_cli("--json", "quantize", narrow_checkpoint, "--recipe", "auto", "--target-bpw", "4.5",
+                  "--calib", calib, "--out", tmp_path / "v", *FAST)  # fmt: skip
+    assert r.code == 0, r.err
+    v = Variant.load(tmp_path / "v" / "auto-4.5bpw")
+    log = (v.path / "llama-quantize.log").read_text()
+    assert "falling back" not in log and "required fallback" not in log
+    for name, t in v.extra["auto"]["tensors"].items():
+        assert v.extra["tensor_type_by_name"][name] == t["type"]
+    # Rows of 320 take only 32-wide blocks; ffn_down's rows (768) may take any type.
+    assert all(v.extra["tensor_type_by_name"][n] in (*gguf_auto.TYPES_32, "F16")
+               for n in v.extra["auto"]["tensors"] if "ffn_down" not in n)  # fmt: skip
+
+
+def test_sensitivity_cache_follows_the_calibration_set(
+    tiny_checkpoint: Path, tiny_calibration: Path, tiny_imatrix: Path, tmp_path: Path
+) -> None:
+    from orlik import gguf_read
+    from orlik.checkpoint import Checkpoint
+    from orlik.gguf_convert import f16_gguf
+    from orlik.quantize import run
+    from orlik.quantize.backends import gguf_auto
+    from orlik.quantize.recipe import Recipe
+
+    ckpt = Checkpoint.open(tiny_checkpoint)
+    source = gguf_read.summarize(f16_gguf(ckpt))
+    recipe = Recipe.from_name("auto-4.0bpw")
+    recipe = Recipe.from_dict({**recipe.to_dict(), "options": {**recipe.options, "sens_tokens": 512,
+                                                               "sens_seq_len": 256}})  # fmt: skip
+
+    def table(calib_dir: Path) -> dict:
+        calib = run.calibration_for(calib_dir, tiny_imatrix)
+        return gguf_auto.sensitivity_table(ckpt, recipe, calib, source, tiny_imatrix, 2)
+
+    first = table(tiny_calibration)
+    assert table(tiny_calibration)["cached"]
+    changed = tmp_path / "calib"
+    changed.mkdir()
+    lines = (tiny_calibration / "calibration.jsonl").read_text(encoding="utf-8").splitlines()
+    (changed / "calibration.jsonl").write_text("\n".join(reversed(lines)) + "\n", encoding="utf-8")
+    again = table(changed)
+    assert not again["cached"] and again["cache"] != first["cache"]
+    a = first["tensors"]["blk.0.attn_q.weight"]["types"]["Q4_K"]
+    b = again["tensors"]["blk.0.attn_q.weight"]["types"]["Q4_K"]
+    assert a != b  # different text, different Fisher weights
+
+
+def test_mlx_auto_hits_its_bpw(
+    tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path, orlik_cli
+) -> None:
+    pytest.importorskip("mlx_lm")
+    r = orlik_cli("--json", "quantize", tiny_checkpoint, "--recipe", "mlx-auto", "--target-bpw", "4.5",
+                  "--calib", tiny_calibration, "--out", tmp_path, "--option", "sens_tokens=1024")  # fmt: skip
+    assert r.code == 0, r.err
+    v = json.loads((tmp_path / "mlx-auto-4.5bpw" / "variant.json").read_text())
+    assert abs(v["bpw"] / 4.5 - 1) < 0.01
+    cfg = json.loads((tmp_path / "mlx-auto-4.5bpw" / "config.json").read_text())
+    per_layer = {k: q for k, q in cfg["quantization"].items() if isinstance(q, dict)}
+    assert len({(q["bits"], q["group_size"]) for q in per_layer.values()}) > 1
+
+
+def test_pareto_plot_marks_auto_and_draws_both_fronts(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    from orlik.benchmarks import plots
+
+    def row(kld: float) -> dict:
+        return {"all": {"kld": kld, "kld_err": kld / 20}}
+
+    def variant(name: str, mib: float, kld: float, auto: bool = False) -> dict:
+        recipe = {"options": {"auto": True}} if auto else {"options": {}}
+        return {"name": name, "format": "gguf", "bytes": int(mib * 2**20), "imatrix_hash": "x", "recipe": recipe,
+                "rows": row(kld)}  # fmt: skip
+
+    results = {"texts": {"all": {"scored_tokens": 1000}}, "settings": {"ctx": 512}, "model": {"name": "m"},
+               "variants": [variant("Q4_K_M-imat", 6, 0.02), variant("Q3_K_M-imat", 5, 0.06),
+                            variant("Q2_K-imat", 4, 0.2), variant("auto-like-Q3_K_M", 5, 0.04, auto=True)]}  # fmt: skip
+    seen = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.update(fig=fig))
+    plots.pareto(results, tmp_path / "pareto.png")
+    labels = [t.get_text() for t in seen["fig"].axes[0].get_legend().get_texts()]
+    assert "GGUF auto" in labels
+    assert "Pareto front, fixed recipes" in labels and "Pareto front, with auto" in labels
+    import matplotlib.pyplot as plt
+
+    plt.close(seen["fig"])
