@@ -26,6 +26,7 @@ from orlik.quantize.recipe import (
     GGUF_TYPES,
     Recipe,
 )
+from orlik.sysinfo import package_version, usable_cores
 
 MODEL_FILE = "model.gguf"
 LOG_FILE = "llama-quantize.log"
@@ -179,7 +180,7 @@ class GGUFBackend(Backend):
         from orlik.quantize.backends import gguf_auto
 
         _, source, imatrix = self._inputs(ckpt, recipe, calib)
-        plan = gguf_auto.plan(ckpt, recipe, calib, source, imatrix.path if imatrix else None, _threads())
+        plan = gguf_auto.plan(ckpt, recipe, calib, source, imatrix.path if imatrix else None, usable_cores())
         types = plan.types
         tool_recipe = dataclasses.replace(recipe, qtype=gguf_auto.base_file_type(types, source), options={},
                                           overrides=tuple((n, t) for n, t in types.items()))  # fmt: skip
@@ -207,7 +208,7 @@ class GGUFBackend(Backend):
         _check_space(out, source.tensor_bytes, recipe.qtype or "F16")
         dst = out / MODEL_FILE
         args = [*_arguments(recipe, imatrix.path if imatrix else None), str(f16), str(dst), str(recipe.qtype)]
-        args.append(str(_threads()))
+        args.append(str(usable_cores()))
         rc, log = llamacpp.run_tool("llama-quantize", args, self._progress)
         if rc != 0 or not dst.is_file():
             raise _quantize_error(recipe, log, dst)
@@ -226,7 +227,7 @@ class GGUFBackend(Backend):
             files={MODEL_FILE: sha256_file(dst), LOG_FILE: sha256_file(out / LOG_FILE)},
             bytes=dst.stat().st_size,
             bpw=round(got.bpw, 4),
-            tools={"llama.cpp": llamacpp.build_info(), "converter": "convert_hf_to_gguf.py", "gguf": _gguf_version()},
+            tools={"llama.cpp": llamacpp.build_info(), "converter": "convert_hf_to_gguf.py", "gguf": package_version("gguf") or "unknown"},
             calibration_hash=calibration_hash,
             imatrix_hash=(calib.imatrix_hash or sha256_file(imatrix.path)) if imatrix else None,
             extra={
@@ -267,12 +268,6 @@ def _arguments(recipe: Recipe, imatrix: Path | None) -> list[str]:
     for glob, t in recipe.overrides:
         args += ["--tensor-type", f"{glob_to_regex(glob)}={t.lower()}"]
     return args
-
-
-def _threads() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _check_space(out: Path, f16_bytes: int, qtype: str) -> None:
@@ -318,15 +313,6 @@ def _quantize_error(recipe: Recipe, log: str, dst: Path) -> Exception:
     lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
     errs = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
     return ToolError(f"llama-quantize failed for {recipe.name}: {(errs or lines or ['no output'])[-1][:300]}")
-
-
-def _gguf_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("gguf")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 BACKEND = GGUFBackend

@@ -26,6 +26,7 @@ from orlik.fsutil import atomic_write_text, cache_root, sha256_bytes
 from orlik.quantize import allocate, ggml_quants, sensitivity
 from orlik.quantize.backends import Calibration, common
 from orlik.quantize.recipe import Recipe
+from orlik.sysinfo import usable_cores
 
 METHOD = "fisher-diag-v1"  # bump when the estimate changes, so cached tables are recomputed
 # Candidates for rows that are multiples of 256, and the 32-block types for other widths (llama-quantize
@@ -303,7 +304,7 @@ def measure_kld(
     work = cache_root() / "sensitivity" / f"kld-{sha256_bytes(f'{ckpt_hash}:{calib.hash}:{n}'.encode())[:24]}"
     work.mkdir(parents=True, exist_ok=True)
     text, base = work / "calibration.txt", work / "f16-logits.kld"
-    common_args = ["-c", str(ctx), "-b", str(ctx), "--chunks", str(n // ctx), "-t", str(_threads())]
+    common_args = ["-c", str(ctx), "-b", str(ctx), "--chunks", str(n // ctx), "-t", str(usable_cores())]
     if not base.is_file():
         texts = common.calibration_texts(calib, recipe, None)
         atomic_write_text(text, "\n\n".join(texts))
@@ -321,12 +322,6 @@ def measure_kld(
             return {"kld": float(k.group(1)), "kld_err": float(k.group(2)), "same_top_p": float(top.group(1)) / 100
                     if top else None, "tokens": n, "text": "calibration set (in-sample)"}  # fmt: skip
     raise ToolError(f"llama-perplexity --kl-divergence printed no KLD for {quant}")
-
-
-def _threads() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def summary_lines(record: dict[str, Any]) -> list[str]:

@@ -20,6 +20,7 @@ from orlik.fsutil import atomic_write_text, cache_root, sha256_bytes
 from orlik.quantize import allocate, sensitivity
 from orlik.quantize.backends import Calibration, common
 from orlik.quantize.recipe import Recipe
+from orlik.sysinfo import usable_cores
 
 METHOD = "fisher-diag-v1"
 BITS = (2, 3, 4, 5, 6, 8)
@@ -148,9 +149,8 @@ def plan(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, threads: int) -> 
 def quantize(backend: Any, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Any:
     """Plan, then run the MLX backend's own conversion with one override per layer."""
     import dataclasses
-    import os
 
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = usable_cores()
     t0 = time.time()
     record = plan(ckpt, recipe, calib, threads)
     t1 = time.time()
