@@ -22,6 +22,7 @@ from orlik.benchmarks.reference import Chunks, Reference
 from orlik.benchmarks.scoring import TopK, compress, score_exact_many, score_topk
 from orlik.benchmarks.stats import Series
 from orlik.errors import InputError
+from orlik.tokenstats import differing_share
 
 MODES = ("auto", "topk", "exact")
 
@@ -51,13 +52,7 @@ def token_mismatch(rt: Any, name: str, text: str, ids: list[int], n_vocab: int) 
     if rt.n_vocab != n_vocab:
         raise InputError(f"variant {name} has a vocabulary of {rt.n_vocab} tokens, the FP16 reference {n_vocab}; "
                          "it was not made from this checkpoint")  # fmt: skip
-    own = rt.tokenize(text, add_bos=True)
-    if own == ids:
-        return 0.0
-    import difflib
-
-    same = sum(b.size for b in difflib.SequenceMatcher(None, ids, own, autojunk=False).get_matching_blocks())
-    return 1.0 - same / max(1, len(ids))
+    return differing_share(ids, rt.tokenize(text, add_bos=True))
 
 
 def score_topk_text(rt: Any, chunks: Chunks, ref: Reference, label: str) -> TextScore:

@@ -13,6 +13,7 @@ from orlik import __version__, paths
 from orlik.cli_common import Constant, emit
 from orlik.cli_common import not_built as _not_built  # noqa: F401  (kept importable from orlik.cli)
 from orlik.cli_data import data
+from orlik.cli_pipeline import pipeline
 from orlik.cli_serve import chat, serve
 from orlik.cli_train import train
 from orlik.errors import OrlikError
@@ -40,7 +41,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool, json_mode: bool) -> None:
     ctx.obj = {"json": json_mode, "quiet": quiet}
 
 
-for _command in (train, data, serve, chat):  # verbs kept in modules of their own
+for _command in (train, data, serve, chat, pipeline):  # verbs kept in modules of their own
     cli.add_command(_command)
 
 
@@ -238,6 +239,11 @@ def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix:
     calibration = run.calibration_for(calib, imatrix)
     outcomes = run.quantize_all(model, plan, out or paths.variants_dir(model), calib=calibration,
                                 force=force)  # fmt: skip
+    from orlik.checkpoint import Checkpoint
+    from orlik.quantize import gguf_tokens
+
+    built = [o.variant for o in outcomes if o.variant is not None]
+    gguf_tokens.warn_if_different(Checkpoint.open(model), built, calibration.jsonl)
     rows = [o.summary() for o in outcomes]
     if click.get_current_context().find_root().obj.get("json"):
         emit({"variants": rows})

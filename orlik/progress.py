@@ -31,6 +31,13 @@ def info(msg: str) -> None:
         console().print(msg, highlight=False)
 
 
+def warn(msg: str) -> None:
+    """Something the user should act on or know: on stderr even with --quiet, which drops chatter only."""
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[yellow]warning:[/] {msg}", highlight=False)
+
+
 @contextmanager
 def bar(description: str, total: float | None, **fields: Any) -> Iterator[Any]:
     """A rich progress bar; `fields` become extra columns (e.g. loss, tok/s) updated by the caller."""

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The end-to-end demo on the embedded corpus: train the tiny model, calibrate, quantize,
-# benchmark and print the table. Every stage is resumable: a rerun skips finished work.
+# The end-to-end demo on the embedded corpus: train the tiny model, then `orlik pipeline` with
+# scripts/demo.toml (calibrate, quantize, benchmark, print the table). A rerun skips finished work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ORLIK=${ORLIK:-.venv/bin/orlik}
@@ -31,63 +31,12 @@ print(f"{t['arch']}-{t['size']}: {t['parameters']/1e6:.1f}M parameters, {t['step
 PY
 cat "$dir/fp16/eval.md"
 
-step "3 calibration set (Polish-leaning Polish-English mix, counted with the model's tokenizer)"
-# Reused when calibration.jsonl still has the hash its card recorded.
-if ! python3 - "$dir/calib" <<'PY'
-import hashlib, json, sys, pathlib
-d = pathlib.Path(sys.argv[1])
-try:
-    ok = json.loads((d / "card.json").read_text())["calibration_sha256"] == hashlib.sha256((d / "calibration.jsonl").read_bytes()).hexdigest()
-except (OSError, ValueError, KeyError):
-    ok = False
-sys.exit(0 if ok else 1)
-PY
-then
-  $ORLIK calibrate build "$dir/fp16" --out "$dir/calib" >/dev/null
-fi
-python3 - "$dir/calib/card.json" <<'PY'
-import json, sys
-c = json.load(open(sys.argv[1]))["result"]
-print(f"{c['samples']} samples, {c['tokens']:,} tokens; by language {c['tokens_by_lang']}; by source {c['tokens_by_source']}")
-PY
-
-step "4 importance matrix (llama-imatrix on the F16 GGUF, Polish-English mix)"
-# Reused when its card matches the calibration set, the checkpoint and the chunk size.
-imatrix=$($ORLIK -q --json calibrate imatrix "$dir/fp16" --calib "$dir/calib" --lang mixed)
-python3 - "$imatrix" <<'PY'
-import json, sys
-r = json.loads(sys.argv[1])
-print(f"{r['out']}: {r['chunks']} chunks x {r['chunk_size']} tokens, {r['entries']} weight matrices, "
-      f"F16 perplexity on the set {r['perplexity_f16']:.1f}" + (" (reused)" if r["reused"] else ""))
-PY
-
-step "5 GGUF variants: Bielik Table 8 (Q8_0 .. Q2_K, each with and without imatrix) + IQ2_XXS"
-# Variants whose variant.json hashes verify are skipped; a damaged one is rebuilt.
-$ORLIK -q quantize "$dir/fp16" --recipe bielik-table8 --recipe auto-like-Q3_K_M --calib "$dir/calib" --out "$dir/variants" >/dev/null
-python3 - "$dir/variants" <<'PY'
-import json, sys, pathlib
-rows = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*/variant.json")]
-rows = [v for v in rows if v["format"] == "gguf"]
-print(f"{'variant':<14} {'MiB':>7} {'bpw':>6} {'blocks bpw':>10}  imatrix")
-for v in sorted(rows, key=lambda v: (-v["bpw"], v["name"])):
-    print(f"{v['name']:<14} {v['bytes'] / 2**20:7.2f} {v['bpw']:6.2f} {v['extra']['blocks_bpw']:10.2f}  {'yes' if v['imatrix_hash'] else 'no'}")
-PY
-
-if [ "${ALL:-0}" = 1 ]; then
-  step "5b GPTQ, AWQ, HQQ and MLX variants (make demo-all): gptq-w4g128, awq-w4g128, hqq-3bit/4bit-g64, mlx-q4/q3"
-  # GPTQ and AWQ read the same calibration set; HQQ needs none; MLX runs on mlx-cpu here, Metal on a Mac.
-  $ORLIK -q quantize "$dir/fp16" --recipe bielik-other --calib "$dir/calib" --out "$dir/variants" >/dev/null
-  python3 - "$dir/variants" <<'PY'
-import json, sys, pathlib
-rows = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*/variant.json")]
-for v in sorted((v for v in rows if v["format"] != "gguf"), key=lambda v: (v["format"], -v["bpw"])):
-    print(f"{v['name']:<14} {v['bytes'] / 2**20:7.2f} MiB {v['bpw']:6.2f} bpw  {', '.join(f'{k} {x}' for k, x in v['tools'].items())}")
-PY
-fi
-
-step "6 Table 8: every variant against FP16 on the held-out text (llama.cpp's method), speed and memory"
-# The FP16 reference is cached under reports/reference/; pareto.png and speed.png sit beside table.md.
-$ORLIK bench "$dir/fp16" --variants-dir "$dir/variants" --out "$dir/reports" --speed --license apache-2.0
+step "3-6 calibration set, importance matrix, GGUF variants (Bielik Table 8 + IQ2_XXS + auto), Table 8 with speed"
+# orlik pipeline runs calibrate -> imatrix -> quantize -> bench from scripts/demo.toml; each step whose
+# outputs still verify is skipped, so a rerun resumes. make demo-all adds GPTQ, AWQ, HQQ and MLX.
+extra=()
+if [ "${ALL:-0}" = 1 ]; then extra=(--set 'quantize.recipes=["bielik-table8", "auto-like-Q3_K_M", "bielik-other"]'); fi
+$ORLIK pipeline scripts/demo.toml --set model="$dir/fp16" ${extra[@]+"${extra[@]}"}
 echo "recommendation for a 32 MiB memory budget at 2k context:"
 $ORLIK recommend --memory 32MiB --ctx 2048 --reports "$dir/reports" || true
 

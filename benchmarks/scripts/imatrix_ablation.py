@@ -2,7 +2,7 @@
 at Q2_K and Q3_K_M: without an imatrix, with an English-only imatrix, and with the Polish-English
 one, the two imatrices computed on calibration sets of the same token count and chunk count.
 
-    python -m orlik.benchmarks.imatrix_ablation runs/tiny/fp16 [--tokens 24000] [--chunk 256]
+    python -m orlik.benchmarks.scripts.imatrix_ablation runs/tiny/fp16 [--tokens 24000] [--chunk 256]
 
 KLD is llama.cpp's own: `llama-perplexity --kl-divergence` against logits saved from the F16 GGUF.
 Every step goes through the `orlik` CLI (calibrate build / imatrix / quantize), so each is resumable.

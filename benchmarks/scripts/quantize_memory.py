@@ -1,8 +1,8 @@
 """Peak memory of the whole GGUF quantize step (F16 conversion + llama-quantize, every child
 process included) against the checkpoint's FP16 safetensors size. Target: <= 1.3x.
 
-    python -m orlik.benchmarks.quantize_memory runs/tiny/fp16 --recipe Q4_K_M
-    python -m orlik.benchmarks.quantize_memory runs/tiny/fp16 --synthetic small   # a ~100M model
+    python -m orlik.benchmarks.scripts.quantize_memory runs/tiny/fp16 --recipe Q4_K_M
+    python -m orlik.benchmarks.scripts.quantize_memory runs/tiny/fp16 --synthetic small   # a ~100M model
 
 `orlik quantize` runs as a subprocess with an empty GGUF cache, so the conversion is measured too.
 The process tree's summed RSS is sampled every 20 ms (shared library pages are counted once per

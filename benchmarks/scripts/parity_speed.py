@@ -1,7 +1,7 @@
 """Benchmark: orlik's full Table-8 pass on one GGUF variant against llama-perplexity
 --kl-divergence including its base-logits pass, on the same text, ctx and threads, in one run.
 
-    python -m orlik.benchmarks.parity_speed runs/tiny/fp16 runs/tiny/variants/Q4_K_M [--ctx 512] [--threads 2]
+    python -m orlik.benchmarks.scripts.parity_speed runs/tiny/fp16 runs/tiny/variants/Q4_K_M [--ctx 512] [--threads 2]
 
 Each repetition times, back to back (so machine load drifts alike for both):
   llama.cpp      llama-perplexity on the F16 GGUF writing its base log-probs, then --kl-divergence on the variant
@@ -82,7 +82,7 @@ def run_orlik(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m orlik.benchmarks.parity_speed", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m orlik.benchmarks.scripts.parity_speed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("model", type=Path, help="FP16 checkpoint directory")
     ap.add_argument("variant", type=Path, help="GGUF variant directory")

@@ -1,8 +1,8 @@
 """Peak memory while quantizing with the GPTQ, AWQ, HQQ and MLX backends, against the checkpoint's
 FP16 safetensors size (target: <= 1.3x).
 
-    python -m orlik.benchmarks.backend_memory runs/tiny/fp16
-    python -m orlik.benchmarks.backend_memory runs/tiny/fp16 --synthetic small --recipe hqq-4bit-g64
+    python -m orlik.benchmarks.scripts.backend_memory runs/tiny/fp16
+    python -m orlik.benchmarks.scripts.backend_memory runs/tiny/fp16 --synthetic small --recipe hqq-4bit-g64
 
 Each recipe runs as `orlik quantize` in its own process, whose tree RSS is sampled every 20 ms.
 Python, torch and the quantization library take a fixed few hundred MiB before any weight is
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orlik.benchmarks.quantize_memory import SYNTHETIC, _tree_rss, make_synthetic
+from orlik.benchmarks.scripts.quantize_memory import SYNTHETIC, _tree_rss, make_synthetic
 
 DEFAULT_RECIPES = ("gptq-w4g128", "awq-w4g128", "hqq-3bit-g64", "hqq-4bit-g64", "mlx-q4", "mlx-q3")
 # What each backend imports before it reads a weight: the process floor for that backend.

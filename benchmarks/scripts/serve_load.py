@@ -3,7 +3,7 @@
 Passes when every answer is a 200 or a 429 (with Retry-After), no connection hangs, and the server is
 healthy and idle afterwards. Reports latency percentiles.
 
-    python -m orlik.benchmarks.serve_load runs/tiny/variants/Q4_K_M --requests 200 --concurrency 16 --queue-size 8
+    python -m orlik.benchmarks.scripts.serve_load runs/tiny/variants/Q4_K_M --requests 200 --concurrency 16 --queue-size 8
 """
 
 from __future__ import annotations
