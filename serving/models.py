@@ -25,6 +25,7 @@ from orlik.serving import templates
 from orlik.serving.runtimes.base import Runtime, runtime_class
 from orlik.serving.templates import ChatTemplate
 
+
 class ModelNotFound(OrlikError):
     """The request names a model this server does not serve (HTTP 404)."""
 
