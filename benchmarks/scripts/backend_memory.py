@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from orlik.benchmarks.scripts.quantize_memory import SYNTHETIC, _tree_rss, make_synthetic
+from orlik.sysinfo import usable_cores
 
 DEFAULT_RECIPES = ("gptq-w4g128", "awq-w4g128", "hqq-3bit-g64", "hqq-4bit-g64", "mlx-q4", "mlx-q3")
 # What each backend imports before it reads a weight: the process floor for that backend.
@@ -42,7 +43,7 @@ def import_floor(fmt: str) -> int:
     code = "import importlib, psutil\n" + "".join(f"importlib.import_module({m!r})\n" for m in mods)
     code += "print(psutil.Process().memory_info().rss)"
     env = dict(
-        os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+        os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", str(usable_cores()))
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return int(out.stdout.strip().splitlines()[-1])

@@ -29,6 +29,7 @@ from orlik.quantize.backends.common import (
     seed_everything,
 )
 from orlik.quantize.recipe import Recipe
+from orlik.sysinfo import usable_cores
 
 MODULES = ("gptqmodel", "optimum")
 # Written by GPTQModel but not part of the format: run timings, and a scratch path in the config.
@@ -47,7 +48,7 @@ QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 
 def prepare_env() -> None:
     """GPTQModel defaults to half the cores for CPU work; on small machines that is one worker."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(usable_cores()))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

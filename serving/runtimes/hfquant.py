@@ -15,6 +15,7 @@ from orlik.checkpoint import Checkpoint, load_tokenizer
 from orlik.errors import InputError
 from orlik.manifest import Variant
 from orlik.serving.runtimes.hf import HFRuntime
+from orlik.sysinfo import usable_cores
 
 
 def resident_tensor_bytes(root: Any) -> int:
@@ -72,7 +73,7 @@ class TransformersQuantRuntime(HFRuntime):
 
         if not isinstance(source, Variant) or source.format not in cls.formats or source.path is None:
             raise InputError(f"{getattr(source, 'path', source)} is not a GPTQ or AWQ variant")
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(usable_cores()))
         threads = options.get("threads")
         if threads:
             torch.set_num_threads(int(threads))
