@@ -7,7 +7,10 @@ from typing import Any
 
 import click
 
-from orlik.cli_common import emit, not_built
+from orlik.cli_common import emit
+from orlik.training.defaults import DPO_DEFAULTS, GRPO_DEFAULTS, SFT_DEFAULTS
+
+FORCE_HELP = "Replace --out even if orlik did not make it (pretrain: also the tokenizer dir it trains)."
 
 
 @click.group()
@@ -29,11 +32,12 @@ def train_corpus(root: Path | None) -> None:
 @click.option("--vocab-size", default=8000, show_default=True)
 @click.option("--corpus", "corpus_dir", type=click.Path(path_type=Path), default=None)
 @click.option("--seed", default=0, show_default=True)
-def train_tokenizer(out: Path, vocab_size: int, corpus_dir: Path | None, seed: int) -> None:
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def train_tokenizer(out: Path, vocab_size: int, corpus_dir: Path | None, seed: int, force: bool) -> None:
     """Train the SentencePiece tokenizer and write the token-efficiency report."""
     from orlik.training import tokenizer
 
-    report = tokenizer.build(out, vocab_size=vocab_size, corpus_dir=corpus_dir, seed=seed)
+    report = tokenizer.build(out, vocab_size=vocab_size, corpus_dir=corpus_dir, seed=seed, force=force)
     emit(report)
 
 
@@ -62,11 +66,12 @@ def train_tokenizer(out: Path, vocab_size: int, corpus_dir: Path | None, seed: i
     show_default=True,
     help="Continue from <out>.work/state if an earlier run was interrupted.",
 )
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 def train_pretrain(**kw: Any) -> None:
     """Pretrain a tiny llama/mistral/qwen2 model on CPU and export an FP16 HF checkpoint."""
     from orlik.training import pretrain
 
-    emit(pretrain.run(**kw))
+    _emit_main(pretrain.run(**kw))
 
 
 @train.command("eval")
@@ -79,16 +84,99 @@ def train_eval(checkpoint: Path, corpus_dir: Path | None) -> None:
     emit(evaluate.heldout_report(checkpoint, corpus_dir=corpus_dir))
 
 
-for _verb, _issue in [("sft", "SFT with masked user tokens, WICEL, ALR"), ("dpo", "DPO-Positive")]:
+def _post_training_options(f: Any) -> Any:
+    """Options every post-training verb shares (defaults live in the verb's module)."""
+    opts = [
+        click.option("--out", type=click.Path(path_type=Path), required=True, help="FP16 checkpoint dir."),
+        click.option("--steps", default=None, type=int, help="Optimizer steps (default: from --epochs)."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--threads", default=None, type=int, help="torch threads (default: cores / processes)."),
+        click.option(
+            "--checkpoint-every", default=100, show_default=True, help="Engine checkpoint interval."
+        ),
+        click.option(
+            "--resume/--no-resume",
+            default=True,
+            show_default=True,
+            help="Continue from the newest engine checkpoint in <out>.work.",
+        ),
+        click.option("--force", is_flag=True, help="Replace --out even if orlik did not make it."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
 
-    def _make(verb: str = _verb, what: str = _issue) -> click.Command:
-        @click.pass_context
-        def _cmd(ctx: click.Context) -> None:
-            not_built(f"train {verb}", f"{what}: not yet implemented")
 
-        return click.Command(verb, callback=_cmd, help=f"{what} (not built yet).")
+def _emit_main(summary: dict[str, Any]) -> None:
+    """Under torchrun every process returns; only the main one prints."""
+    if "rank" not in summary:
+        emit(summary)
 
-    train.add_command(_make())
+
+@train.command("sft")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Chat JSONL: messages, optional quality (high|medium|low) or weight (default: built-in chats).")  # fmt: skip
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None,
+              help="Held-out chat JSONL for the before/after loss (default: built-in held-out chats).")  # fmt: skip
+@_post_training_options
+@click.option("--epochs", default=SFT_DEFAULTS["epochs"], show_default=True, type=float)
+@click.option(
+    "--batch-size", default=SFT_DEFAULTS["batch_size"], show_default=True, help="Global batch (chats)."
+)
+@click.option("--lr", default=SFT_DEFAULTS["lr"], show_default=True, type=float)
+@click.option(
+    "--max-len", default=SFT_DEFAULTS["max_len"], show_default=True, help="Tokens per chat (truncated)."
+)
+@click.option("--alr-baseline", default=SFT_DEFAULTS["alr_baseline"], show_default=True,
+              help="BS in ALR's lr = LR * sqrt(T / BS), in loss tokens per step.")  # fmt: skip
+def train_sft(**kw: Any) -> None:
+    """SFT on chats: loss on assistant tokens only, WICEL sample weights, ALR (Bielik 7B v0.1)."""
+    from orlik.training import sft
+
+    _emit_main(sft.run(**kw))
+
+
+@train.command("dpo")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Preference JSONL: prompt, chosen, rejected (default: built-in pairs).")  # fmt: skip
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None,
+              help="Held-out preference JSONL (default: built-in held-out pairs).")  # fmt: skip
+@_post_training_options
+@click.option("--beta", default=DPO_DEFAULTS["beta"], show_default=True, type=float)
+@click.option("--lambda", "lam", default=DPO_DEFAULTS["lam"], show_default=True, type=float,
+              help="DPO-P penalty on the chosen answer's lost log-likelihood (0: plain DPO).")  # fmt: skip
+@click.option("--epochs", default=DPO_DEFAULTS["epochs"], show_default=True, type=float)
+@click.option(
+    "--batch-size", default=DPO_DEFAULTS["batch_size"], show_default=True, help="Global batch (pairs)."
+)
+@click.option("--lr", default=DPO_DEFAULTS["lr"], show_default=True, type=float)
+@click.option("--max-len", default=DPO_DEFAULTS["max_len"], show_default=True)
+def train_dpo(**kw: Any) -> None:
+    """DPO-Positive (Pal and others, 2024) on preference pairs, inside TRL's DPOTrainer."""
+    from orlik.training import dpo
+
+    _emit_main(dpo.run(**kw))
+
+
+@train.command("grpo")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Task JSONL: question, answers (default: the built-in one-word Polish task).")  # fmt: skip
+@_post_training_options
+@click.option("--lr", default=GRPO_DEFAULTS["lr"], show_default=True, type=float)
+@click.option(
+    "--generations", default=GRPO_DEFAULTS["generations"], show_default=True, help="Samples per prompt."
+)
+@click.option("--prompts-per-step", default=GRPO_DEFAULTS["prompts_per_step"], show_default=True)
+@click.option("--max-completion", default=GRPO_DEFAULTS["max_completion"], show_default=True, help="Tokens.")
+@click.option("--beta", default=GRPO_DEFAULTS["beta"], show_default=True, type=float, help="KL coefficient.")
+def train_grpo(steps: int | None, **kw: Any) -> None:
+    """GRPO with a verifiable reward (TRL's GRPOTrainer): one-word Polish answers, format + correctness."""
+    from orlik.training import grpo
+
+    _emit_main(grpo.run(steps=steps or GRPO_DEFAULTS["steps"], **kw))
 
 
 @train.command("merge")

@@ -11,21 +11,10 @@ from typing import Any
 
 import pytest
 
-from orlik.cli import main
 from orlik.training import configs, pretrain
 
 # Small settings: a few steps of 2 x 32 tokens on the small corpus take seconds on 2 cores.
 FAST = {"size": "tiny", "batch_size": 2, "seq_len": 32, "lr": 3e-3, "threads": 1}
-
-
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def leftovers(out: Path) -> list[str]:
@@ -53,7 +42,7 @@ def losses(out: Path) -> list[float]:
     ],
 )
 def test_bad_input_exits_2_and_leaves_no_output(
-    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    extra: list[str], message: str, tmp_path: Path, orlik_cli: Any
 ) -> None:
     import re
 
@@ -69,7 +58,7 @@ def test_bad_input_exits_2_and_leaves_no_output(
     )
     out = tmp_path / "runs" / "m" / "fp16"
     args = [a.format(tmp=tmp_path) for a in extra]
-    code, stdout, err = cli(["train", "pretrain", "--out", str(out), "--steps", "2", *args], capsys)
+    code, stdout, err = orlik_cli(*["train", "pretrain", "--out", str(out), "--steps", "2", *args])
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and re.search(message, lines[0]), err
@@ -77,16 +66,16 @@ def test_bad_input_exits_2_and_leaves_no_output(
     assert leftovers(out) == []  # no fp16, no fp16.partial, no fp16.work, no tokenizer
 
 
-def test_unwritable_output_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unwritable_output_exits_2(tmp_path: Path, orlik_cli: Any) -> None:
     blocker = tmp_path / "runs"
     blocker.write_text("a file where the output's parent should be")
-    code, _, err = cli(["train", "pretrain", "--out", str(blocker / "fp16"), "--steps", "2"], capsys)
+    code, _, err = orlik_cli(*["train", "pretrain", "--out", str(blocker / "fp16"), "--steps", "2"])
     assert code == 2 and err.startswith(f"orlik: error: cannot write to {blocker}")
     assert len(err.strip().splitlines()) == 1
     assert blocker.read_text().startswith("a file")
 
 
-def test_read_only_output_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_read_only_output_dir_exits_2(tmp_path: Path, orlik_cli: Any) -> None:
     if os.name == "posix" and os.geteuid() != 0:
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
@@ -97,7 +86,7 @@ def test_read_only_output_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixt
             pytest.skip("running as root and no /sys/kernel to stand in for a read-only directory")
     before = sorted(p.name for p in ro.iterdir())
     try:
-        code, _, err = cli(["train", "pretrain", "--out", str(ro / "orlik-fp16"), "--steps", "2"], capsys)
+        code, _, err = orlik_cli(*["train", "pretrain", "--out", str(ro / "orlik-fp16"), "--steps", "2"])
     finally:
         if ro.is_relative_to(tmp_path):
             ro.chmod(0o700)
@@ -144,21 +133,22 @@ def test_interrupted_run_resumes_on_the_same_loss_curve(
     out = tmp_path / "resumed" / "fp16"
     kw: dict[str, Any] = dict(tokenizer_dir=tokenizer_dir, corpus_dir=small_corpus, steps=10, seed=0,
                               checkpoint_every=5, **FAST)  # fmt: skip
-    real_batch = pretrain.batch
+    real_item = pretrain.StepBatches.__getitem__
 
-    def interrupted_batch(stream: Any, seed: int, step: int, bs: int, seq: int) -> Any:
-        if step == 7:  # Ctrl-C during step 8, after the step-5 checkpoint
+    def interrupted(self: pretrain.StepBatches, i: int) -> Any:
+        if i // self.bs == 7:  # Ctrl-C while loading step 8's batch, after the step-5 checkpoint
             raise KeyboardInterrupt
-        return real_batch(stream, seed, step, bs, seq)
+        return real_item(self, i)
 
-    monkeypatch.setattr(pretrain, "batch", interrupted_batch)
+    monkeypatch.setattr(pretrain.StepBatches, "__getitem__", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pretrain.run(out, **kw)
     assert not out.exists() and not out.with_name("fp16.partial").exists()
-    state = json.loads((out.with_name("fp16.work") / "state" / "meta.json").read_text())
-    assert state["step"] == 5 and state["losses"] == losses(reference_run)[:5]
+    state = json.loads((out.with_name("fp16.work") / "checkpoint-5" / "trainer_state.json").read_text())
+    assert state["global_step"] == 5
+    assert [r["loss"] for r in state["log_history"]] == losses(reference_run)[:5]
 
-    monkeypatch.setattr(pretrain, "batch", real_batch)
+    monkeypatch.setattr(pretrain.StepBatches, "__getitem__", real_item)
     pretrain.run(out, **kw)
     assert losses(out) == losses(reference_run)
     assert not out.with_name("fp16.work").exists()
@@ -167,19 +157,66 @@ def test_interrupted_run_resumes_on_the_same_loss_curve(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_kill_9_resumes_from_the_engine_checkpoint(reference_run: Path, tokenizer_dir: Path, small_corpus: Path,
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    """A real SIGKILL of `orlik train pretrain` once its step-5 engine checkpoint is complete; the rerun
+    picks that checkpoint up and ends on the uninterrupted run's curve and weights."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed" / "fp16"
+    args = ["train", "pretrain", "--out", str(out), "--tokenizer", str(tokenizer_dir), "--corpus", str(small_corpus),
+            "--steps", "10", "--checkpoint-every", "5", "--seed", "0", "--batch-size", "2", "--seq-len", "32",
+            "--lr", "3e-3", "--threads", "1"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "orlik", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "ORLIK_QUIET": "1"})  # fmt: skip
+    done = out.with_name("fp16.work") / "checkpoint-5" / "trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not done.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert done.is_file() and not out.exists(), "the run ended before it could be killed mid-way"
+    pretrain.run(out, tokenizer_dir=tokenizer_dir, corpus_dir=small_corpus, steps=10, seed=0, checkpoint_every=5,
+                 **FAST)  # fmt: skip
+    assert losses(out) == losses(reference_run)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(reference_run / "model.safetensors"))
+    assert all(bool((a[k] == b[k]).all()) for k in a)
+
+
 def test_state_from_other_settings_is_not_resumed(
     reference_run: Path, tokenizer_dir: Path, small_corpus: Path, tmp_path: Path
 ) -> None:
-    """A stale state left by a run with other settings is ignored rather than silently mixed in."""
+    """Engine checkpoints left by a run with other settings are ignored rather than silently mixed in."""
     out = tmp_path / "r" / "fp16"
-    state = out.with_name("fp16.work") / "state"
-    state.mkdir(parents=True)
-    (state / "meta.json").write_text(json.dumps({"args": {"arch": "qwen2"}, "step": 2, "losses": [1.0, 1.0]}))
+    work = out.with_name("fp16.work")
+    (work / "checkpoint-2").mkdir(parents=True)
+    (work / "checkpoint-2" / "trainer_state.json").write_text(
+        json.dumps({"global_step": 2, "log_history": []})
+    )
+    (work / "orlik-run.json").write_text(json.dumps({"verb": "pretrain", "arch": "qwen2"}))
     pretrain.run(out, tokenizer_dir=tokenizer_dir, corpus_dir=small_corpus, seed=0, steps=3, checkpoint_every=100,
                  **FAST)  # fmt: skip
     got = losses(out)
-    assert len(got) == 3 and 1.0 not in got
+    assert len(got) == 3
     assert got[0] == losses(reference_run)[0]  # step 0 is the same model on the same batch
+
+
+def test_batches_are_a_function_of_seed_and_step() -> None:
+    import numpy as np
+
+    stream = np.arange(10_000, dtype=np.int64)
+    one = pretrain.StepBatches(stream, seed=3, steps=4, bs=6, seq=16)
+    # Step 2's global batch, read whole or as two processes' halves, is the same windows.
+    whole = [one[2 * 6 + j]["input_ids"] for j in range(6)]
+    starts = pretrain.batch_starts(len(stream), 3, 2, 6, 16)
+    assert [int(w[0]) for w in whole] == [int(s) for s in starts]
+    assert all(len(w) == 17 for w in whole)
+    assert [int(x) for x in pretrain.batch_starts(len(stream), 4, 2, 6, 16)] != [int(s) for s in starts]
 
 
 # ---------------------------------------------------------------- the FP16 output

@@ -25,8 +25,9 @@ from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError
 from orlik.fsutil import check_writable
 from orlik.training import chats, engine
+from orlik.training.defaults import DPO_DEFAULTS
 
-DEFAULTS = dict(beta=0.1, lam=50.0, lr=5e-5, epochs=2, batch_size=8, max_len=512, seed=0)
+DEFAULTS = DPO_DEFAULTS
 
 
 def dpop_loss(pc: Any, pr: Any, rc: Any, rr: Any, beta: float, lam: float) -> Any:

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ def set_threads(threads: int | None) -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # TRL's configs still default the field transformers 5 renamed (gradient -> activation checkpointing).
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     try:
         import datasets
 
@@ -125,6 +128,9 @@ class ProgressBar:
         if tokens and self.seconds > 0:
             self.tokens_per_second = tokens / self.seconds
         if self._bar is not None:
+            for f in self.fields:
+                if isinstance(logs.get(f), (int, float)):
+                    self.extra[f] = f"{logs[f]:.3g}"
             upd = {f: self.extra.get(f, "-") for f in self.fields}
             if "loss" in logs:
                 upd["loss"] = f"{logs['loss']:.3f}"
@@ -134,6 +140,8 @@ class ProgressBar:
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.seconds = time.perf_counter() - self._t0
+        # The whole curve, also the steps before a resume (the engine's state carries their logs).
+        self.rows = [dict(r) for r in state.log_history if "train_loss" not in r and "eval_loss" not in r]
         self._stack.close()
 
     def __getattr__(self, name: str) -> Any:

@@ -8,23 +8,22 @@ loss curve of an uninterrupted one.
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from orlik import corpus, progress
+from orlik import corpus, owner, progress
 from orlik.errors import InputError, UnknownNameError
 from orlik.fsutil import atomic_dir, atomic_write_text, check_writable
-from orlik.training import configs, evaluate, tokenizer
+from orlik.training import configs, engine, evaluate, tokenizer
 
+TRAINING_JSON = engine.TRAINING_JSON  # written last into every checkpoint orlik trains: its mark too
+WORK_MARK = "state/meta.json"  # the resumable state of <out>.work, orlik's since before the .orlik mark
 DEFAULTS = {
     "tiny": {"steps": 240, "batch_size": 16, "seq_len": 256, "lr": 3e-3},
     "small": {"steps": 2000, "batch_size": 16, "seq_len": 512, "lr": 6e-4},
+    "base": {"steps": 120, "batch_size": 4, "seq_len": 128, "lr": 2e-3},
 }
 
 
@@ -48,54 +47,33 @@ def encode_stream(tok: Any, texts: list[str]) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def batch(stream: np.ndarray, seed: int, step: int, bs: int, seq: int) -> tuple[Any, Any]:
-    import torch
-
-    rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, len(stream) - seq - 1, size=bs)
-    x = np.stack([stream[s : s + seq + 1] for s in starts])
-    t = torch.from_numpy(x)
-    return t[:, :-1], t[:, 1:]
+def batch_starts(stream_len: int, seed: int, step: int, bs: int, seq: int) -> np.ndarray:
+    """Where each of the step's `bs` windows starts: a pure function of (seed, step)."""
+    return np.random.default_rng([seed, step]).integers(0, stream_len - seq - 1, size=bs)
 
 
-def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress_ = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_)))
+class StepBatches:
+    """A map-style dataset whose item i is window i % bs of step i // bs's batch.
 
+    Read in order (the engine's sequential sampler), step s's global batch is exactly the windows
+    `batch_starts(seed, s)` names, however many processes share it: each launched process takes its
+    own slice of the same global batch. Each window is seq + 1 tokens; the model shifts the labels,
+    so every window trains `seq` next-token predictions.
+    """
 
-def _save_state(work: Path, model: Any, opt: Any, step: int, meta: dict[str, Any]) -> None:
-    import torch
-    from safetensors.torch import save_file
+    def __init__(self, stream: np.ndarray, seed: int, steps: int, bs: int, seq: int) -> None:
+        self.stream, self.seed, self.steps, self.bs, self.seq = stream, seed, steps, bs, seq
 
-    tmp = work / "state.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}))
-    final = work / "state"
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    def __len__(self) -> int:
+        return self.steps * self.bs
 
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
 
-def _load_state(work: Path, model: Any, opt: Any, meta: dict[str, Any]) -> tuple[int, list[float]]:
-    import torch
-    from safetensors.torch import load_file
-
-    state = work / "state"
-    if not (state / "meta.json").is_file():
-        return 0, []
-    saved = json.loads((state / "meta.json").read_text())
-    if saved.get("args") != meta["args"]:
-        progress.info(f"[yellow]ignoring {state}: it was made with other settings[/]")
-        return 0, []
-    model.load_state_dict(load_file(str(state / "model.safetensors")))
-    # weights_only: the optimizer state holds tensors and numbers only; nothing is unpickled.
-    opt.load_state_dict(torch.load(state / "optimizer.pt", weights_only=True))
-    progress.info(f"resuming from step {saved['step']}")
-    return int(saved["step"]), list(saved.get("losses", []))
+        step, j = divmod(i, self.bs)
+        s = int(batch_starts(len(self.stream), self.seed, step, self.bs, self.seq)[j])
+        x = torch.from_numpy(self.stream[s : s + self.seq + 1])
+        return {"input_ids": x, "labels": x}
 
 
 def run(
@@ -112,7 +90,11 @@ def run(
     threads: int | None = None,
     checkpoint_every: int = 200,
     resume: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
+    """Pretrain from scratch on the engine and export the FP16 checkpoint (the main process writes).
+
+    `batch_size` is the global batch, whatever the number of launched processes."""
     # Bad input is reported before torch and transformers are imported: that takes seconds.
     if arch not in configs.ARCHS:
         raise UnknownNameError("architecture", arch, configs.ARCHS)
@@ -120,6 +102,12 @@ def run(
         raise UnknownNameError("size", size, list(configs.SIZES))
     out = Path(out)
     check_writable(out.parent)
+    work = out.with_name(out.name + ".work")
+    # What orlik would replace must be orlik's (or --force), checked before hours of training.
+    owner.check_replaceable(out, force=force, marks=(TRAINING_JSON,))
+    owner.check_replaceable(work, force=force, marks=(WORK_MARK, engine.RUN_JSON))
+    if tokenizer_dir is None and not (out.parent / "tokenizer" / "tokenizer.model").is_file():
+        owner.check_replaceable(out.parent / "tokenizer", force=force)
     root = Path(corpus_dir or corpus.DATA_DIR)
     if not root.is_dir():
         raise InputError(f"corpus directory {root} does not exist")
@@ -136,76 +124,98 @@ def run(
     lr = d["lr"] if lr is None else lr
     if min(steps, batch_size, seq_len) <= 0 or lr <= 0:
         raise InputError("steps, batch size, sequence length and learning rate must be positive")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-
-    if tokenizer_dir is None:
-        tokenizer_dir = out.parent / "tokenizer"
-        if not (tokenizer_dir / "tokenizer.model").is_file():
-            progress.info(f"training the tokenizer into {tokenizer_dir}")
-            tokenizer.build(tokenizer_dir, corpus_dir=root)
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    engine.set_threads(threads)
+    targs = engine.training_args(
+        work, seed=seed, steps=steps, batch_size=batch_size, lr=lr, adam_beta1=0.9, adam_beta2=0.95,
+        adam_epsilon=1e-8, weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=max(1, steps // 20), save_steps=checkpoint_every,
+        include_num_input_tokens_seen="all",
+    )  # fmt: skip
+    with targs.main_process_first(local=False, desc="tokenizer"):
+        tokenizer_dir = _tokenizer(tokenizer_dir, out, root, force)
+    tok = _load_tokenizer(tokenizer_dir)
     stream = encode_stream(tok, training_texts(tok, arch, root))
     if len(stream) < 4 * (seq_len + 1):
         raise InputError(f"the corpus gives {len(stream)} tokens, too few for --seq-len {seq_len}")
-
-    torch.manual_seed(seed)
-    cfg = configs.make_config(arch, size, len(tok), bos=tok.bos_token_id, eos=tok.eos_token_id,
-                              pad=tok.pad_token_id)  # fmt: skip
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95), eps=1e-8,
-    )  # fmt: skip
     args = dict(arch=arch, size=size, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
                 stream_tokens=len(stream), vocab=len(tok))  # fmt: skip
-    meta: dict[str, Any] = {"args": args}
-    work = out.with_name(out.name + ".work")
-    start, losses = _load_state(work, model, opt, meta) if resume else (0, [])
-    warmup = max(1, steps // 20)
-
-    model.train()
-    t0, tokens_seen = time.perf_counter(), 0
-    with progress.bar(f"pretrain {arch}-{size}", total=steps, loss="-", tok_s="-") as bar:
-        bar.update(completed=start)
-        for step in range(start, steps):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, lr, warmup)
-            x, y = batch(stream, seed, step, batch_size, seq_len)
-            logits = model(x, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(round(float(loss.detach()), 5))
-            tokens_seen += x.numel()
-            rate = tokens_seen / (time.perf_counter() - t0)
-            bar.advance(1, loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
-            if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                _save_state(work, model, opt, step + 1, {**meta, "losses": losses})
-    elapsed = time.perf_counter() - t0
-    model.eval()
-
-    ppl = evaluate.heldout_report_for_model(model, tok, root, ctx=min(seq_len, cfg.max_position_embeddings))
+    model, bar = _train(
+        targs, tok, arch, size, StepBatches(stream, seed, steps, batch_size, seq_len), args, resume
+    )
+    if not engine.is_main():
+        return {"rank": engine.world()[0], "final_loss": bar.losses()[-1] if bar.losses() else None}
+    ppl = evaluate.heldout_report_for_model(
+        model, tok, root, ctx=min(seq_len, model.config.max_position_embeddings)
+    )
     summary = {
         "arch": arch,
         "size": size,
-        "parameters": n_params,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "steps": steps,
+        "processes": engine.world()[1],
         "train_tokens_per_epoch": len(stream),
         "tokens_trained": steps * batch_size * seq_len,
-        "train_seconds": round(elapsed, 1),
-        "tokens_per_second": round(tokens_seen / elapsed, 1) if elapsed > 0 else None,
-        "final_loss": losses[-1] if losses else None,
+        "train_seconds": round(bar.seconds, 1),
+        "tokens_per_second": round(bar.tokens_per_second, 1) if bar.tokens_per_second else None,
+        "final_loss": bar.losses()[-1] if bar.losses() else None,
         "heldout": ppl,
     }
-    with atomic_dir(out) as tmp:
+    _export(
+        model,
+        tok,
+        tokenizer_dir,
+        arch,
+        out,
+        summary,
+        {**summary, "args": args, "losses": bar.losses()},
+        force,
+    )
+    engine.finish(work)
+    return summary
+
+
+def _tokenizer(tokenizer_dir: Path | None, out: Path, root: Path, force: bool) -> Path:
+    if tokenizer_dir is not None:
+        return Path(tokenizer_dir)
+    tokenizer_dir = out.parent / "tokenizer"
+    if engine.is_main() and not (tokenizer_dir / "tokenizer.model").is_file():
+        progress.info(f"training the tokenizer into {tokenizer_dir}")
+        tokenizer.build(tokenizer_dir, corpus_dir=root, force=force)
+    return tokenizer_dir
+
+
+def _load_tokenizer(tokenizer_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def _train(targs: Any, tok: Any, arch: str, size: str, data: StepBatches, args: dict[str, Any],
+           resume: bool) -> tuple[Any, engine.ProgressBar]:  # fmt: skip
+    """transformers' Trainer on a freshly initialised model; resumes from the newest complete engine
+    checkpoint made with the same settings."""
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, default_data_collator
+
+    torch.manual_seed(args["seed"])
+    cfg = configs.make_config(arch, size, len(tok), bos=tok.bos_token_id, eos=tok.eos_token_id,
+                              pad=tok.pad_token_id)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    ckpt = engine.resume_point(Path(targs.output_dir), {"verb": "pretrain", **args}, resume)
+    trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=default_data_collator)
+    bar = engine.ProgressBar(f"pretrain {arch}-{size}")
+    engine.install(trainer, bar)
+    trainer.train(resume_from_checkpoint=ckpt)
+    model.eval()
+    return model, bar
+
+
+def _export(model: Any, tok: Any, tokenizer_dir: Path, arch: str, out: Path, summary: dict[str, Any],
+            report: dict[str, Any], force: bool) -> None:  # fmt: skip
+    import torch
+    from transformers import GenerationConfig
+
+    with atomic_dir(out, force=force, marks=(TRAINING_JSON,), kind="checkpoint") as tmp:
         model.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.copy_into(tokenizer_dir, tmp)
         tpl = configs.chat_template(arch)
@@ -218,9 +228,5 @@ def run(
             eos.append(tok.convert_tokens_to_ids("<|im_end|>"))
         GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos, pad_token_id=tok.pad_token_id,
                          do_sample=True, temperature=0.7, top_p=0.9).save_pretrained(str(tmp))  # fmt: skip
-        atomic_write_text(
-            tmp / "training.json", json.dumps({**summary, "args": args, "losses": losses}, indent=1)
-        )
-        (tmp / "eval.md").write_text(evaluate.report_markdown(ppl))
-    shutil.rmtree(work, ignore_errors=True)
-    return summary
+        (tmp / "eval.md").write_text(evaluate.report_markdown(summary["heldout"]))
+        atomic_write_text(tmp / TRAINING_JSON, json.dumps(report, indent=1))

@@ -21,9 +21,9 @@ from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError
 from orlik.fsutil import check_writable
 from orlik.training import chats, engine
+from orlik.training.defaults import SFT_DEFAULTS
 
-DEFAULTS = dict(lr=5e-4, epochs=3, batch_size=8, max_len=512, warmup=50, weight_decay=0.05,
-                alr_baseline=2048, seed=0)  # fmt: skip
+DEFAULTS = SFT_DEFAULTS
 
 
 def wicel_loss(logits: Any, labels: Any, weights: Any, num_items: Any = None) -> Any:
