@@ -28,6 +28,7 @@ from orlik.quantize.backends.common import (
     lean_malloc,
     seed_everything,
 )
+from orlik.quantize.liblog import library_log
 from orlik.quantize.recipe import Recipe
 from orlik.sysinfo import usable_cores
 
@@ -80,7 +81,16 @@ def run(
     pack: bool = False,
     samples: int = 128,
 ) -> dict[str, Any]:
-    """Quantize `ckpt` with the GPTQModel config `qcfg` into `out`; returns facts for the manifest."""
+    """Quantize `ckpt` with the GPTQModel config `qcfg` into `out`; returns facts for the manifest.
+    What GPTQModel and tokenicer print goes to `<variants>/<name>.log`, named on the terminal."""
+    log = out.parent / f"{recipe.name}.log"
+    progress.info(f"{recipe.name}: GPTQModel's own output goes to {log}")
+    with library_log(log):
+        return _run(ckpt, recipe, calib, out, qcfg, backend, pack=pack, samples=samples)
+
+
+def _run(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path, qcfg: Any, backend: Any, *, pack: bool,
+         samples: int) -> dict[str, Any]:  # fmt: skip
     prepare_env()
     import torch
     from gptqmodel import GPTQModel
