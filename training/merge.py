@@ -197,13 +197,17 @@ def run(plan: MergePlan, out: Path) -> dict[str, Any]:
         for n in names
     ]  # fmt: skip
 
-    def produce(reader: tensorio.TensorReader, bar: Any) -> Iterator[torch.Tensor]:
+    def pieces(reader: tensorio.TensorReader, n: str) -> Iterator[torch.Tensor]:
+        # Linear merging is elementwise, so each tensor goes through in flat pieces: one piece per
+        # input in memory (plus a float32 accumulator), whatever the tensor's size.
+        for ts in zip(*(reader.chunks(t[n]) for t in inputs.tensors), strict=True):
+            yield linear(
+                [t.to(cast) for t in ts] if cast is not None else list(ts), plan.weights, plan.normalize
+            )
+
+    def produce(reader: tensorio.TensorReader, bar: Any) -> Iterator[Iterator[torch.Tensor]]:
         for n in names:
-            ts = [reader.read(t[n]) for t in inputs.tensors]
-            if cast is not None:
-                ts = [t.to(cast) for t in ts]
-            yield linear(ts, plan.weights, plan.normalize)
-            del ts
+            yield pieces(reader, n)
             bar.advance(1)
 
     first = inputs.ckpts[0]

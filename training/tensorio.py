@@ -36,6 +36,7 @@ _ITEMSIZE = {
     "U8": 1,
     "BOOL": 1,
 }
+CHUNK_ELEMS = 1 << 22  # elements per piece when a tensor is streamed through in pieces
 SHARD_BYTES = 4 << 30  # output shard size, as transformers' save_pretrained default (5 GB) or below
 
 
@@ -85,19 +86,32 @@ class TensorReader:
         self._files: dict[Path, BinaryIO] = {}
 
     def read(self, info: TensorInfo) -> torch.Tensor:
+        import torch
+
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=getattr(torch, _DTYPES[info.dtype]))
+        return self.read_flat(info, 0, info.nbytes // _ITEMSIZE[info.dtype]).view(info.shape)
+
+    def read_flat(self, info: TensorInfo, start: int, count: int) -> torch.Tensor:
+        """Elements [start, start + count) of the tensor in row-major order, as a 1-D tensor."""
         import numpy as np
         import torch
 
+        size = _ITEMSIZE[info.dtype]
         f = self._files.get(info.file)
         if f is None:
             f = self._files[info.file] = open(info.file, "rb")  # noqa: SIM115 (closed in close())
-        buf = np.empty(info.nbytes, dtype=np.uint8)
-        f.seek(info.offset)
-        if f.readinto(memoryview(buf)) != info.nbytes:
+        buf = np.empty(count * size, dtype=np.uint8)
+        f.seek(info.offset + start * size)
+        if f.readinto(memoryview(buf)) != count * size:
             raise CheckpointError(f"{info.file} ends inside tensor {info.name}")
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=getattr(torch, _DTYPES[info.dtype]))
-        return torch.frombuffer(buf, dtype=getattr(torch, _DTYPES[info.dtype])).view(info.shape)
+        return torch.frombuffer(buf, dtype=getattr(torch, _DTYPES[info.dtype]))
+
+    def chunks(self, info: TensorInfo, elems: int = CHUNK_ELEMS) -> Iterator[torch.Tensor]:
+        """The tensor as consecutive flat pieces of at most `elems` elements."""
+        n = info.nbytes // _ITEMSIZE[info.dtype]
+        for start in range(0, n, elems):
+            yield self.read_flat(info, start, min(elems, n - start))
 
     def close(self) -> None:
         for f in self._files.values():
@@ -146,10 +160,14 @@ def plan_shards(tensors: list[OutTensor], shard_bytes: int = SHARD_BYTES) -> lis
 
 
 def write_checkpoint_weights(
-    out_dir: Path, tensors: list[OutTensor], produce: Iterator[torch.Tensor], shard_bytes: int = SHARD_BYTES
+    out_dir: Path,
+    tensors: list[OutTensor],
+    produce: Iterator[Iterable[torch.Tensor]],
+    shard_bytes: int = SHARD_BYTES,
 ) -> list[str]:
     """Write `tensors` (names, dtypes, shapes known up front) as model.safetensors or shards plus an
-    index, taking each tensor's data from `produce` in the same order. Returns the file names."""
+    index. `produce` yields, for each tensor in the same order, its data as one or more pieces in
+    row-major order (so a tensor never has to be whole in memory). Returns the file names."""
     shards = plan_shards(tensors, shard_bytes)
     names = (
         ["model.safetensors"]
@@ -168,7 +186,7 @@ def write_checkpoint_weights(
     return names
 
 
-def _write_shard(path: Path, shard: list[OutTensor], produce: Iterator[torch.Tensor]) -> None:
+def _write_shard(path: Path, shard: list[OutTensor], produce: Iterator[Iterable[torch.Tensor]]) -> None:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     pos = 0
     for t in shard:
@@ -180,10 +198,14 @@ def _write_shard(path: Path, shard: list[OutTensor], produce: Iterator[torch.Ten
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for t in shard:
-            x = next(produce)
-            if tuple(x.shape) != t.shape or dtype_code(x.dtype) != t.dtype:
-                raise RuntimeError(f"internal: {t.name} produced {x.dtype} {tuple(x.shape)}, planned {t}")
-            f.write(memoryview(x.contiguous().reshape(-1).view(_byte_dtype()).numpy()))
+            written = 0
+            for x in next(produce):
+                if dtype_code(x.dtype) != t.dtype:
+                    raise RuntimeError(f"internal: {t.name} produced {x.dtype}, planned {t.dtype}")
+                written += f.write(memoryview(x.contiguous().reshape(-1).view(_byte_dtype()).numpy()))
+                del x  # before the next piece is made
+            if written != t.nbytes:
+                raise RuntimeError(f"internal: {t.name} produced {written} bytes, planned {t.nbytes}")
         f.flush()
         os.fsync(f.fileno())
 

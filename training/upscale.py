@@ -95,9 +95,9 @@ def run(checkpoint: Path, layers: str, out: Path) -> dict[str, Any]:
     planned = _plan_tensors(tensors, src_of, n)
     out_tensors = [tensorio.OutTensor(name, info.dtype, info.shape) for name, info in planned]
 
-    def produce(reader: tensorio.TensorReader, bar: Any) -> Iterator[torch.Tensor]:
+    def produce(reader: tensorio.TensorReader, bar: Any) -> Iterator[Iterator[torch.Tensor]]:
         for _, info in planned:
-            yield reader.read(info)
+            yield reader.chunks(info)  # copied piece by piece: flat memory
             bar.advance(1)
 
     cfg = dict(ckpt.config)
