@@ -13,11 +13,12 @@ MODEL ?= tiny
 ARCH ?= llama
 export ORLIK_CACHE
 
-.PHONY: demo demo-all test test-all lint llamacpp clean-demo help chromium gptq
+.PHONY: demo demo-all demo-train test test-all lint llamacpp clean-demo help chromium gptq
 
 help:
 	@echo "make demo   - set up, train the tiny model, quantize, benchmark, print the table"
 	@echo "make test   - set up and run the test suite (not slow, not gpu)"
+	@echo "make demo-train - pretrain -> SFT -> DPO-P -> GRPO on the tiny model (transformers/TRL), with a table"
 	@echo "make demo-all - the demo plus GPTQ, AWQ, HQQ and MLX variants in the same table (installs GPTQModel)"
 	@echo "make llamacpp - build llama.cpp tools + llama-cpp-python once (cached in $(LLAMA_ROOT))"
 
@@ -59,6 +60,10 @@ chromium:
 
 demo: llamacpp
 	bash scripts/demo.sh
+
+# Training end to end on transformers/TRL: pretrain -> SFT -> DPO-P -> GRPO and a table of their figures.
+demo-train: $(VENV)/.installed
+	bash scripts/demo-train.sh
 
 demo-all: llamacpp gptq
 	ALL=1 bash scripts/demo.sh
