@@ -23,23 +23,18 @@ CONVERSATION = [
 ]
 
 
-def mask_table(tok: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+def mask_runs(tok: Any, messages: list[dict[str, str]]) -> list[tuple[bool, str]]:
+    """The rendered chat as maximal runs of (carries loss, decoded text), token by token."""
     e = chats.encode_chat(tok, messages, 4096)
-    return [
-        (tok.decode([i]), lbl != chats.IGNORE) for i, lbl in zip(e["input_ids"], e["labels"], strict=True)
-    ]
-
-
-def trained_text(table: list[tuple[str, bool]]) -> list[str]:
-    """The runs of consecutive loss tokens, each decoded back to text."""
-    runs, cur = [], ""
-    for piece, on in table:
-        if on:
-            cur += piece
-        elif cur:
-            runs.append(cur)
-            cur = ""
-    return runs + ([cur] if cur else [])
+    runs: list[tuple[bool, list[int]]] = []
+    for i, lbl in zip(e["input_ids"], e["labels"], strict=True):
+        on = lbl != chats.IGNORE
+        assert lbl in (i, chats.IGNORE)  # a label is the token itself or nothing
+        if runs and runs[-1][0] == on:
+            runs[-1][1].append(i)
+        else:
+            runs.append((on, [i]))
+    return [(on, tok.decode(ids)) for on, ids in runs]
 
 
 # ---------------------------------------------------------------- the mask, token by token
@@ -50,10 +45,10 @@ def test_label_mask_token_by_token(arch: str, family_checkpoint: Callable[[str],
     from orlik.checkpoint import Checkpoint
 
     tok = Checkpoint.open(family_checkpoint(arch)).load_tokenizer()
-    table = mask_table(tok, CONVERSATION)
+    runs = mask_runs(tok, CONVERSATION)
     end = "</s>" if arch == "llama" else "<|im_end|>"
-    assert [t.strip() for t in trained_text(table)] == [f"Warszawa.{end}", f"Śniardwy.{end}"], table
-    masked = "".join(p for p, on in table if not on)
+    assert [t.strip() for on, t in runs if on] == [f"Warszawa.{end}", f"Śniardwy.{end}"], runs
+    masked = "".join(t for on, t in runs if not on)
     for piece in ("Odpowiadaj krótko.", "Jaka jest stolica Polski?", "A największe jezioro?"):
         assert piece in masked
     if arch == "llama":

@@ -91,6 +91,11 @@ def training_args(
         ddp_find_unused_parameters=False,
         save_only_model=False,
     )
+    import torch
+
+    if not torch.cuda.is_available():
+        # Without this the engine treats a CPU torchrun launch as N independent runs.
+        defaults.update(use_cpu=True, ddp_backend="gloo" if n > 1 else None)
     defaults.update(kw)
     return (cls or TrainingArguments)(**defaults)
 
