@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	@echo "installing torch 2.13.0 (CPU) and orlik's dependencies..."
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[train,calib,serve,bench,dev,hqq,mlx,data,mergekit]" "gguf>=0.17" diskcache
+	$(PIP) install --quiet -e ".[train,calib,serve,bench,dev,hqq,mlx,data,mergekit,eval]" "gguf>=0.17" diskcache
 	touch $@
 
 # One llama.cpp build serves the converter, the tools and llama-cpp-python (built without its own copy).

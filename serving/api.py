@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from orlik.serving import http_errors
+from orlik.serving import http_errors, scoring
 from orlik.serving.engine import Event, GenRequest, Run, Scheduler
 from orlik.serving.formats import ChatFormat, CompletionFormat
 from orlik.serving.metrics import Metrics
@@ -129,6 +129,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     fmt = CompletionFormat(
         model.name, logprobs=gen.logprobs is not None, include_usage=include_usage, echo=echo
     )
+    if body.echo and gen.logprobs is not None:  # prompt logprobs, as lm-eval's local-completions reads them
+        return await scoring.echo_completion(request, st, model, rt, gen, echo, include_usage, body.stream, t0)
     return await _respond(request, st, model, rt, gen, fmt, body.stream, t0)
 
 

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orlik import __version__
 from orlik.errors import OrlikError
-from orlik.serving import http_errors
+from orlik.serving import http_errors, scoring
 from orlik.serving.api import ServerState, router
 from orlik.serving.engine import Scheduler
 from orlik.serving.metrics import Metrics
@@ -166,6 +166,7 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, cors: lis
                   description="OpenAI-compatible serving of orlik variants (GGUF through llama-server, FP16 through transformers).")  # fmt: skip
     app.state.orlik = state
     app.include_router(router)
+    app.include_router(scoring.router)  # /tokenizer_info, for lm-eval's remote tokenizer
     _publish_model_names(app, registry.names())
 
     @app.exception_handler(RequestValidationError)

@@ -144,11 +144,8 @@ def unsupported(req: SamplingParams) -> None:
     tools = getattr(req, "tools", None)
     if tools:
         raise BadRequest("tools / function calling is not supported", "tools")
-    if isinstance(req, CompletionRequest):
-        if req.suffix:
-            raise BadRequest("suffix (fill-in-the-middle) is not supported", "suffix")
-        if req.echo and req.logprobs is not None:
-            raise BadRequest("echo with logprobs (prompt logprobs) is not supported", "echo")
+    if isinstance(req, CompletionRequest) and req.suffix:
+        raise BadRequest("suffix (fill-in-the-middle) is not supported", "suffix")
 
 
 def gen_request(req: ChatCompletionRequest | CompletionRequest, model: ServedModel, runtime: Runtime,
