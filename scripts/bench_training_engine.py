@@ -3,9 +3,11 @@ loop it replaced, side by side in one process on the same batches, model and thr
 
     .venv/bin/python scripts/bench_training_engine.py --steps 30 --rounds 2 --threads 2
 
-Rounds alternate (loop, engine, loop, engine, ...) so that load from other processes falls on both.
+An uncounted 2-step warm-up of each comes first; then rounds alternate (loop, engine, loop, engine,
+...) so that load from other processes falls on both, and the medians are compared.
 Tokens/s counts trained next-token predictions (steps x batch x seq) over the training loop's wall
-time; model construction, tokenization and export are outside the clock for both.
+time, and over its CPU time (with one thread, the figure that other processes on a shared machine
+disturb least); model construction, tokenization and export are outside the clock for both.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def hand_written_loop(
                             lr=lr, betas=(0.9, 0.95), eps=1e-8)  # fmt: skip
     warmup = max(1, steps // 20)
     model.train()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for step in range(steps):
         if step < warmup:
             cur = lr * (step + 1) / warmup
@@ -53,10 +55,12 @@ def hand_written_loop(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         float(loss.detach())
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def engine_loop(model: Any, stream: np.ndarray, steps: int, bs: int, seq: int, lr: float, seed: int) -> float:
+def engine_loop(
+    model: Any, stream: np.ndarray, steps: int, bs: int, seq: int, lr: float, seed: int
+) -> tuple[float, float]:
     """The same steps through pretrain's Trainer setup (no checkpoint falls inside the run)."""
     from transformers import Trainer, default_data_collator
 
@@ -74,9 +78,9 @@ def engine_loop(model: Any, stream: np.ndarray, steps: int, bs: int, seq: int, l
                           data_collator=default_data_collator)  # fmt: skip
         bar = engine.ProgressBar("engine")
         engine.install(trainer, bar)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         trainer.train()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> None:
@@ -105,19 +109,33 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     stream = pretrain.encode_stream(tok, pretrain.training_texts(tok, "llama", corpus.DATA_DIR))
     tokens = a.steps * a.batch_size * a.seq_len
-    rates: dict[str, list[float]] = {"hand-written loop": [], "Trainer": []}
-    for _ in range(a.rounds):
-        for name, fn in (("hand-written loop", hand_written_loop), ("Trainer", engine_loop)):
+    names = ("hand-written loop", "Trainer")
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(a.rounds + 1):
+        for name, fn in zip(names, (hand_written_loop, engine_loop), strict=True):
             torch.manual_seed(0)
             cfg = configs.make_config("llama", "tiny", len(tok), bos=tok.bos_token_id, eos=tok.eos_token_id,
                                       pad=tok.pad_token_id)  # fmt: skip
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-            rates[name].append(tokens / fn(model, stream, a.steps, a.batch_size, a.seq_len, 3e-3, 0))
-            print(f"{name:>18}: {rates[name][-1]:,.0f} tok/s", flush=True)
-    loop, eng = float(np.median(rates["hand-written loop"])), float(np.median(rates["Trainer"]))
+            if r == 0:  # warm-up round, not counted: first-call costs (allocator, kernels, imports)
+                fn(model, stream, 2, a.batch_size, a.seq_len, 3e-3, 0)
+                continue
+            w, c = fn(model, stream, a.steps, a.batch_size, a.seq_len, 3e-3, 0)
+            wall[name].append(tokens / w)
+            cpu[name].append(tokens / c)
+            print(
+                f"{name:>18}: {wall[name][-1]:,.0f} tok/s wall, {cpu[name][-1]:,.0f} tok/s of CPU time",
+                flush=True,
+            )
+    med = {k: {n: float(np.median(v[n])) for n in names} for k, v in (("wall", wall), ("cpu", cpu))}
     print(json.dumps({"steps": a.steps, "rounds": a.rounds, "batch": a.batch_size, "seq": a.seq_len,
-                      "threads": a.threads, "loop_tok_s": round(loop), "engine_tok_s": round(eng),
-                      "ratio": round(eng / loop, 3)}))  # fmt: skip
+                      "threads": a.threads, "loop_tok_s": round(med["wall"][names[0]]),
+                      "engine_tok_s": round(med["wall"][names[1]]),
+                      "ratio_wall": round(med["wall"][names[1]] / med["wall"][names[0]], 3),
+                      "loop_tok_per_cpu_s": round(med["cpu"][names[0]]),
+                      "engine_tok_per_cpu_s": round(med["cpu"][names[1]]),
+                      "ratio_cpu": round(med["cpu"][names[1]] / med["cpu"][names[0]], 3)}))  # fmt: skip
 
 
 if __name__ == "__main__":
