@@ -188,6 +188,8 @@ def _bench(cfg: Config, state: dict[str, Any]) -> dict[str, Any]:
     kw = _kwargs("bench", cfg.steps["bench"])
     names = list(kw.pop("variants", []))
     kw["text_files"] = [Path(t).expanduser() for t in kw.get("text_files", [])]
+    if (cfg.calib / "calibration.jsonl").is_file():  # the texts must not overlap it (as in `orlik bench`)
+        kw["calib"] = cfg.calib / "calibration.jsonl"
     variants = resolve_variants(names, cfg.variants)
     manifests = {v.name: sha256_file(v.path / "variant.json") for v in variants if v.path}
     fp = _fingerprint(cfg.steps["bench"], Checkpoint.open(cfg.model).hash, manifests)
