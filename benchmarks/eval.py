@@ -84,10 +84,9 @@ def read_spec(path: Path) -> TaskSpec:
     data = path.parent / str(kw["file"])
     if not data.is_file():
         raise InputError(f"{path}: its data file {data} does not exist")
-    choices = doc["doc_to_choice"]
-    if not isinstance(choices, list):
-        raise InputError(f"{path}: doc_to_choice must be the list of answer letters")
-    return TaskSpec(str(doc["task"]), path, data, tuple(kw["fields"]), tuple(str(c) for c in choices))
+    choices = doc["doc_to_choice"]  # a list of letters, or a template that reads each item's own
+    letters = tuple(str(c) for c in choices) if isinstance(choices, list) else ()
+    return TaskSpec(str(doc["task"]), path, data, tuple(kw["fields"]), letters)
 
 
 def available(include: Sequence[Path] = ()) -> dict[str, TaskSpec]:
@@ -172,17 +171,21 @@ def served_model(base_url: str, api_key: str | None, name: str | None) -> tuple[
 
 
 @contextlib.contextmanager
-def _api_key_env(api_key: str | None) -> Iterator[None]:
-    # lm-eval's local-completions sends OPENAI_API_KEY as its Bearer token.
-    old = os.environ.get("OPENAI_API_KEY")
-    os.environ["OPENAI_API_KEY"] = api_key or ""
+def _env(key: str, value: str) -> Iterator[None]:
+    old = os.environ.get(key)
+    os.environ[key] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("OPENAI_API_KEY", None)
+            os.environ.pop(key, None)
         else:
-            os.environ["OPENAI_API_KEY"] = old
+            os.environ[key] = old
+
+
+def _api_key_env(api_key: str | None) -> contextlib.AbstractContextManager[None]:
+    # lm-eval's local-completions sends OPENAI_API_KEY as its Bearer token.
+    return _env("OPENAI_API_KEY", api_key or "")
 
 
 def run_tasks(base_url: str, model: str, specs: Sequence[TaskSpec], *, api_key: str | None = None,
@@ -200,7 +203,7 @@ def run_tasks(base_url: str, model: str, specs: Sequence[TaskSpec], *, api_key: 
     args = {"model": model, "base_url": f"{base_url}/v1/completions", "num_concurrent": int(num_concurrent),
             "tokenizer_backend": "remote", "tokenized_requests": True, "max_retries": 3,
             "max_length": int(max_length or 2048), "auth_token": api_key, "timeout": 600}  # fmt: skip
-    with _api_key_env(api_key):
+    with _api_key_env(api_key), _env("TQDM_DISABLE", "1"):  # orlik's own output, not lm-eval's bars
         try:
             out = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=[s.name for s in specs],
                                           task_manager=tm, limit=limit, log_samples=False)  # fmt: skip
@@ -235,3 +238,40 @@ def evaluate_url(base_url: str, label: str, specs: Sequence[TaskSpec], *, model:
     tasks = run_tasks(base_url, name, specs, api_key=api_key, num_concurrent=num_concurrent,
                       max_length=n_ctx, limit=limit)  # fmt: skip
     return VariantScores(label, tasks, round(time.monotonic() - t0, 1))
+
+
+def evaluate(model: Path | None, variant_names: Sequence[str], *, tasks: str = "all", include: Sequence[Path] = (),
+             variants_dir: Path | None = None, base_url: str | None = None, api_key: str | None = None,
+             model_name: str | None = None, num_concurrent: int = NUM_CONCURRENT, parallel: int = NUM_CONCURRENT,
+             threads: int | None = None, limit: int | None = None,
+             logs: Path | None = None) -> tuple[list[TaskSpec], list[VariantScores]]:  # fmt: skip
+    """Every target's scores: the server at base_url, or FP16 and each variant served in turn."""
+    specs = resolve_tasks(tasks, include)
+    if base_url:
+        base_url = base_url.rstrip("/").removesuffix("/v1")
+        name, _ = served_model(base_url, api_key, model_name)
+        return specs, [evaluate_url(base_url, name, specs, model=name, api_key=api_key,
+                                    num_concurrent=num_concurrent, limit=limit)]  # fmt: skip
+    if model is None:
+        raise InputError("give a MODEL (an FP16 checkpoint) or --base-url of a running server")
+    from orlik import paths
+    from orlik.benchmarks.plan import resolve_variants
+    from orlik.checkpoint import Checkpoint
+
+    Checkpoint.open(model)
+    vdir = variants_dir or paths.variants_dir(model)
+    variants = resolve_variants(variant_names, vdir) if (variant_names or vdir.is_dir()) else []
+    targets = [(FP16_NAME, Path(model)), *((v.name, v.path) for v in variants)]
+    scores = []
+    for name, path in targets:
+        log = (logs / f"{name}.log") if logs else None
+        if logs:
+            logs.mkdir(parents=True, exist_ok=True)
+        with serving(name, path, parallel=parallel, threads=threads, log=log) as url:
+            scores.append(
+                evaluate_url(url, name, specs, model=name, num_concurrent=num_concurrent, limit=limit)
+            )
+    return specs, scores
+
+
+FP16_NAME = "FP16"

@@ -13,6 +13,7 @@ from orlik import __version__, paths
 from orlik.cli_common import Constant, emit
 from orlik.cli_common import not_built as _not_built  # noqa: F401  (kept importable from orlik.cli)
 from orlik.cli_data import data
+from orlik.cli_eval import eval_
 from orlik.cli_pipeline import pipeline
 from orlik.cli_serve import chat, serve
 from orlik.cli_train import train
@@ -41,7 +42,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool, json_mode: bool) -> None:
     ctx.obj = {"json": json_mode, "quiet": quiet}
 
 
-for _command in (train, data, serve, chat, pipeline):  # verbs kept in modules of their own
+for _command in (train, data, serve, chat, pipeline, eval_):  # verbs kept in modules of their own
     cli.add_command(_command)
 
 
