@@ -40,6 +40,12 @@ $ORLIK pipeline scripts/demo.toml --set model="$dir/fp16" ${extra[@]+"${extra[@]
 echo "recommendation for a 32 MiB memory budget at 2k context:"
 $ORLIK recommend --memory 32MiB --ctx 2048 --reports "$dir/reports" || true
 
+if [ "${ALL:-0}" = 1 ]; then
+  step "7 Polish task accuracy through the endpoint (lm-eval): FP16, Q4_K_M and HQQ 4-bit"
+  # Each is served by orlik serve in turn; the accuracy columns join table.md (docs/eval.md).
+  $ORLIK eval "$dir/fp16" Q4_K_M hqq-4bit-g64 --out "$dir/reports"
+fi
+
 echo
 echo "demo finished in $(( $(date +%s) - start )) s; outputs in $dir/"
 
