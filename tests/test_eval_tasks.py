@@ -71,10 +71,10 @@ def test_missing_field_is_named(tmp_path: Path) -> None:
 
 
 def test_lm_eval_loads_every_task() -> None:
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=str(generate.HERE), include_defaults=False)
-    tasks = get_task_dict(["orlik_pl"], tm)
+    tasks = tm.load(["orlik_pl"])["tasks"]
     assert sorted(tasks) == TASKS
     for name, task in tasks.items():
         docs = task.test_docs()
