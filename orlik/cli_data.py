@@ -73,3 +73,39 @@ def data_anonymize(inp: Path | None, out: Path | None, report: Path | None, fiel
     if inp is None or out is None:
         raise InputError("give INPUT and --out (or --evaluate)")
     emit(anonymize.run(inp, out, field=field, types=anonymize.parse_types(types), report=report))
+
+
+@data.group("quality")
+def quality() -> None:
+    """Stylometric XGBoost classifier of HIGH / MEDIUM / LOW text (Bielik 7B v0.1's filter)."""
+
+
+@quality.command("train")
+@click.option(
+    "--out", type=_IN, required=True, help="Model dir: model.json, features.json, quality.{md,json,png}."
+)
+@click.option("--rounds", default=300, show_default=True, help="Boosting rounds.")
+@click.option("--high-cutoff", default=0.9, show_default=True, help="p(HIGH) needed for HIGH in the report.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+def quality_train(out: Path, rounds: int, high_cutoff: float, seed: int, threads: int) -> None:
+    """Fit on the labelled set derived from the corpus; report held-out accuracy and top features."""
+    from orlik.training.data import quality as q
+
+    r = q.train(out, seed=seed, cutoff=high_cutoff, threads=threads, rounds=rounds)
+    emit({k: r[k] for k in ("out", "accuracy", "accuracy_with_cutoff", "confusion", "features", "seconds")}
+         | {"top_features": [n for n, _ in r["top_features"][:8]]})  # fmt: skip
+
+
+@quality.command("score")
+@click.argument("inp", metavar="INPUT", type=_IN)
+@click.option("--model", type=_IN, required=True, help="A dir written by `orlik data quality train`.")
+@click.option("--out", type=_IN, required=True, help="JSONL with a `quality` field (high/medium/low).")
+@click.option("--field", default="text", show_default=True, help="JSONL text field (chat records: messages).")
+@click.option("--high-cutoff", default=0.9, show_default=True, help="HIGH only where p(HIGH) >= this.")
+@click.option("--only-high", is_flag=True, help="Write only the HIGH documents.")
+def quality_score(inp: Path, model: Path, out: Path, field: str, high_cutoff: float, only_high: bool) -> None:
+    """Label INPUT's documents; the `quality` field feeds `orlik train sft` (WICEL weights)."""
+    from orlik.training.data import quality as q
+
+    emit(q.score(inp, model, out, field=field, cutoff=high_cutoff, only_high=only_high))

@@ -31,15 +31,16 @@ def is_jsonl(path: Path) -> bool:
     return path.suffix.lower() in (".jsonl", ".json", ".ndjson")
 
 
-def read_documents(path: Path, field: str = "text") -> Iterator[Doc]:
+def read_documents(path: Path, field: str = "text", chats: bool = False) -> Iterator[Doc]:
     """Documents of a JSONL or text file, streamed. Raises InputError on a missing file, bad UTF-8,
-    a bad JSON line or a record without a string `field`; an empty file yields nothing."""
+    a bad JSON line or a record without a string `field` (or, with `chats`, a `messages` list: the
+    text is then the messages' contents); an empty file yields nothing."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path} does not exist or is not a file")
     with open(path, encoding="utf-8", errors="strict", newline="\n") as f:
         lines = _lines(f, path)
-        yield from _jsonl(lines, path, field) if is_jsonl(path) else _text(lines, path)
+        yield from _jsonl(lines, path, field, chats) if is_jsonl(path) else _text(lines, path)
 
 
 def _lines(f: TextIO, path: Path) -> Iterator[tuple[int, str]]:
@@ -53,7 +54,7 @@ def _lines(f: TextIO, path: Path) -> Iterator[tuple[int, str]]:
         ) from None
 
 
-def _jsonl(lines: Iterator[tuple[int, str]], path: Path, field: str) -> Iterator[Doc]:
+def _jsonl(lines: Iterator[tuple[int, str]], path: Path, field: str, chats: bool) -> Iterator[Doc]:
     for n, line in lines:
         if not line.strip():
             continue
@@ -61,8 +62,13 @@ def _jsonl(lines: Iterator[tuple[int, str]], path: Path, field: str) -> Iterator
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+        if chats and isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+            said = [m.get("content") for m in rec["messages"] if isinstance(m, dict)]
+            yield Doc("\n".join(x for x in said if isinstance(x, str)), rec, f"{path.name}:{n}")
+            continue
         if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-            raise InputError(f"{path}:{n}: expected a JSON object with a string {field!r} field")
+            want = f"a string {field!r} field" + (" or a 'messages' list" if chats else "")
+            raise InputError(f"{path}:{n}: expected a JSON object with {want}")
         yield Doc(rec[field], rec, f"{path.name}:{n}")
 
 
