@@ -141,7 +141,8 @@ def _plot(r: dict[str, Any], path: Path) -> None:
     a.imshow(m, cmap="Blues")
     for i in range(3):
         for j in range(3):
-            a.text(j, i, str(m[i][j]), ha="center", va="center", color="black")
+            dark = m[i][j] > max(map(max, m)) / 2
+            a.text(j, i, str(m[i][j]), ha="center", va="center", color="white" if dark else "black")
     names = [x.upper() for x in r["labels"]]
     a.set_xticks(range(3), names)
     a.set_yticks(range(3), names)
