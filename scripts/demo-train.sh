@@ -15,15 +15,16 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "1 pretrain the tiny model (Trainer)"
 if [ ! -f "$base/fp16/training.json" ]; then
-  # PRETRAIN_ARGS, e.g. "--steps 120 --batch-size 8 --seq-len 128", shortens pretraining on a busy machine.
+  # PRETRAIN_ARGS (e.g. "--steps 60 --batch-size 8 --seq-len 128"), SFT_ARGS, DPO_ARGS and GRPO_ARGS
+  # add options to a stage, e.g. to shorten the run on a busy machine.
   $ORLIK train pretrain --out "$base/fp16" ${PRETRAIN_ARGS:-} >/dev/null
 fi
 step "2 SFT on the built-in Polish chats (assistant tokens only, WICEL, ALR)"
-[ -f "$dir/sft/training.json" ] || $ORLIK train sft "$base/fp16" --out "$dir/sft" >/dev/null
+[ -f "$dir/sft/training.json" ] || $ORLIK train sft "$base/fp16" --out "$dir/sft" ${SFT_ARGS:-} >/dev/null
 step "3 DPO-Positive on the built-in preference pairs (TRL DPOTrainer)"
-[ -f "$dir/dpo/training.json" ] || $ORLIK train dpo "$dir/sft" --out "$dir/dpo" >/dev/null
+[ -f "$dir/dpo/training.json" ] || $ORLIK train dpo "$dir/sft" --out "$dir/dpo" ${DPO_ARGS:-} >/dev/null
 step "4 GRPO on the one-word Polish task (TRL GRPOTrainer, verifiable reward)"
-[ -f "$dir/grpo/training.json" ] || $ORLIK train grpo "$dir/dpo" --out "$dir/grpo" >/dev/null
+[ -f "$dir/grpo/training.json" ] || $ORLIK train grpo "$dir/dpo" --out "$dir/grpo" ${GRPO_ARGS:-} >/dev/null
 
 step "stages"
 $PY -m orlik.training.report "$base/fp16" "$dir/sft" "$dir/dpo" "$dir/grpo"

@@ -147,7 +147,7 @@ def _write(path: Path, records: list[Any]) -> Path:
     ],
 )
 def test_bad_data_exits_2_with_one_line(
-    verb: str, record: dict[str, Any], message: str, tiny_checkpoint: Path, tmp_path: Path,
+    verb: str, record: dict[str, Any], message: str, family_checkpoint: Callable[[str], Path], tmp_path: Path,
     orlik_cli: Callable[..., Any],
 ) -> None:  # fmt: skip
     import re
@@ -159,7 +159,7 @@ def test_bad_data_exits_2_with_one_line(
     }[verb]
     data = _write(tmp_path / "data.jsonl", [good, record])
     out = tmp_path / "out"
-    r = orlik_cli("train", verb, tiny_checkpoint, "--data", data, "--out", out)
+    r = orlik_cli("train", verb, family_checkpoint("llama"), "--data", data, "--out", out)
     lines = r.err.strip().splitlines()
     assert r.code == 2 and len(lines) == 1 and re.search(message, lines[0]), r.err
     assert not out.exists() and not out.with_name("out.work").exists()
@@ -235,26 +235,35 @@ def test_grpo_reward_is_format_plus_answer() -> None:
 
 
 # ---------------------------------------------------------------- real runs on the tiny model
+# The 20-step family checkpoint and short chats keep these runs to about a minute on 2 idle cores.
+SFT_RUN = dict(steps=12, batch_size=4, max_len=256)
+
+
 @pytest.fixture(scope="module")
-def sft_run(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def base(family_checkpoint: Callable[[str], Path]) -> Path:
+    return family_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def sft_run(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sft") / "fp16"
-    sft.run(tiny_checkpoint, out, steps=24, batch_size=8, threads=1, checkpoint_every=1000)
+    sft.run(base, out, threads=1, checkpoint_every=1000, **SFT_RUN)  # type: ignore[arg-type]
     return out
 
 
-def test_sft_lowers_heldout_assistant_loss(sft_run: Path, tiny_checkpoint: Path) -> None:
+def test_sft_lowers_heldout_assistant_loss(sft_run: Path, base: Path) -> None:
     rep = json.loads((sft_run / "training.json").read_text())
     assert rep["heldout_assistant_loss_after"] < rep["heldout_assistant_loss_before"], rep
     assert rep["heldout_chats"] == 50 and rep["train_chats"] == 170
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        assert (sft_run / name).read_bytes() == (tiny_checkpoint / name).read_bytes(), name
+        assert (sft_run / name).read_bytes() == (base / name).read_bytes(), name
     from safetensors import safe_open
 
     with safe_open(str(sft_run / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118
 
 
-def test_alr_is_logged_per_step_from_the_steps_loss_tokens(sft_run: Path, tiny_checkpoint: Path) -> None:
+def test_alr_is_logged_per_step_from_the_steps_loss_tokens(sft_run: Path, base: Path) -> None:
     """Each step's rate is the scheduled rate times sqrt(T / BS), with T the loss tokens of exactly
     the chats that step trained on (recounted here from the step's batch)."""
     import torch
@@ -264,14 +273,17 @@ def test_alr_is_logged_per_step_from_the_steps_loss_tokens(sft_run: Path, tiny_c
 
     rep = json.loads((sft_run / "training.json").read_text())
     rows, args = rep["alr"], rep["args"]
-    assert [r["step"] for r in rows] == list(range(1, 25))
-    tok = Checkpoint.open(tiny_checkpoint).load_tokenizer()
+    steps, bs = SFT_RUN["steps"], SFT_RUN["batch_size"]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    tok = Checkpoint.open(base).load_tokenizer()
     examples = sft.encode(tok, chats.load_chats(None), args["max_len"])
-    data = sft.StepChats(examples, args["seed"], 24, 8)
+    data = sft.StepChats(examples, args["seed"], steps, bs)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args["lr"])
-    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=24)
+    sched = get_cosine_schedule_with_warmup(
+        opt, num_warmup_steps=max(1, steps // 10), num_training_steps=steps
+    )
     for step, row in enumerate(rows):
-        labels = [data[step * 8 + j]["labels"] for j in range(8)]
+        labels = [data[step * bs + j]["labels"] for j in range(bs)]
         tokens = sum(sum(1 for x in lab[1:] if x != chats.IGNORE) for lab in labels)
         assert row["loss_tokens"] == tokens
         scheduled = sched.get_last_lr()[0]
