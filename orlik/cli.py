@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from orlik import __version__, paths
-from orlik.cli_common import Constant, emit
+from orlik.cli_common import Constant, emit, runs_once
 from orlik.cli_common import not_built as _not_built  # noqa: F401  (kept importable from orlik.cli)
 from orlik.cli_data import data
 from orlik.cli_eval import eval_
@@ -239,7 +239,7 @@ def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix:
         imat.compute(model, calib, lang="mixed")
     calibration = run.calibration_for(calib, imatrix)
     outcomes = run.quantize_all(model, plan, out or paths.variants_dir(model), calib=calibration,
-                                force=force)  # fmt: skip
+                                force=force, check_runtime=runs_once)  # fmt: skip
     from orlik.checkpoint import Checkpoint
     from orlik.quantize import gguf_tokens
 
@@ -250,9 +250,13 @@ def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix:
         emit({"variants": rows})
     else:
         for r in rows:
+            if r["status"] == "failed":
+                click.echo(f"{r['name']:<14} failed   {r['reason']}")
+                continue
             click.echo(
                 f"{r['name']:<14} {r['status']:<8} {r['bytes'] / 2**20:8.2f} MiB {r['bpw']:6.3f} bpw  {r['path']}"
             )
+    run.raise_failures(outcomes)  # after the summary: exit 2 (1 if a library broke) when any failed
 
 
 @cli.command()

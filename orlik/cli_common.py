@@ -42,3 +42,26 @@ def emit(obj: Any, ctx: click.Context | None = None) -> None:
     else:
         for k, v in obj.items():
             click.echo(f"{k}: {v}")
+
+
+def runs_once(path: Any) -> dict[str, Any]:
+    """Load the variant directory `path` in its format's runtime and run one forward pass: the last
+    check before `orlik quantize` keeps a variant (quantize itself never imports serving)."""
+    import time
+
+    import numpy as np
+
+    from orlik.errors import ToolError
+    from orlik.serving.runtimes.base import load_runtime
+
+    t0 = time.perf_counter()
+    rt = load_runtime(path)
+    try:
+        tokens = rt.tokenize("Kraków leży nad Wisłą. The river flows north.")[:16]
+        logits = rt.logits(tokens)
+        n_vocab = rt.n_vocab
+    finally:
+        rt.close()
+    if logits.shape != (len(tokens), n_vocab) or not np.isfinite(logits).all():
+        raise ToolError(f"{rt.name} gave logits of shape {logits.shape} with non-finite values or wrong size")
+    return {"runtime": rt.name, "tokens": len(tokens), "seconds": round(time.perf_counter() - t0, 2)}

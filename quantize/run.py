@@ -8,32 +8,64 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orlik import owner, progress
 from orlik.checkpoint import Checkpoint
-from orlik.errors import InputError, ManifestError
+from orlik.errors import InputError, ManifestError, OrlikError, ToolError
 from orlik.fsutil import atomic_dir, check_writable, sha256_file
 from orlik.manifest import MANIFEST, Variant
 from orlik.quantize.backends import Backend, Calibration, backend_class, backend_for
 from orlik.quantize.recipe import Recipe, expand
 
+# Loads a finished variant directory in its runtime and runs one forward pass; raises if it cannot.
+# The CLI passes serving's (quantize never imports serving); a variant is kept only if it passes.
+RuntimeCheck = Callable[[Path], dict[str, Any]]
+
 
 @dataclass
 class Outcome:
-    variant: Variant
-    status: str  # "built", "rebuilt" (an old one did not verify) or "skipped" (verified, reused)
+    name: str
+    variant: Variant | None  # None when the recipe failed
+    status: str  # "built", "rebuilt" (an old one did not verify), "skipped" (verified, reused), "failed"
     seconds: float
-    reason: str | None = None  # why an existing variant was rebuilt
+    reason: str | None = None  # why an existing variant was rebuilt, or why the recipe failed
+    error: Exception | None = None
 
     def summary(self) -> dict[str, Any]:
         v = self.variant
+        if v is None:
+            return {"name": self.name, "status": self.status, "seconds": round(self.seconds, 1),
+                    "reason": self.reason}  # fmt: skip
         return {"name": v.name, "status": self.status, "path": str(v.path), "bytes": v.bytes, "bpw": v.bpw,
                 "tensor_types": v.extra.get("tensor_types"), "seconds": round(self.seconds, 1),
                 **({"reason": self.reason} if self.reason else {})}  # fmt: skip
+
+
+class RecipesFailed(OrlikError):
+    """Some recipes of a multi-recipe run failed; the variants of the others were kept."""
+
+    def __init__(self, outcomes: list[Outcome]) -> None:
+        self.outcomes = outcomes
+        failed = [o for o in outcomes if o.status == "failed"]
+        kept = len(outcomes) - len(failed)
+        # exit 2 when every failure was the user's to fix, 1 when a library broke
+        self.exit_code = 2 if all(isinstance(o.error, OrlikError) for o in failed) else 1
+        super().__init__(
+            "; ".join(f"{o.name}: {o.reason}" for o in failed) + f" ({len(failed)} failed, {kept} kept)"
+        )
+
+
+def raise_failures(outcomes: list[Outcome]) -> None:
+    """A lone recipe's own error, or RecipesFailed naming each failed one; nothing if none failed."""
+    failed = [o for o in outcomes if o.status == "failed"]
+    if len(outcomes) == 1 and failed and failed[0].error is not None:
+        raise failed[0].error
+    if failed:
+        raise RecipesFailed(outcomes)
 
 
 def calibration_for(calib_dir: Path | None = None, imatrix: Path | None = None) -> Calibration:
@@ -121,8 +153,12 @@ def quantize(
     calib: Calibration | None = None,
     force: bool = False,
 ) -> list[Variant]:
-    """Build (or reuse) one variant per recipe under `out_root`; returns their manifests."""
-    return [o.variant for o in quantize_all(checkpoint, recipes, out_root, calib=calib, force=force)]
+    """Build (or reuse) one variant per recipe under `out_root`; returns their manifests.
+
+    A failed recipe raises its own error (or RecipesFailed when several ran), after the others ran."""
+    outcomes = quantize_all(checkpoint, recipes, out_root, calib=calib, force=force)
+    raise_failures(outcomes)
+    return [o.variant for o in outcomes if o.variant is not None]
 
 
 def quantize_all(
@@ -131,7 +167,11 @@ def quantize_all(
     out_root: str | Path,
     calib: Calibration | None = None,
     force: bool = False,
+    check_runtime: RuntimeCheck | None = None,
 ) -> list[Outcome]:
+    """One Outcome per recipe. Bad input is refused for all of them before any work; after that, a
+    recipe that fails is reported in its Outcome and the others still run, so the variants built
+    before it are kept. With `check_runtime`, a variant is kept only once it has loaded and run."""
     ckpt = Checkpoint.open(checkpoint)
     calib = calib or Calibration()
     plan = _resolve(recipes)
@@ -144,37 +184,62 @@ def quantize_all(
     check_writable(out_root)
     for r in plan:  # a folder of the user's in the way is refused before any work, too
         owner.check_replaceable(out_root / r.name, force=force, marks=(MANIFEST,))
-    for r in plan:
+    for r in plan:  # checks against the checkpoint's shapes (group sizes, imatrix fit)
         backends[r.format].prepare(ckpt, r, calib)
     outcomes: list[Outcome] = []
     with progress.bar("quantize", total=len(plan), variant="", tensors="") as bar:
         for r in plan:
             bar.update(variant=r.name, tensors="")
-            target = out_root / r.name
             t0 = time.time()
-            existed = target.exists()
-            reason = "--force" if force else _stale(target, r, ckpt, calib)
-            if reason is None:
-                owner.clear_leftovers(target, claim=False)  # a killed earlier run's, if any
-                v = Variant.load(target)
-                outcomes.append(Outcome(v, "skipped", time.time() - t0))
-                progress.info(f"quantize: {r.name} verified, skipped")
-                bar.advance()
-                continue
-            if existed:
-                progress.info(f"quantize: rebuilding {r.name}: {reason}")
-            backend = backends[r.format]
-            if hasattr(backend, "on_progress"):
-                backend.on_progress = lambda done, total: bar.update(tensors=f"{done}/{total}")
-            with atomic_dir(target, force=force, marks=(MANIFEST,), kind="variant") as tmp:
-                v = backend.quantize(ckpt, r, calib, tmp)
-                v.save(tmp)
-            v.path = target
-            outcomes.append(Outcome(v, "rebuilt" if existed else "built", time.time() - t0,
-                                    reason if existed else None))  # fmt: skip
-            progress.info(f"quantize: {r.name}: {v.bytes / 2**20:.2f} MiB, {v.bpw:.2f} bpw")
+            try:
+                outcomes.append(_build(r, backends[r.format], ckpt, calib, out_root / r.name, force,
+                                       check_runtime, bar))  # fmt: skip
+            except Exception as e:  # reported in its outcome; the next recipe still runs
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if not isinstance(e, OrlikError):
+                    why = f"{type(e).__name__}: {why}"
+                outcomes.append(Outcome(r.name, None, "failed", time.time() - t0, why, e))
+                progress.info(f"[red]quantize: {r.name} failed: {why}[/]")
             bar.advance()
     return outcomes
+
+
+def _build(
+    r: Recipe,
+    backend: Backend,
+    ckpt: Checkpoint,
+    calib: Calibration,
+    target: Path,
+    force: bool,
+    check_runtime: RuntimeCheck | None,
+    bar: Any,
+) -> Outcome:
+    t0 = time.time()
+    existed = target.exists()
+    reason = "--force" if force else _stale(target, r, ckpt, calib)
+    if reason is None:
+        owner.clear_leftovers(target, claim=False)  # a killed earlier run's, if any
+        progress.info(f"quantize: {r.name} verified, skipped")
+        return Outcome(r.name, Variant.load(target), "skipped", time.time() - t0)
+    if existed:
+        progress.info(f"quantize: rebuilding {r.name}: {reason}")
+    if hasattr(backend, "on_progress"):
+        backend.on_progress = lambda done, total: bar.update(tensors=f"{done}/{total}")
+    with atomic_dir(target, force=force, marks=(MANIFEST,), kind="variant") as tmp:
+        v = backend.quantize(ckpt, r, calib, tmp)
+        v.save(tmp)
+        if check_runtime is not None:
+            try:
+                v.extra["runtime_check"] = check_runtime(tmp)
+            except Exception as e:  # a library's own error too: the variant is not kept either way
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ToolError(f"built, but it does not load and run in its runtime: {why}") from e
+            v.save(tmp)
+    v.path = target
+    progress.info(f"quantize: {r.name}: {v.bytes / 2**20:.2f} MiB, {v.bpw:.2f} bpw")
+    return Outcome(
+        r.name, v, "rebuilt" if existed else "built", time.time() - t0, reason if existed else None
+    )
 
 
 def _resolve(recipes: Sequence[Recipe | str]) -> list[Recipe]:

@@ -19,7 +19,7 @@ from orlik import progress
 from orlik.checkpoint import TOKENIZER_FILES, Checkpoint, safetensors_layout
 from orlik.errors import InputError
 from orlik.manifest import Variant
-from orlik.quantize.backends import Backend, Calibration, common
+from orlik.quantize.backends import Backend, Calibration, common, groups
 from orlik.quantize.recipe import Recipe
 
 BITS = (2, 3, 4, 8)
@@ -58,6 +58,17 @@ class HQQBackend(Backend):
         if int(recipe.options.get("axis", 1)) not in (0, 1):
             raise InputError("HQQ axis must be 0 or 1")
 
+    def prepare(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration) -> None:
+        self.group_plan(ckpt, recipe)
+
+    @staticmethod
+    def group_plan(ckpt: Checkpoint, recipe: Recipe) -> groups.GroupPlan:
+        """HQQ stores each layer's group size with the layer, so a width the recipe's group size does
+        not divide takes the largest smaller one that does, or stays FP16 if none does."""
+        group = recipe.group_size or 64
+        return groups.plan(recipe.name, groups.widths(ckpt), group, GROUPS, per_module=True, keep=True,
+                           fmt="hqq")  # fmt: skip
+
     def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
         import torch
         from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
@@ -72,7 +83,7 @@ class HQQBackend(Backend):
         common.check_arch(ckpt, CONFIG_MAPPING_NAMES, "HQQ (through transformers' model classes)")
         common.seed_everything(int(recipe.options.get("seed", 0)))
         HQQLinear.set_backend(HqqKernels.PYTORCH)
-        qcfg = BaseQuantizeConfig(nbits=bits, group_size=group, axis=axis)
+        gplan = self.group_plan(ckpt, recipe)
         # Layer by layer from the safetensors files: the model is built on the meta device only to
         # name its linear layers, and each weight is read, quantized and dropped in turn, so peak
         # memory is the quantized output plus one FP16 layer, not the whole FP16 model.
@@ -84,12 +95,13 @@ class HQQBackend(Backend):
             tensors: dict[str, torch.Tensor] = {}
             with progress.bar(f"{recipe.name}: HQQ", total=len(targets)) as bar:
                 for name in targets:
+                    g = gplan.group_of(name)
+                    if g is None:  # left FP16 with the dense tensors below
+                        bar.advance()
+                        continue
                     w = weights.take(f"{name}.weight")
-                    if w.shape[1] % group:
-                        raise InputError(
-                            f"{name}: {w.shape[1]} inputs are not a multiple of group size {group}"
-                        )
                     bias = weights.take(f"{name}.bias") if f"{name}.bias" in weights else None
+                    qcfg = BaseQuantizeConfig(nbits=bits, group_size=g, axis=axis)
                     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
                     lin.weight = torch.nn.Parameter(w.to(torch.float16), requires_grad=False)
                     if bias is not None:
@@ -121,8 +133,8 @@ class HQQBackend(Backend):
             ckpt, recipe, calib, out, fmt="hqq", marker=".W_q",
             tools={"hqq": common.version("hqq"), "transformers": common.version("transformers"),
                    "torch": common.version("torch")},
-            extra={"axis": axis, "packing": _packing(bits), "quantized_layers": len(targets),
-                   "kept_fp16": list(SKIP)},
+            extra={"axis": axis, "packing": _packing(bits), "quantized_layers": len(targets) - len(gplan.kept),
+                   "kept_fp16": list(SKIP), **gplan.record()},
         )  # fmt: skip
 
 

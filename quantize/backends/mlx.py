@@ -17,7 +17,7 @@ from orlik import progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ToolError
 from orlik.manifest import Variant
-from orlik.quantize.backends import Backend, Calibration, common
+from orlik.quantize.backends import Backend, Calibration, common, groups
 from orlik.quantize.recipe import Recipe
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -40,8 +40,12 @@ def parse_override(value: str, default_group: int) -> dict[str, int] | bool:
     return {"bits": bits, "group_size": group}
 
 
-def predicate(recipe: Recipe, group: int) -> Any:
-    """First matching glob over the MLX module path wins; unmatched layers take the recipe's bits."""
+def predicate(
+    recipe: Recipe, group: int, plan: groups.GroupPlan | None = None, base: int | None = None
+) -> Any:
+    """First matching glob over the MLX module path wins; unmatched layers take the recipe's bits, at
+    the group size `plan` gives them (FP16 where it gives none). `base` is the group size mlx-lm is
+    called with: it leaves unquantized, without asking, any layer whose width that does not divide."""
     rules = [(g, parse_override(t, group)) for g, t in recipe.overrides]
 
     def decide(path: str, module: Any) -> bool | dict[str, int]:
@@ -50,9 +54,20 @@ def predicate(recipe: Recipe, group: int) -> Any:
         for glob, answer in rules:
             if fnmatch.fnmatchcase(path, glob):
                 return answer
-        return True
+        g = plan.group_of(path) if plan is not None else group
+        if g is None:
+            return False
+        return True if g == (base or group) else {"bits": int(recipe.bits or 4), "group_size": g}
 
     return decide
+
+
+def group_plan(ckpt: Checkpoint, recipe: Recipe) -> groups.GroupPlan:
+    """mlx-lm records a group size per layer in config.json, embeddings and head included, and leaves
+    a layer no group size divides in FP16; its AWQ takes one group size for the whole model."""
+    awq = recipe.options.get("method") == "awq"
+    return groups.plan(recipe.name, groups.widths(ckpt, dense=True), recipe.group_size or 64, GROUPS,
+                       per_module=not awq, keep=not awq, fmt="mlx (AWQ)" if awq else "mlx")  # fmt: skip
 
 
 def awq_convert(
@@ -121,6 +136,10 @@ class MLXBackend(Backend):
                 )
             common.require_calibration(recipe, calib)
 
+    def prepare(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration) -> None:
+        if not recipe.options.get("auto"):
+            group_plan(ckpt, recipe)
+
     def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
         if recipe.options.get("auto"):
             from orlik.quantize.backends import mlx_auto
@@ -136,6 +155,8 @@ class MLXBackend(Backend):
         arch = MODEL_REMAPPING.get(ckpt.arch, ckpt.arch)
         if importlib.util.find_spec(f"mlx_lm.models.{arch}") is None:
             raise InputError(f"mlx-lm has no model definition for architecture {ckpt.arch!r}")
+        gplan = group_plan(ckpt, recipe)
+        base = min([group, *gplan.by_module.values()])
         staging = out / ".convert"  # mlx-lm refuses an existing directory
         method = str(recipe.options.get("method", "rtn"))
         progress.info(f"{recipe.name}: mlx-lm {method} ({bits}-bit, group {group})")
@@ -143,8 +164,8 @@ class MLXBackend(Backend):
             if method == "awq":
                 awq_convert(ckpt, recipe, calib, staging, bits, group)
             else:
-                convert(str(ckpt.path), str(staging), quantize=True, q_bits=bits, q_group_size=group,
-                        dtype="float16", quant_predicate=predicate(recipe, group))  # fmt: skip
+                convert(str(ckpt.path), str(staging), quantize=True, q_bits=bits, q_group_size=base,
+                        dtype="float16", quant_predicate=predicate(recipe, group, gplan, base))  # fmt: skip
         except (ValueError, RuntimeError, NotImplementedError) as e:
             shutil.rmtree(staging, ignore_errors=True)
             raise ToolError(f"mlx-lm convert failed on {ckpt.path}: {str(e).splitlines()[0]}") from None
@@ -154,7 +175,8 @@ class MLXBackend(Backend):
         return common.manifest(
             ckpt, recipe, calib, out, fmt="mlx", marker=".scales",
             tools={"mlx": common.version("mlx"), "mlx-lm": common.version("mlx-lm")},
-            extra={"mode": "affine", "method": method, "overrides": [list(o) for o in recipe.overrides]},
+            extra={"mode": "affine", "method": method, "overrides": [list(o) for o in recipe.overrides],
+                   **gplan.record()},
         )  # fmt: skip
 
 
