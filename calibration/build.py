@@ -3,20 +3,20 @@ calibration set of an exact token budget, filtered for language, duplicates and 
 
 from __future__ import annotations
 
+import errno
 import heapq
 import json
 import os
 import random
-import shutil
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orlik import corpus, paths, progress
+from orlik import corpus, owner, paths, progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, OutputError
-from orlik.fsutil import atomic_dir
+from orlik.fsutil import check_writable
 
 from . import card as cardmod
 from . import dedup, langid
@@ -57,6 +57,7 @@ def build(
     max_sample_tokens: int = MAX_SAMPLE_TOKENS,
     near_dup_threshold: float = 0.8,
     corpus_root: Path | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Build `<out>/calibration.jsonl`, `card.json` and `card.md`; returns the card.
 
@@ -66,8 +67,7 @@ def build(
     _validate(tokens, pl_ratio, lang, max_sample_tokens, near_dup_threshold)
     model = Path(model)
     out = Path(out) if out is not None else paths.calib_dir(model)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a directory")
+    _check_out(out, force)  # before any slow step
     root = Path(corpus_root or corpus.DATA_DIR)
     files = load_files(list(user_files))  # fail on bad input before any slow step
     langid.check()
@@ -102,22 +102,42 @@ def build(
         )
 
     available = {lg: sum(s.tokens for s in pool if s.lang == lg) for lg in langs}
-    short = {lg: t for lg, t in targets.items() if available.get(lg, 0) < t}
-    if short:
-        have = " and ".join(f"{available.get(lg, 0)} {lg}" for lg in ("pl", "en") if lg in targets)
-        need = " + ".join(f"{t} {lg}" for lg, t in targets.items())
-        ratio = f" at --pl-ratio {pl_ratio}" if lang == "mixed" else f" of --lang {lang}"
-        most = min(int(available.get(lg, 0) * tokens / t) for lg, t in targets.items())
-        hint = (
-            "lower --tokens, change --pl-ratio or add --file"
-            if lang == "mixed"
-            else "lower --tokens or add --file"
-        )
-        raise InputError(
-            f"cannot build {tokens} tokens{ratio}: needs {need} tokens but the sources hold {have} "
-            f"after filtering (at most {most} tokens{' at this ratio' if lang == 'mixed' else ''}); {hint}"
-        )
+    _check_budget(available, targets, tokens, pl_ratio, lang)
+    chosen = _choose(pool, targets, seed, count, notes)
+    data = "".join(json.dumps(_record(s), ensure_ascii=False) + "\n" for s in chosen).encode("utf-8")
+    card = cardmod.make(
+        chosen, data, model=_model_facts(model, ckpt, tokenizer),
+        request={"tokens": tokens, "pl_ratio": pl_ratio, "lang": lang, "seed": seed,
+                 "max_sample_tokens": max_sample_tokens, "token_count": "model tokenizer, no BOS/EOS"},
+        sources=sources, available=available, filters=_filters(root, near_dup_threshold, heldout),
+        drops=drops, drop_examples=examples, notes=notes,
+    )  # fmt: skip
+    _write(out, data, card)
+    card["out"] = str(out)
+    progress.info(f"calibrate: wrote {out / 'calibration.jsonl'} ({card['result']['tokens']} tokens)")
+    return card
 
+
+def _check_budget(available: dict[str, int], targets: dict[str, int], tokens: int, pl_ratio: float,
+                  lang: str) -> None:  # fmt: skip
+    """Refuse, saying what would fit, when the filtered sources hold fewer tokens than asked for."""
+    if all(available.get(lg, 0) >= t for lg, t in targets.items()):
+        return
+    have = " and ".join(f"{available.get(lg, 0)} {lg}" for lg in ("pl", "en") if lg in targets)
+    need = " + ".join(f"{t} {lg}" for lg, t in targets.items())
+    ratio = f" at --pl-ratio {pl_ratio}" if lang == "mixed" else f" of --lang {lang}"
+    most = min(int(available.get(lg, 0) * tokens / t) for lg, t in targets.items())
+    hint = "lower --tokens, change --pl-ratio" if lang == "mixed" else "lower --tokens"
+    hint += " or add --file"
+    raise InputError(
+        f"cannot build {tokens} tokens{ratio}: needs {need} tokens but the sources hold {have} "
+        f"after filtering (at most {most} tokens{' at this ratio' if lang == 'mixed' else ''}); {hint}"
+    )
+
+
+def _choose(pool: list[Sample], targets: dict[str, int], seed: int, count: TokenCounter,
+            notes: list[str]) -> list[Sample]:  # fmt: skip
+    """Each language's token budget filled from the pool, shuffled; the same for the same seed."""
     rng = random.Random(seed)
     chosen: list[Sample] = []
     for lg, target in targets.items():
@@ -127,44 +147,18 @@ def build(
             notes.append(f"{lg}: {got} of {target} tokens; no remaining sample fits the gap or can be cut")
         chosen += picked
     rng.shuffle(chosen)
+    return chosen
 
-    data = "".join(json.dumps(_record(s), ensure_ascii=False) + "\n" for s in chosen).encode("utf-8")
-    card = cardmod.make(
-        chosen,
-        data,
-        model={
-            "path": str(model),
-            "model_type": ckpt.arch,
-            "tokenizer_sha256": cardmod.tokenizer_hash(ckpt.path),
-            "tokenizer_class": type(tokenizer).__name__,
-        },
-        request={
-            "tokens": tokens,
-            "pl_ratio": pl_ratio,
-            "lang": lang,
-            "seed": seed,
-            "max_sample_tokens": max_sample_tokens,
-            "token_count": "model tokenizer, no BOS/EOS",
-        },
-        sources=sources,
-        available=available,
-        filters={
-            "langid": langid.accuracy(root=root),
-            "near_duplicates": {
-                "method": "minhash-lsh",
-                "shingle": dedup.SHINGLE,
-                "threshold": near_dup_threshold,
-            },
-            "heldout": {"ngram": dedup.HELDOUT_NGRAM, "ngrams": len(heldout)},
-        },
-        drops=drops,
-        drop_examples=examples,
-        notes=notes,
-    )
-    _write(out, data, card)
-    card["out"] = str(out)
-    progress.info(f"calibrate: wrote {out / 'calibration.jsonl'} ({card['result']['tokens']} tokens)")
-    return card
+
+def _model_facts(model: Path, ckpt: Checkpoint, tokenizer: Any) -> dict[str, Any]:
+    return {"path": str(model), "model_type": ckpt.arch, "tokenizer_sha256": cardmod.tokenizer_hash(ckpt.path),
+            "tokenizer_class": type(tokenizer).__name__}  # fmt: skip
+
+
+def _filters(root: Path, near_dup_threshold: float, heldout: dedup.HeldoutIndex) -> dict[str, Any]:
+    return {"langid": langid.accuracy(root=root),
+            "near_duplicates": {"method": "minhash-lsh", "shingle": dedup.SHINGLE, "threshold": near_dup_threshold},
+            "heldout": {"ngram": dedup.HELDOUT_NGRAM, "ngrams": len(heldout)}}  # fmt: skip
 
 
 def _gather(
@@ -334,32 +328,43 @@ def _record(s: Sample) -> dict[str, Any]:
     return {"text": s.text, "lang": s.lang, "domain": s.domain, "source": s.source, "tokens": s.tokens}
 
 
+def _check_out(out: Path, force: bool) -> None:
+    """`out` must be new, empty or orlik's calibration dir (or `force`); never a file or a root."""
+    where = out.resolve()
+    if where == Path(where.anchor):
+        raise OutputError(f"--out {out} is the filesystem root; give a directory for the calibration set")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a directory")
+    # Only the three output files are ever replaced, but a folder of the user's is not written
+    # into unasked: it may hold a calibration.jsonl of their own.
+    owner.check_replaceable(out, force=force, marks=("card.json",))
+
+
 def _write(out: Path, data: bytes, card: dict[str, Any]) -> None:
-    """Replace the three files at once; other files in `out` (an imatrix, say) are carried over."""
-    with atomic_dir(out) as tmp:
-        if out.is_dir():
-            for old in out.iterdir():
-                if old.name not in OUTPUT_FILES:
-                    _carry(old, tmp / old.name)
-        (tmp / "calibration.jsonl").write_bytes(data)
-        (tmp / "card.json").write_text(
-            json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        (tmp / "card.md").write_text(cardmod.to_markdown(card), encoding="utf-8")
+    """Replace the three files in `out`, each through a temporary sibling and a rename; nothing else in
+    `out` (an imatrix, the user's files, links) is touched. card.json goes last: it records
+    calibration.jsonl's sha256, so a crash between the renames leaves a card that does not match."""
+    new = not out.exists() or (out.is_dir() and not any(out.iterdir()))
+    check_writable(out)
+    if new:
+        owner.write_marker(out, "calibration", "complete")
+    texts = {"calibration.jsonl": data, "card.md": cardmod.to_markdown(card).encode("utf-8"),
+             "card.json": (json.dumps(card, indent=2, ensure_ascii=False) + "\n").encode("utf-8")}  # fmt: skip
+    for name, payload in texts.items():
+        _replace_file(out / name, payload)
 
 
-def _carry(src: Path, dst: Path) -> None:
-    if src.is_dir():
-        shutil.copytree(src, dst, copy_function=_link_or_copy)
-    else:
-        _link_or_copy(src, dst)
-
-
-def _link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+def _replace_file(path: Path, payload: bytes) -> None:
+    owner.clean_stale_files(path)
+    tmp = owner.partial_name(path)
     try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise OutputError(f"disk full while writing {path}; the previous file was kept") from None
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 __all__ = ["LANG_MODES", "build"]

@@ -36,17 +36,17 @@ class Checkpoint:
         cfg_path = p / "config.json"
         if not cfg_path.is_file():
             raise CheckpointError(f"{p} has no config.json; is it a Hugging Face model directory?")
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
-        if not isinstance(config, dict) or "model_type" not in config:
+        config = _read_json(cfg_path)
+        if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
             raise CheckpointError(f"{cfg_path} has no model_type")
         weights = _weight_files(p)
         for w in weights:
             _check_safetensors(w)
         if not any((p / t).is_file() for t in TOKENIZER_FILES):
             raise CheckpointError(f"{p} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # corrupt ones fail here, not in a load
+            if (p / name).is_file() and not isinstance(_read_json(p / name), dict):
+                raise CheckpointError(f"{p / name} is not a JSON object")
         return cls(path=p, config=config, weight_files=weights)
 
     @property
@@ -137,9 +137,23 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """The tokenizer of a checkpoint or variant directory, never with remote code."""
     from transformers import AutoTokenizer, LlamaTokenizer
 
-    if declares_sentencepiece_llama(path):
-        return LlamaTokenizer.from_pretrained(str(path))
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    try:
+        if declares_sentencepiece_llama(path):
+            return LlamaTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:  # tokenizers and sentencepiece raise bare Exceptions on corrupt files
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {lines[0]}") from None
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file of a checkpoint, or one line saying why it cannot be read."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid UTF-8 JSON: {str(e)[:200]}") from None
 
 
 def safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:
@@ -155,10 +169,14 @@ def safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:
 def _weight_files(p: Path) -> list[Path]:
     index = p / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is corrupt: {e}") from None
+        data = _read_json(index)
+        wmap = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+            raise CheckpointError(f"{index} is corrupt: 'weight_map' must map tensor names to shard files")
+        shards = sorted(set(wmap.values()))
+        bad = [s for s in shards if not s or "/" in s or "\\" in s or s in (".", "..")]
+        if bad:
+            raise CheckpointError(f"{index} names a shard outside {p}: {bad[0]!r}")
         files = [p / s for s in shards]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -176,10 +194,15 @@ def _weight_files(p: Path) -> list[Path]:
     raise CheckpointError(f"{p} has no *.safetensors weights")
 
 
+# Bytes per element of the safetensors dtypes a checkpoint may hold; others are checked for bounds only.
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+
+
 def _check_safetensors(path: Path) -> None:
     """Read the header and check the declared tensors fit the file, as a corruption check."""
-    size = path.stat().st_size
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
@@ -187,9 +210,47 @@ def _check_safetensors(path: Path) -> None:
             n = int.from_bytes(raw, "little")
             if n <= 0 or n > min(size - 8, 100 << 20):
                 raise ValueError("header length out of range")
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            header = json.loads(f.read(n).decode("utf-8"))
+        end = _tensors_end(header)
         if 8 + n + end != size:
             raise ValueError(f"tensor data ends at {8 + n + end} but the file has {size} bytes")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt safetensors file {path}: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError included
+        raise CheckpointError(f"corrupt safetensors file {path}: {str(e)[:200]}") from None
+
+
+def _tensors_end(header: Any) -> int:
+    """Where the last tensor's data ends, after checking every entry of a safetensors header."""
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict):
+                raise ValueError("__metadata__ is not an object")
+            continue
+        if not isinstance(info, dict):
+            raise ValueError(f"tensor {name!r}: entry is not an object")
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise ValueError(
+                f"tensor {name!r}: data_offsets must be two byte offsets, not {str(offsets)[:60]}"
+            )
+        if offsets[0] > offsets[1]:
+            raise ValueError(f"tensor {name!r}: data_offsets {offsets} run backwards")
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+            raise ValueError(f"tensor {name!r}: shape must be a list of sizes, not {str(shape)[:60]}")
+        if not isinstance(info.get("dtype"), str):
+            raise ValueError(f"tensor {name!r}: no dtype")
+        width = _DTYPE_BYTES.get(info["dtype"])
+        if width is not None and math.prod(shape) * width != offsets[1] - offsets[0]:
+            raise ValueError(
+                f"tensor {name!r}: shape {shape} of {info['dtype']} does not match its data_offsets"
+            )
+        end = max(end, offsets[1])
+    return end
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0

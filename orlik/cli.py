@@ -99,15 +99,19 @@ def calibrate() -> None:
     show_default=True,
     help="Longer texts are cut into chunks.",
 )
+@click.option(
+    "--force", is_flag=True, help="Write into --out even if orlik did not make it (only its 3 files change)."
+)
 def calibrate_build(model: Path, out: Path | None, tokens: int, pl_ratio: float, seed: int, lang: str,
                     files: tuple[Path, ...], no_corpus: bool, no_chat: bool, no_parallel: bool,
-                    max_sample_tokens: int) -> None:  # fmt: skip
+                    max_sample_tokens: int, force: bool) -> None:  # fmt: skip
     """Build a Polish-English calibration set (calibration.jsonl + card) for MODEL's tokenizer."""
     from orlik.calibration import build as calib
 
     card = calib.build(model, out, tokens=tokens, pl_ratio=pl_ratio, seed=seed, lang=lang,
                        user_files=list(files), include_corpus=not no_corpus, include_chat=not no_chat,
-                       include_parallel=not no_parallel, max_sample_tokens=max_sample_tokens)  # fmt: skip
+                       include_parallel=not no_parallel, max_sample_tokens=max_sample_tokens,
+                       force=force)  # fmt: skip
     res = card["result"]
     emit({"out": card["out"], "samples": res["samples"], "tokens": res["tokens"],
           "tokens_by_lang": res["tokens_by_lang"], "pl_ratio": res["pl_ratio"],
@@ -201,7 +205,11 @@ def _pairs(example: str, split_last: bool) -> Any:
     default=None,
     help="Variants root  " + paths.default_help(paths.VARIANTS),
 )
-@click.option("--force", is_flag=True, help="Rebuild variants even when they verify.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Rebuild variants even when they verify; replace folders orlik did not make.",
+)
 @click.option(
     "--type-override",
     "overrides",
@@ -219,7 +227,9 @@ def _pairs(example: str, split_last: bool) -> Any:
 )
 @click.option("--output-type", default=None, help="Tensor type of output.weight (e.g. Q8_0).")
 @click.option("--embedding-type", default=None, help="Tensor type of token_embd.weight (e.g. Q4_K).")
-@click.option("--target-size", default=None, help="Size of the auto/mlx-auto file, e.g. 90MiB (--recipe auto).")
+@click.option(
+    "--target-size", default=None, help="Size of the auto/mlx-auto file, e.g. 90MiB (--recipe auto)."
+)
 @click.option("--target-bpw", default=None, type=float, help="Bits per weight of the auto/mlx-auto file.")
 def quantize(model: Path, recipes: tuple[str, ...], calib: Path | None, imatrix: Path | None, out: Path | None,
              force: bool, overrides: list[tuple[str, str]], options: list[tuple[str, str]], output_type: str | None,
@@ -446,6 +456,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"orlik: error: {e}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:
+        if _DEBUG["on"] or e.filename is None:
+            raise
+        # A path the user named that cannot be reached (permissions, a vanished mount): one line.
+        click.echo(f"orlik: error: cannot access {e.filename}: {e.strerror or e}", err=True)
+        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("orlik: aborted", err=True)
         sys.exit(130)

@@ -80,9 +80,12 @@ class TransformersQuantRuntime(HFRuntime):
         # GPTQModel's CPU kernels compute in bfloat16 (they convert scales at load); the dense
         # tensors follow, as float16 matmuls are several times slower on CPU.
         dtype = getattr(torch, str(options.get("dtype", "bfloat16")))
-        model = AutoModelForCausalLM.from_pretrained(
-            str(source.path), device_map="cpu", dtype=dtype, trust_remote_code=False
-        )
+        try:  # safetensors only: a variant's pickle files are never unpickled
+            model = AutoModelForCausalLM.from_pretrained(
+                str(source.path), device_map="cpu", dtype=dtype, trust_remote_code=False, use_safetensors=True
+            )
+        except OSError as e:
+            raise InputError(f"cannot load {source.path}: {str(e).strip().splitlines()[0]}") from None
         model.eval()
         tok = load_tokenizer(source.path)
         return cls(source, model, tok, threads)  # type: ignore[arg-type]
