@@ -45,6 +45,12 @@ def _runtime_options(f: Any) -> Any:
     show_default=True,
     help="Send a stream chunk at most every this many ms (tokens in between are merged); 0: every token.",
 )
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Check each variant's file sha256s against its manifest at start-up (sizes are always checked).",
+)
 @_runtime_options
 def serve(models: tuple[str, ...], cors: tuple[str, ...], **kw: Any) -> None:
     """OpenAI-compatible server (plus a web chat at /) for MODELS.

@@ -75,11 +75,12 @@ class ServedModel:
         return info
 
 
-def _open(path: Path) -> tuple[str, Variant | Checkpoint | Path]:
+def _open(path: Path, verify: bool = True) -> tuple[str, Variant | Checkpoint | Path]:
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", path
     if (path / MANIFEST).is_file():
         v = Variant.load(path)
+        v.check(hashes=verify)  # as quantize, bench and inspect do: sizes always, sha256 unless --no-verify
         return v.format, v
     if path.is_dir() and not (path / "config.json").is_file() and list(path.glob("*.gguf")):
         raise InputError(f"{path} holds GGUF files but no {MANIFEST}; serve the .gguf file itself")
@@ -145,7 +146,8 @@ def _quiet_libraries() -> None:
 
 class ModelRegistry:
     def __init__(self, specs: list[str], *, parallel: int = 4, memory_budget: int | None = None,
-                 chat_template: Path | None = None, threads: int | None = None, n_ctx: int | None = None) -> None:  # fmt: skip
+                 chat_template: Path | None = None, threads: int | None = None, n_ctx: int | None = None,
+                 verify: bool = True) -> None:  # fmt: skip
         if not specs:
             raise InputError(
                 "give at least one model (a variant directory, an FP16 checkpoint or a .gguf file)"
@@ -157,7 +159,7 @@ class ModelRegistry:
             path = Path(p)
             if not path.exists():
                 raise InputError(f"{path} does not exist")
-            fmt, source = _open(path)
+            fmt, source = _open(path, verify)
             name = name or _default_name(path, source)
             if name in self.models:
                 raise InputError(f"two models are named {name!r}; name them with NAME=PATH")

@@ -23,14 +23,24 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _check_api_key(key: str | None) -> None:
+    """HTTP headers carry bytes that servers read as latin-1 and clients such as httpx and the openai
+    client send as ASCII only, so a key outside printable ASCII could never be matched: refused."""
+    if key and not all(0x21 <= ord(c) <= 0x7E for c in key):
+        raise InputError("the API key must be printable ASCII without spaces (HTTP headers carry no other "
+                         "characters reliably); choose another --api-key / ORLIK_API_KEY")  # fmt: skip
+
+
 def build(models: list[str], *, api_key: str | None = None, queue_size: int = 8, parallel: int = 4,
           timeout: float = 120.0, memory_budget: str | None = None, chat_template: Path | None = None,
           cors: list[str] | None = None, threads: int | None = None, ctx_size: int | None = None,
-          max_body: int = 4 << 20, preload: bool = False, stream_interval_ms: float = 10.0) -> Any:  # fmt: skip
+          max_body: int = 4 << 20, preload: bool = False, stream_interval_ms: float = 10.0,
+          verify: bool = True) -> Any:  # fmt: skip
     """The ASGI app for `models` (paths, or NAME=PATH); also what the tests and benchmarks serve."""
     from orlik.serving.app import create_app
     from orlik.serving.models import ModelRegistry, parse_bytes
 
+    _check_api_key(api_key)
     if parallel < 1 or queue_size < 0 or timeout <= 0 or max_body < 1024:
         raise InputError("--parallel must be >= 1, --queue-size >= 0, --timeout > 0 and --max-body >= 1024")
     if not 0 <= stream_interval_ms <= 1000:
@@ -39,7 +49,7 @@ def build(models: list[str], *, api_key: str | None = None, queue_size: int = 8,
         raise InputError("--ctx-size must be at least 16 tokens")
     budget = parse_bytes(memory_budget) if memory_budget else None
     registry = ModelRegistry(models, parallel=parallel, memory_budget=budget, chat_template=chat_template,
-                             threads=threads, n_ctx=ctx_size)  # fmt: skip
+                             threads=threads, n_ctx=ctx_size, verify=verify)  # fmt: skip
     try:
         if preload:
             for m in registry.models.values():
