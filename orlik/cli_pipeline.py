@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from orlik import paths, progress
-from orlik.cli_common import emit
+from orlik.cli_common import emit, runs_once
 from orlik.errors import InputError
 from orlik.fsutil import atomic_write_text, sha256_file
 
@@ -171,7 +171,8 @@ def _quantize(cfg: Config, state: dict[str, Any]) -> dict[str, Any]:
         else None
     )
     calibration = run.calibration_for(calib)
-    outcomes = run.quantize_all(cfg.model, plan, cfg.variants, calib=calibration)
+    outcomes = run.quantize_all(cfg.model, plan, cfg.variants, calib=calibration,
+                                check_runtime=runs_once)  # as `orlik quantize`: kept once it has run  # fmt: skip
     if any(o.status == "failed" for o in outcomes):
         raise run.RecipesFailed(outcomes)
     built = [o.variant for o in outcomes if o.variant is not None]
