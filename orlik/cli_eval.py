@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -41,10 +42,6 @@ def eval_(model: Path | None, variants: tuple[str, ...], tasks: str, include: tu
     Writes eval.json, eval.md and kld_accuracy.png to --out and adds the accuracy columns to bench's
     table.md and results.json there.
     """
-    import time
-    from importlib import metadata
-
-    from orlik.benchmarks import eval as ev
     from orlik.benchmarks import eval_report
     from orlik.errors import InputError
 
@@ -52,17 +49,10 @@ def eval_(model: Path | None, variants: tuple[str, ...], tasks: str, include: tu
         raise InputError("give a MODEL (an FP16 checkpoint) or --base-url of a running server")
     if out is None:
         out = paths.reports_dir(model) if model is not None else Path("eval-reports")
-    t0 = time.monotonic()
-    specs, scores = ev.evaluate(model, variants, tasks=tasks, include=include, variants_dir=variants_dir,
-                                base_url=base_url, api_key=api_key or os.environ.get("ORLIK_API_KEY"),
-                                model_name=model_name, num_concurrent=num_concurrent, parallel=parallel,
-                                threads=threads, limit=limit, logs=out / "eval-logs")  # fmt: skip
-    settings = {"num_concurrent": num_concurrent, "parallel": parallel, "limit": limit,
-                "lm_eval": metadata.version("lm_eval"), "seconds": round(time.monotonic() - t0, 1),
-                "base_url": base_url}  # fmt: skip
-    name = paths.model_name(model) if model is not None else (model_name or base_url or "")
-    res = eval_report.results(name, specs, scores, settings)
-    written = eval_report.write(out, res)
+    res, written = run_eval(model, variants, out, tasks=tasks, include=include, variants_dir=variants_dir,
+                            base_url=base_url, api_key=api_key or os.environ.get("ORLIK_API_KEY"),
+                            model_name=model_name, num_concurrent=num_concurrent, parallel=parallel,
+                            threads=threads, limit=limit)  # fmt: skip
     if click.get_current_context().find_root().obj.get("json"):
         emit(res)
         return
@@ -71,3 +61,25 @@ def eval_(model: Path | None, variants: tuple[str, ...], tasks: str, include: tu
 
     click.echo(eval_report.table_md(res, json.loads(bench.read_text()) if bench.is_file() else None))
     click.echo(f"report: {out}/ {', '.join(written)}")
+
+
+def run_eval(model: Path | None, variants: tuple[str, ...] | list[str], out: Path, *, base_url: str | None = None,
+             model_name: str | None = None, num_concurrent: int = 4, parallel: int = 4,
+             **kw: Any) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+    """Evaluate and write eval.json, eval.md and the bench columns to `out` (`orlik eval` and the
+    pipeline's eval step); returns the results and the names written."""
+    import time
+    from importlib import metadata
+
+    from orlik.benchmarks import eval as ev
+    from orlik.benchmarks import eval_report
+
+    t0 = time.monotonic()
+    specs, scores = ev.evaluate(model, variants, base_url=base_url, model_name=model_name,
+                                num_concurrent=num_concurrent, parallel=parallel, logs=out / "eval-logs", **kw)  # fmt: skip
+    settings = {"num_concurrent": num_concurrent, "parallel": parallel, "limit": kw.get("limit"),
+                "lm_eval": metadata.version("lm_eval"), "seconds": round(time.monotonic() - t0, 1),
+                "base_url": base_url}  # fmt: skip
+    name = paths.model_name(model) if model is not None else (model_name or base_url or "")
+    res = eval_report.results(name, specs, scores, settings)
+    return res, eval_report.write(out, res)

@@ -1,5 +1,5 @@
-"""`orlik pipeline CONFIG.toml`: calibrate -> imatrix -> quantize -> bench for one checkpoint, from
-one config file, resumable.
+"""`orlik pipeline CONFIG.toml`: calibrate -> imatrix -> quantize -> bench (-> eval) for one
+checkpoint, from one config file, resumable.
 
 Each step writes atomically, so an interrupted run leaves only finished outputs behind, and a rerun
 skips every step whose outputs still verify: the calibration set whose card hash matches and was
@@ -31,7 +31,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-STEPS = ("calibrate", "imatrix", "quantize", "bench")
+STEPS = ("calibrate", "imatrix", "quantize", "bench", "eval")
+OPTIONAL = ("eval",)  # off unless the config has its section; the others run with defaults when absent
 # Config key -> keyword of the stage function, per step; anything else in a section is refused.
 KEYS: dict[str, dict[str, str]] = {
     "calibrate": {"tokens": "tokens", "pl_ratio": "pl_ratio", "seed": "seed", "lang": "lang", "files": "user_files",
@@ -43,6 +44,8 @@ KEYS: dict[str, dict[str, str]] = {
     "bench": {"variants": "variants", "texts": "text_files", "ctx": "ctx", "speed": "speed", "reference": "mode",
               "fp16_engine": "engine", "kmax": "kmax", "tail_mass": "tail_mass", "threads": "threads",
               "license": "license", "base_model": "base_model", "cards": "cards"},
+    "eval": {"variants": "variants", "tasks": "tasks", "limit": "limit", "parallel": "parallel",
+             "num_concurrent": "num_concurrent", "threads": "threads"},
 }  # fmt: skip
 STATE = "pipeline.json"
 
@@ -85,7 +88,7 @@ def load_config(path: Path, overrides: Sequence[tuple[str, str]] = ()) -> Config
     model = Path(raw["model"]).expanduser()
     steps: dict[str, dict[str, Any]] = {}
     for step in STEPS:
-        section = raw.get(step, {})
+        section = raw.get(step, False if step in OPTIONAL else {})
         if section is False:
             continue
         if not isinstance(section, dict):
@@ -208,7 +211,28 @@ def _bench(cfg: Config, state: dict[str, Any]) -> dict[str, Any]:
     return {"status": "done", "out": results["out"], "results": results}
 
 
-RUNNERS = {"calibrate": _calibrate, "imatrix": _imatrix, "quantize": _quantize, "bench": _bench}
+def _eval(cfg: Config, state: dict[str, Any]) -> dict[str, Any]:
+    """Polish task accuracy through `orlik serve` (lm-eval), FP16 and the named variants; its columns
+    join bench's table. Redone when the report or this section changed."""
+    from orlik.cli_eval import run_eval
+
+    kw = _kwargs("eval", cfg.steps["eval"])
+    names = list(kw.pop("variants", []))
+    fp = _fingerprint(cfg.steps["eval"], state.get("bench"))
+    if state.get("eval") == fp and (cfg.reports / "eval.json").is_file():
+        return {"status": "skipped", "why": "eval.json is from this report and these settings"}
+    _, written = run_eval(cfg.model, names, cfg.reports, variants_dir=cfg.variants, **kw)
+    state["eval"] = fp
+    return {"status": "done", "written": written}
+
+
+RUNNERS = {
+    "calibrate": _calibrate,
+    "imatrix": _imatrix,
+    "quantize": _quantize,
+    "bench": _bench,
+    "eval": _eval,
+}
 
 
 def run_pipeline(cfg: Config) -> dict[str, dict[str, Any]]:

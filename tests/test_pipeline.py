@@ -42,6 +42,7 @@ def test_bad_configs_are_one_line_and_exit_2(tmp_path: Path, orlik_cli: Callable
         'model = "m"\n[bench]\nctx = 64\n': "[quantize] recipes = [...] is required",
         '[quantize]\nrecipes = ["Q8_0"]\n': "`model` (the FP16 checkpoint folder) is required",
         'model = "m"\n[quantize\n': "is not valid TOML",
+        'model = "m"\n[quantize]\nrecipes = ["Q8_0"]\n[eval]\nvariant = ["Q8_0"]\n': "[eval] has unknown key 'variant'",
     }
     for text, msg in cases.items():
         cfg = tmp_path / "p.toml"
@@ -78,7 +79,7 @@ def test_resumes_after_an_interrupted_step(
     assert r.code == 0, r.err
     steps = json.loads(r.out)["steps"]
     assert {k: v["status"] for k, v in steps.items()} == {
-        "calibrate": "skipped", "imatrix": "skipped", "quantize": "skipped", "bench": "done"}  # fmt: skip
+        "calibrate": "skipped", "imatrix": "skipped", "quantize": "skipped", "bench": "done", "eval": "off"}  # fmt: skip
     table = (work / "reports" / "table.md").read_text()
     assert "| Q4_K_M-imat | gguf |" in table and "| Q8_0 | gguf |" in table
 
@@ -94,4 +95,4 @@ def test_resumes_after_an_interrupted_step(
     r = orlik_cli("--json", "pipeline", cfg, "--set", "bench.ctx=64")
     assert r.code == 0 and json.loads(r.out)["steps"]["bench"]["status"] == "done"
     r = orlik_cli("--json", "pipeline", cfg, "--set", "bench.ctx=64")
-    assert r.code == 0 and {v["status"] for v in json.loads(r.out)["steps"].values()} == {"skipped"}
+    assert r.code == 0 and {v["status"] for v in json.loads(r.out)["steps"].values()} == {"skipped", "off"}
