@@ -67,6 +67,8 @@ def train_tokenizer(out: Path, vocab_size: int, corpus_dir: Path | None, seed: i
     help="Continue from <out>.work/state if an earlier run was interrupted.",
 )
 @click.option("--force", is_flag=True, help=FORCE_HELP)
+@click.option("--init", type=click.Path(path_type=Path), default=None,
+              help="Continue from this checkpoint's weights (e.g. `orlik train upscale` output).")  # fmt: skip
 def train_pretrain(**kw: Any) -> None:
     """Pretrain a tiny llama/mistral/qwen2 model on CPU and export an FP16 HF checkpoint."""
     from orlik.training import pretrain

@@ -1,6 +1,6 @@
 """`orlik train upscale`: depth up-scaling from layer ranges. The identity range gives the same
 logits; a deeper model loads in transformers, converts and runs in llama.cpp with the same logits,
-and continues pretraining with falling held-out loss; bad ranges are one line and exit 2."""
+and continues pretraining (`orlik train pretrain --init`) with falling held-out loss; bad ranges are one line and exit 2."""
 
 from __future__ import annotations
 
@@ -87,47 +87,26 @@ def test_upscaled_runs_in_llamacpp(
     assert np.abs(got - ref).max() < 1e-2
 
 
-def _heldout_loss(model: object, tok: object, n: int = 256) -> float:
-    import torch
-
-    ids = torch.tensor([tok.encode(corpus.heldout_text("pl"))[:n]])  # type: ignore[attr-defined]
-    with torch.inference_mode():
-        return float(model(ids, labels=ids).loss)  # type: ignore[operator]
-
-
+@pytest.mark.slow  # ~1 min of CPU: 40 Trainer steps plus two full held-out evaluations
 def test_upscaled_model_continues_pretraining(
     family_checkpoint: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    """transformers' Trainer on the corpus's train text, from the up-scaled checkpoint: held-out loss
-    falls. (The same as `orlik train pretrain` starting from a checkpoint instead of random weights.)"""
-    import torch
-    from transformers import Trainer, TrainingArguments, default_data_collator
-
-    from orlik.checkpoint import Checkpoint
+    """`orlik train pretrain --init` from the up-scaled checkpoint: held-out perplexity falls."""
+    from orlik.training import evaluate
 
     r = cli(
         "-q", "train", "upscale", family_checkpoint("llama"), "--layers", "0-3,2-5", "--out", tmp_path / "u"
     )
     assert r.code == 0, r.err
-    ckpt = Checkpoint.open(tmp_path / "u")
-    tok, model = ckpt.load_tokenizer(), ckpt.load_model(torch.float32)
-    before = _heldout_loss(model, tok)
-    stream = torch.tensor(
-        tok.encode("\n\n".join(d.text for d in corpus.documents(lang="pl", split="train")[:40]))
-    )
-    windows = [
-        {"input_ids": stream[i : i + 65], "labels": stream[i : i + 65]}
-        for i in range(0, len(stream) - 65, 65)
-    ]
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=30, per_device_train_batch_size=4,
-                             learning_rate=2e-3, warmup_steps=3, report_to=[], save_strategy="no",
-                             logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)  # fmt: skip
-    torch.set_num_threads(1)
-    model.train()
-    Trainer(model=model, args=args, train_dataset=windows, data_collator=default_data_collator).train()
-    model.eval()
-    after = _heldout_loss(model, tok)
-    assert after < before - 0.05, (before, after)
+    before = evaluate.heldout_report(tmp_path / "u", ctx=64)["all"]["ppl"]
+    r = cli("-q", "train", "pretrain", "--init", tmp_path / "u", "--out", tmp_path / "cont" / "fp16",
+            "--steps", "40", "--batch-size", "4", "--seq-len", "64", "--lr", "3e-3",
+            "--threads", "1", "--checkpoint-every", "10000")  # fmt: skip
+    assert r.code == 0, r.err
+    cfg = json.loads((tmp_path / "cont" / "fp16" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 8
+    after = evaluate.heldout_report(tmp_path / "cont" / "fp16", ctx=64)["all"]["ppl"]
+    assert after < 0.9 * before, (before, after)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from orlik import corpus, owner, progress
+from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, UnknownNameError
 from orlik.fsutil import atomic_dir, atomic_write_text, check_writable
 from orlik.training import configs, engine, evaluate, tokenizer
@@ -91,10 +92,16 @@ def run(
     checkpoint_every: int = 200,
     resume: bool = True,
     force: bool = False,
+    init: Path | None = None,
 ) -> dict[str, Any]:
     """Pretrain from scratch on the engine and export the FP16 checkpoint (the main process writes).
 
-    `batch_size` is the global batch, whatever the number of launched processes."""
+    `batch_size` is the global batch, whatever the number of launched processes. With `init`, training
+    continues from that checkpoint's weights (e.g. a depth up-scaled one), with its architecture and,
+    unless `tokenizer_dir` is given, its tokenizer."""
+    if init is not None:
+        init_ckpt = Checkpoint.open(init)
+        arch, tokenizer_dir = init_ckpt.arch, tokenizer_dir or init_ckpt.path
     # Bad input is reported before torch and transformers are imported: that takes seconds.
     if arch not in configs.ARCHS:
         raise UnknownNameError("architecture", arch, configs.ARCHS)
@@ -139,6 +146,8 @@ def run(
         raise InputError(f"the corpus gives {len(stream)} tokens, too few for --seq-len {seq_len}")
     args = dict(arch=arch, size=size, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
                 stream_tokens=len(stream), vocab=len(tok))  # fmt: skip
+    if init is not None:
+        args["init"] = str(init)
     model, bar = _train(
         targs, tok, arch, size, StepBatches(stream, seed, steps, batch_size, seq_len), args, resume
     )
@@ -200,7 +209,10 @@ def _train(targs: Any, tok: Any, arch: str, size: str, data: StepBatches, args: 
     torch.manual_seed(args["seed"])
     cfg = configs.make_config(arch, size, len(tok), bos=tok.bos_token_id, eos=tok.eos_token_id,
                               pad=tok.pad_token_id)  # fmt: skip
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if args.get("init"):
+        model = AutoModelForCausalLM.from_pretrained(args["init"], dtype=torch.float32, use_safetensors=True)
+    else:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     ckpt = engine.resume_point(Path(targs.output_dir), {"verb": "pretrain", **args}, resume)
     trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=default_data_collator)
     bar = engine.ProgressBar(f"pretrain {arch}-{size}")
