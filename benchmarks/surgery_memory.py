@@ -81,8 +81,12 @@ def bench_merge(tokenizer_from: Path, shape: str, work: Path) -> dict[str, Any]:
     a, b = (make_random(tokenizer_from, shape, s, work / f"m{s}") for s in (0, 1))
     ckpt = Checkpoint.open(a)
     largest = max(t.nbytes for t in tensorio.checkpoint_tensors(ckpt.weight_files).values())
-    floor = _run([sys.executable, "-c", "import torch, orlik.cli, orlik.training.merge, orlik.training.upscale"])
-    merge = _run([sys.executable, "-m", "orlik", "-q", "train", "merge", str(a), str(b), "--out", str(work / "mm")])
+    floor = _run(
+        [sys.executable, "-c", "import torch, orlik.cli, orlik.training.merge, orlik.training.upscale"]
+    )
+    merge = _run(
+        [sys.executable, "-m", "orlik", "-q", "train", "merge", str(a), str(b), "--out", str(work / "mm")]
+    )
     n = ckpt.config["num_hidden_layers"]
     up = _run([sys.executable, "-m", "orlik", "-q", "train", "upscale", str(a), "--layers",
                f"0-{n * 3 // 4 - 1},{n // 4}-{n - 1}", "--out", str(work / "up")])  # fmt: skip

@@ -78,7 +78,9 @@ def test_jsonl_in_jsonl_out(tmp_path: Path) -> None:
     r = cli("-q", "data", "anonymize", src, "--out", tmp_path / "out.jsonl")
     assert r.code == 0, r.err
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert out[0] == {"id": 1, "text": "Mój PESEL to [PESEL], tel. [PHONE].", "lang": "pl"} and out[1] == rows[1]
+    assert (
+        out[0] == {"id": 1, "text": "Mój PESEL to [PESEL], tel. [PHONE].", "lang": "pl"} and out[1] == rows[1]
+    )
     rep = json.loads((tmp_path / "out.report.json").read_text())
     assert rep["replaced"]["PESEL"] == 1 and rep["documents_changed"] == 1
     src.write_bytes(b'{"text": "b\xea\xb3dny"}\n')

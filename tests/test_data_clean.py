@@ -44,7 +44,15 @@ def test_every_damage_is_counted(dirty: tuple[Path, dict[str, int]], cleaned: tu
     records = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
     assert len(records) == rep["docs_out"] == rep["docs_in"] - sum(dropped.values())
     text = "\n".join(r["text"] for r in records)
-    for junk in ("Akceptuję", "Wszelkie prawa zastrzeżone", "Portal Informacyjny", "\u200b", "\x07", "Ĺ‚", "Ä™"):
+    for junk in (
+        "Akceptuję",
+        "Wszelkie prawa zastrzeżone",
+        "Portal Informacyjny",
+        "\u200b",
+        "\x07",
+        "Ĺ‚",
+        "Ä™",
+    ):
         assert junk not in text, junk
     assert {"id", "lang", "domain", "text"} <= set(records[0])
     assert out.with_name("clean.report.md").read_text().startswith("# orlik data clean")
