@@ -195,7 +195,8 @@ def score(inp: Path, model: Path, out: Path, field: str = "text", cutoff: float 
             counts[lab] += 1
             if only_high and lab != "high":
                 continue
-            w.write({**doc.record, "quality": lab, "quality_p": dict(zip(degrade.LABELS, (round(float(x), 4) for x in p[0]), strict=True))})  # fmt: skip
+            rec = doc.record if io.is_jsonl(Path(inp)) else {**doc.record, "text": doc.text}
+            w.write({**rec, "quality": lab, "quality_p": dict(zip(degrade.LABELS, (round(float(x), 4) for x in p[0]), strict=True))})  # fmt: skip
         if sum(counts.values()) == 0:
             raise InputError(f"{inp} holds no documents")
     return {"input": str(inp), "output": str(out), "labels": counts, "high_cutoff": cutoff,
