@@ -130,3 +130,37 @@ def test_bad_configs_refused(pair: tuple[Path, Path], tmp_path: Path) -> None:
     cfg.write_bytes(b"models: \xff\xfe\n")
     _refused(cli("train", "merge", "--config", cfg, "--out", tmp_path / "m"))
     assert not (tmp_path / "m").exists()
+
+
+def test_sharded_input_and_output(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """A sharded checkpoint (as every 7B one is) merges like a single file; output shards plus an
+    index load in transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from orlik.checkpoint import Checkpoint
+    from orlik.training import tensorio
+
+    a, _ = pair
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(str(a), dtype=torch.float16).save_pretrained(
+        str(sharded), max_shard_size="2MB"
+    )
+    for f in a.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, sharded / f.name)
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    r = cli("-q", "train", "merge", a, sharded, "--out", tmp_path / "m")
+    assert r.code == 0, r.err
+    _assert_same(tensors(a), tensors(tmp_path / "m"))
+    infos = tensorio.checkpoint_tensors(Checkpoint.open(a).weight_files)
+    planned = [tensorio.OutTensor(n, i.dtype, i.shape) for n, i in infos.items()]
+    out = tmp_path / "out"
+    out.mkdir()
+    with tensorio.TensorReader() as reader:
+        files = tensorio.write_checkpoint_weights(out, planned, (reader.chunks(i, 1000) for i in infos.values()),
+                                                  shard_bytes=3 << 20)  # fmt: skip
+    assert len(files) > 1 and (out / "model.safetensors.index.json").is_file()
+    shutil.copy(a / "config.json", out / "config.json")
+    _assert_same(tensors(a), tensors(out))
+    assert AutoModelForCausalLM.from_pretrained(str(out)).config.num_hidden_layers == 6
