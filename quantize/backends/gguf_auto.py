@@ -297,7 +297,7 @@ def measure_kld(
 ) -> dict[str, Any] | None:
     """llama-perplexity --kl-divergence of `quant` against the F16 GGUF on the first calibration
     tokens (the F16 logits cached beside the sensitivity table); None when measure_tokens is 0."""
-    n = int(recipe.options.get("measure_tokens", 2048))
+    n = int(recipe.options.get("measure_tokens", 1024))
     ctx = 512
     if n < ctx or calib.jsonl is None:
         return None
