@@ -1,5 +1,5 @@
-"""Shared by the GPTQ/AWQ/HQQ/MLX backend tests: quantize into a directory the way the driver does
-(staging dir, manifest saved, rename), and measure a variant against FP16 in a fresh process."""
+"""Shared by the GPTQ/AWQ/HQQ/MLX backend tests: quantize into a directory through the driver
+(run.quantize_all), and measure a variant against FP16 in a fresh process."""
 
 from __future__ import annotations
 
@@ -11,23 +11,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orlik.checkpoint import Checkpoint
 from orlik.manifest import Variant
-from orlik.quantize.backends import Calibration, backend_for
+from orlik.quantize import run
+from orlik.quantize.backends import Calibration
 from orlik.quantize.recipe import Recipe
 
 
 def quantize(ckpt: Path, name: str, out: Path, calib_dir: Path | None = None, **options: Any) -> Variant:
+    """Build one variant into `out` through the production driver, run.quantize_all (checks, prepare,
+    staleness, atomic rename), with recipe options given as Python values; a failure raises its error."""
     recipe = Recipe.from_name(name)
     recipe = dataclasses.replace(recipe, options={**recipe.options, **options})
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    root = out.with_name(out.name + ".root")  # quantize_all names the directory after the recipe
     calib = Calibration(jsonl=calib_dir / "calibration.jsonl") if calib_dir else Calibration()
-    variant = backend_for(recipe.format).quantize(Checkpoint.open(ckpt), recipe, calib, staging)
-    variant.save(staging)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    outcome = run.quantize_all(ckpt, [recipe], root, calib=calib)[0]
+    if outcome.error is not None:
+        raise outcome.error
+    (root / recipe.name).rename(out)
+    shutil.rmtree(root)
     return Variant.load(out)
 
 

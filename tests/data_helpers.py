@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-
-class Result(NamedTuple):
-    code: int
-    out: str
-    err: str
-
-
-def cli(*args: str | Path) -> Result:
-    """`orlik ARGS...` through the console script's main(): exit code, stdout, stderr."""
-    from orlik.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return Result(code, out.getvalue(), err.getvalue())
+# The one in-process CLI runner (conftest.py's, also the `orlik_cli` fixture), under the names these tests use.
+from conftest import CliResult as Result  # noqa: F401
+from conftest import run_cli as cli  # noqa: F401
 
 
 def random_checkpoint(tokenizer_dir: Path, out: Path, arch: str = "llama", seed: int = 0, **cfg: Any) -> Path:

@@ -6,24 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from orlik import corpus
-from orlik.cli import main
 
 CTX = 128
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -109,29 +99,29 @@ def test_reference_is_compact_cached_and_bounds_the_exact_kld(bench_run: dict, t
             assert r[k] == pytest.approx(exact[v["name"]][k], rel=1e-6)
 
 
-def test_cli_prints_the_table(capsys, bench_run: dict, tiny_checkpoint: Path, text_file: Path) -> None:
-    code, out, err = run(capsys, "-q", "bench", str(tiny_checkpoint), "Q8_0", "--variants-dir",
+def test_cli_prints_the_table(orlik_cli, bench_run: dict, tiny_checkpoint: Path, text_file: Path) -> None:
+    code, out, err = orlik_cli("-q", "bench", str(tiny_checkpoint), "Q8_0", "--variants-dir",
                          str(bench_run["vdir"]), "--ctx", str(CTX), "--text", str(text_file), "--threads", "1",
                          "--out", str(bench_run["out"].parent / "cli-reports"), "--no-cards")  # fmt: skip
     assert code == 0, err
     assert "Table 8" in out and "Q8_0" in out and "Same top p [%]" in out
 
 
-def test_recommend_from_the_report(capsys, bench_run: dict) -> None:
+def test_recommend_from_the_report(orlik_cli, bench_run: dict) -> None:
     res = bench_run["results"]
     sizes = {v["name"]: v["bytes"] for v in res["variants"]}
     budget = sizes["Q8_0"] + 64 * 1024 * 8  # Q8_0 and a small KV cache fit, FP16 does not
-    code, out, _ = run(
-        capsys, "recommend", "--memory", f"{budget}B", "--ctx", "16", "--reports", str(bench_run["out"])
+    code, out, _ = orlik_cli(
+        "recommend", "--memory", f"{budget}B", "--ctx", "16", "--reports", str(bench_run["out"])
     )
     assert code == 0 and out.startswith("Q8_0:") and "KV cache" in out
-    code, _, err = run(capsys, "recommend", "--memory", "1MiB", "--reports", str(bench_run["out"]))
+    code, _, err = orlik_cli("recommend", "--memory", "1MiB", "--reports", str(bench_run["out"]))
     assert code == 2 and "nothing fits" in err
 
 
 # ---------------------------------------------------------------- bad input: exit 2, one line
-def _bad(capsys, *args: str) -> str:
-    code, _, err = run(capsys, "bench", *args)
+def _bad(orlik_cli: Any, *args: str) -> str:
+    code, _, err = orlik_cli("bench", *args)
     assert code == 2, err
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("orlik: error:")]
     assert len(lines) == 1
@@ -139,28 +129,28 @@ def _bad(capsys, *args: str) -> str:
 
 
 def test_missing_variant(
-    capsys, tiny_checkpoint: Path, bench_ggufs: dict[str, Path], text_file: Path
+    orlik_cli, tiny_checkpoint: Path, bench_ggufs: dict[str, Path], text_file: Path
 ) -> None:
-    msg = _bad(capsys, str(tiny_checkpoint), "Q5_K_M", "--variants-dir", str(bench_ggufs["variants"]),
+    msg = _bad(orlik_cli, str(tiny_checkpoint), "Q5_K_M", "--variants-dir", str(bench_ggufs["variants"]),
                "--text", str(text_file))  # fmt: skip
     assert "variant 'Q5_K_M' not found" in msg and "Q2_K" in msg
 
 
 def test_corrupt_manifest(
-    capsys, tmp_path: Path, tiny_checkpoint: Path, bench_ggufs: dict[str, Path]
+    orlik_cli, tmp_path: Path, tiny_checkpoint: Path, bench_ggufs: dict[str, Path]
 ) -> None:
     bad = tmp_path / "Q8_0"
     shutil.copytree(bench_ggufs["variants"] / "Q8_0", bad)
     (bad / "variant.json").write_text('{"name": "Q8_0", "format": ')
-    msg = _bad(capsys, str(tiny_checkpoint), str(bad))
+    msg = _bad(orlik_cli, str(tiny_checkpoint), str(bad))
     assert "variant.json is corrupt" in msg
 
 
-def test_text_shorter_than_two_contexts(capsys, tmp_path: Path, tiny_checkpoint: Path,
+def test_text_shorter_than_two_contexts(orlik_cli, tmp_path: Path, tiny_checkpoint: Path,
                                         bench_ggufs: dict[str, Path]) -> None:  # fmt: skip
     short = tmp_path / "short.txt"
     short.write_text(corpus.heldout_text("en")[:1500], encoding="utf-8")
-    msg = _bad(capsys, str(tiny_checkpoint), str(bench_ggufs["variants"] / "Q8_0"), "--text", str(short),
+    msg = _bad(orlik_cli, str(tiny_checkpoint), str(bench_ggufs["variants"] / "Q8_0"), "--text", str(short),
                "--ctx", "512")  # fmt: skip
     assert "at least 2×ctx = 1024 are needed" in msg
 
@@ -190,12 +180,12 @@ def test_variant_with_another_tokenizer_is_scored_on_the_shared_ids(tmp_path: Pa
     assert "- Q8_0 is scored" not in md
 
 
-def test_text_overlapping_the_calibration_set(capsys, tmp_path: Path, tiny_checkpoint: Path,
+def test_text_overlapping_the_calibration_set(orlik_cli, tmp_path: Path, tiny_checkpoint: Path,
                                               bench_ggufs: dict[str, Path], tiny_calibration: Path) -> None:  # fmt: skip
     recs = [json.loads(ln) for ln in (tiny_calibration / "calibration.jsonl").read_text().splitlines()]
     leaked = tmp_path / "leaked.txt"
     leaked.write_text("\n\n".join(r["text"] for r in recs[:30]), encoding="utf-8")
-    msg = _bad(capsys, str(tiny_checkpoint), str(bench_ggufs["variants"] / "Q8_0"), "--text", str(leaked),
+    msg = _bad(orlik_cli, str(tiny_checkpoint), str(bench_ggufs["variants"] / "Q8_0"), "--text", str(leaked),
                "--calib", str(tiny_calibration))  # fmt: skip
     assert "with the calibration set" in msg
 
@@ -222,3 +212,38 @@ def hf_ids(tiny_checkpoint: Path) -> list[int]:
 
     tok = Checkpoint.open(tiny_checkpoint).load_tokenizer()
     return tok.encode(corpus.heldout_text("pl")[:4000], add_special_tokens=True)
+
+
+def test_quantize_warns_when_the_gguf_tokenizer_differs(tmp_path: Path, tiny_checkpoint: Path,
+        bench_ggufs: dict[str, Path], tiny_calibration: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """The check `orlik quantize` runs on the calibration text: silent when llama.cpp splits it as the
+    checkpoint's tokenizer does, a warning with the share when it does not."""
+    from bench_helpers import make_variant, retokenized_copy
+
+    from orlik.checkpoint import Checkpoint
+    from orlik.manifest import Variant
+    from orlik.quantize import gguf_tokens
+
+    ckpt, jsonl = Checkpoint.open(tiny_checkpoint), tiny_calibration / "calibration.jsonl"
+    same = gguf_tokens.warn_if_different(ckpt, [Variant.load(bench_ggufs["variants"] / "Q8_0")], jsonl)
+    assert same is not None and same < 0.01
+    retok = make_variant(
+        retokenized_copy(bench_ggufs["Q8_0"], tmp_path / "retok.gguf"), "retok", tmp_path, tiny_checkpoint
+    )
+    capsys.readouterr()
+    share = gguf_tokens.warn_if_different(ckpt, [Variant.load(retok)], jsonl)
+    assert share is not None and share > 0.01
+    err = capsys.readouterr().err
+    assert "splits the calibration text differently" in err and f"{100 * share:.2f}%" in err
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(orlik_cli: Any, tmp_path: Path, tiny_checkpoint: Path,
+                                                    bench_ggufs: dict[str, Path], text_file: Path) -> None:  # fmt: skip
+    r = orlik_cli("--json", "bench", tiny_checkpoint, "--variants-dir", bench_ggufs["variants"], "--text", text_file,
+                  "--ctx", CTX, "--threads", "2", "--out", tmp_path / "reports", "--dry-run")  # fmt: skip
+    assert r.code == 0, r.err
+    plan = json.loads(r.out)
+    assert [v["name"] for v in plan["variants"]] == ["Q2_K", "Q4_K_M", "Q8_0"]
+    assert plan["fp16_engine"] == "llama.cpp" and plan["fp16_engine_why"] == "every variant is GGUF"
+    assert plan["kld_mode"] in ("exact", "topk") and plan["ctx"] == CTX and plan["threads"]["fp16"] >= 1
+    assert not (tmp_path / "reports").exists()

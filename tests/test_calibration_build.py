@@ -12,7 +12,6 @@ import pytest
 from orlik import corpus
 from orlik.calibration import build as calib
 from orlik.calibration import dedup, langid
-from orlik.cli import main
 from orlik.errors import InputError
 from orlik.fsutil import sha256_file
 
@@ -37,16 +36,6 @@ def train_paragraphs(lang: str, n: int) -> list[str]:
     paras = [p for d in corpus.documents(lang=lang, split="train") for p in d.text.split("\n\n")]
     paras = [p for p in paras if len(p.split()) >= 30 and not index.overlaps(p)]
     return paras[:n]
-
-
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.fixture(scope="module")
@@ -258,17 +247,15 @@ def test_chats_are_rendered_through_the_checkpoint_template(tiny_checkpoint: Pat
 # ------------------------------------------------------------------ output and CLI
 
 
-def test_cli_default_out_and_rebuild_keeps_other_files(
-    checkpoint_copy: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_default_out_and_rebuild_keeps_other_files(checkpoint_copy: Path, orlik_cli: Any) -> None:
     build = ["--json", "calibrate", "build", str(checkpoint_copy), "--lang", "en"]
-    code, out, err = cli([*build, "--tokens", "800", "--no-chat", "--no-parallel"], capsys)
+    code, out, err = orlik_cli(*[*build, "--tokens", "800", "--no-chat", "--no-parallel"])
     assert code == 0, err
     res = json.loads(out)
     calib_dir = checkpoint_copy.parent / "calib"
     assert Path(res["out"]) == calib_dir.resolve() and res["tokens_by_source"] == {"corpus": res["tokens"]}
     (calib_dir / "imatrix.gguf").write_bytes(b"not ours")
-    code, out, err = cli([*build, "--tokens", "900"], capsys)
+    code, out, err = orlik_cli(*[*build, "--tokens", "900"])
     assert code == 0, err
     assert (calib_dir / "imatrix.gguf").read_bytes() == b"not ours"
     assert json.loads((calib_dir / "card.json").read_text())["request"]["tokens"] == 900
@@ -302,14 +289,14 @@ def _bad_files(tmp: Path) -> dict[str, Path]:
     ],
 )
 def test_bad_input_exits_2_with_one_line(
-    args: list[str], message: str, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    args: list[str], message: str, tiny_checkpoint: Path, tmp_path: Path, orlik_cli: Any
 ) -> None:
     import re
 
     files = _bad_files(tmp_path)
     args = [a.format(tmp=tmp_path, **files) for a in args]
     out = tmp_path / "out"
-    code, _, err = cli(["calibrate", "build", str(tiny_checkpoint), "--out", str(out), *args], capsys)
+    code, _, err = orlik_cli(*["calibrate", "build", str(tiny_checkpoint), "--out", str(out), *args])
     assert code == 2
     lines = [ln for ln in err.splitlines() if ln.startswith("orlik: error:")]
     assert len(lines) == 1 and re.search(message, lines[0]), err

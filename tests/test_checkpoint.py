@@ -7,22 +7,12 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from orlik.checkpoint import Checkpoint
-from orlik.cli import main
 from orlik.errors import CheckpointError
-
-
-def inspect(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(["--json", "inspect", str(path)])
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def truncate(ckpt: Path) -> None:
@@ -83,23 +73,23 @@ def missing_shard(ckpt: Path) -> None:
     ],
 )
 def test_damaged_checkpoint_is_a_one_line_error_exit_2(
-    damage: Callable[[Path], None], message: str, checkpoint_copy: Path, capsys: pytest.CaptureFixture[str]
+    damage: Callable[[Path], None], message: str, checkpoint_copy: Path, orlik_cli: Any
 ) -> None:
     import re
 
     damage(checkpoint_copy)
     with pytest.raises(CheckpointError, match=message):
         Checkpoint.open(checkpoint_copy)
-    code, out, err = inspect(checkpoint_copy, capsys)
+    code, out, err = orlik_cli("--json", "inspect", checkpoint_copy)
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("orlik: error: ") and re.search(message, lines[0]), err
 
 
-def test_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_directory(tmp_path: Path, orlik_cli: Any) -> None:
     with pytest.raises(CheckpointError, match="does not exist or is not a directory"):
         Checkpoint.open(tmp_path / "nope")
-    code, _, err = inspect(tmp_path / "nope", capsys)
+    code, _, err = orlik_cli("--json", "inspect", tmp_path / "nope")
     assert code == 2 and len(err.strip().splitlines()) == 1
 
 
@@ -122,8 +112,8 @@ def test_pickle_weights_are_never_loaded(checkpoint_copy: Path, monkeypatch: pyt
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
 
 
-def test_inspect_good_checkpoint_and_hash(checkpoint_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = inspect(checkpoint_copy, capsys)
+def test_inspect_good_checkpoint_and_hash(checkpoint_copy: Path, orlik_cli: Any) -> None:
+    code, out, err = orlik_cli("--json", "inspect", checkpoint_copy)
     assert code == 0, err
     info = json.loads(out)
     assert info["arch"] == "llama" and info["chat_template"] is True

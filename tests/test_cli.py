@@ -7,12 +7,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
 
 from orlik import __version__
-from orlik.cli import cli, main
+from orlik.cli import cli
 from orlik.errors import NotBuiltError
 
 ORLIK = Path(sys.executable).with_name("orlik")  # the console script installed beside this python
@@ -20,16 +21,6 @@ ORLIK = Path(sys.executable).with_name("orlik")  # the console script installed 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(ORLIK), *args], capture_output=True, text=True, timeout=120)
-
-
-def in_process(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_help_is_fast_and_lists_every_stage() -> None:
@@ -84,23 +75,19 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert "orlik.errors.CheckpointError" in proc.stderr
 
 
-def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = in_process(["--no-such-flag"], capsys)
+def test_usage_errors_exit_2(orlik_cli: Any) -> None:
+    code, _, err = orlik_cli(*["--no-such-flag"])
     assert code == 2 and "No such option" in err
-    code, _, err = in_process(["frobnicate"], capsys)
+    code, _, err = orlik_cli(*["frobnicate"])
     assert code == 2 and "No such command" in err
 
 
-def test_quantize_option_must_be_key_value(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, _, err = in_process(
-        ["quantize", str(tmp_path), "--recipe", "hqq-4bit-g64", "--option", "axis"], capsys
-    )
+def test_quantize_option_must_be_key_value(orlik_cli: Any, tmp_path: Path) -> None:
+    code, _, err = orlik_cli(*["quantize", str(tmp_path), "--recipe", "hqq-4bit-g64", "--option", "axis"])
     assert code == 2 and "'axis' is not KEY=VALUE" in err
 
 
-def test_not_built_stage_says_so_plainly(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_not_built_stage_says_so_plainly(monkeypatch: pytest.MonkeyPatch, orlik_cli: Any) -> None:
     """A stage that does not exist yet exits 2 with one line naming it, never pretending to work."""
     from orlik import cli as cli_mod
 
@@ -109,7 +96,7 @@ def test_not_built_stage_says_so_plainly(
         cli_mod._not_built("future-stage", "issue 99")
 
     monkeypatch.setitem(cli.commands, "future-stage", future)
-    code, out, err = in_process(["future-stage"], capsys)
+    code, out, err = orlik_cli(*["future-stage"])
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [
         f"orlik: error: `orlik future-stage` is not built yet in orlik {__version__} (issue 99)"
@@ -117,10 +104,10 @@ def test_not_built_stage_says_so_plainly(
     assert issubclass(NotBuiltError, cli_mod.OrlikError)
 
 
-def test_json_mode_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_mode_prints_json(orlik_cli: Any) -> None:
     import json
 
-    code, out, _ = in_process(["--json", "train", "corpus"], capsys)
+    code, out, _ = orlik_cli(*["--json", "train", "corpus"])
     assert code == 0
     stats = json.loads(out)
     assert set(stats["documents"]) == {"pl", "en"} and stats["parallel_pairs"] >= 300

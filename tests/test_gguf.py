@@ -9,12 +9,12 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from orlik import fsutil, gguf_read, llamacpp
 from orlik.checkpoint import Checkpoint
-from orlik.cli import main
 from orlik.errors import CheckpointError, InputError, OutputError, UnknownNameError
 from orlik.gguf_convert import f16_gguf
 from orlik.manifest import Variant
@@ -23,14 +23,6 @@ from orlik.quantize.backends.gguf import LOG_FILE, MODEL_FILE, glob_to_regex
 from orlik.quantize.recipe import GGUF_REQUIRES_IMATRIX, GGUF_TYPES, TABLE8, Recipe
 
 pytestmark = pytest.mark.usefixtures("gguf_cache")
-
-
-def cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")
@@ -88,24 +80,25 @@ def test_requires_imatrix_list_matches_llama_quantize(tiny_f16: Path) -> None:
     assert needs == set(GGUF_REQUIRES_IMATRIX)
 
 
-def test_iq_type_without_imatrix_is_refused(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+def test_iq_type_without_imatrix_is_refused(tiny_checkpoint: Path, tmp_path: Path, orlik_cli: Any) -> None:
     out = tmp_path / "variants"
-    assert cli("quantize", str(tiny_checkpoint), "--recipe", "IQ2_XXS", "--out", str(out)) == 2
-    err = capsys.readouterr().err
+    r = orlik_cli("quantize", tiny_checkpoint, "--recipe", "IQ2_XXS", "--out", out)
+    assert r.code == 2
+    err = r.err
     assert "IQ2_XXS needs an importance matrix" in err and "IQ2_XXS-imat" in err
     assert not out.exists() or not any(out.iterdir())
     # An -imat recipe with no imatrix at all is refused the same way.
-    assert cli("quantize", str(tiny_checkpoint), "--recipe", "Q4_K_M-imat", "--out", str(out)) == 2
-    assert "none was given" in capsys.readouterr().err
+    r = orlik_cli("quantize", tiny_checkpoint, "--recipe", "Q4_K_M-imat", "--out", out)
+    assert r.code == 2 and "none was given" in r.err
 
 
-def test_unknown_types_list_the_valid_ones(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+def test_unknown_types_list_the_valid_ones(tiny_checkpoint: Path, tmp_path: Path, orlik_cli: Any) -> None:
     with pytest.raises(UnknownNameError, match=r"unknown GGUF type 'Q4_K_X'.*Q4_K_M"):
         Recipe.from_name("Q4_K_X")
-    rc = cli("quantize", str(tiny_checkpoint), "--recipe", "Q4_K_M", "--out", str(tmp_path),
-             "--type-override", "blk.*.ffn_down.weight=Q4_K_M")  # fmt: skip
-    err = capsys.readouterr().err
-    assert rc == 2 and "unknown tensor type" in err and "valid:" in err and "Q6_K" in err
+    r = orlik_cli("quantize", tiny_checkpoint, "--recipe", "Q4_K_M", "--out", tmp_path,
+                  "--type-override", "blk.*.ffn_down.weight=Q4_K_M")  # fmt: skip
+    err = r.err
+    assert r.code == 2 and "unknown tensor type" in err and "valid:" in err and "Q6_K" in err
     assert err.count("\n") == 1
 
 
@@ -226,11 +219,12 @@ def test_interrupted_variant_is_not_left_behind(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unwritable_output_is_one_line_exit_2(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+def test_unwritable_output_is_one_line_exit_2(tiny_checkpoint: Path, tmp_path: Path, orlik_cli: Any) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    assert cli("quantize", str(tiny_checkpoint), "--recipe", "Q8_0", "--out", str(blocker / "variants")) == 2
-    err = capsys.readouterr().err
+    r = orlik_cli("quantize", tiny_checkpoint, "--recipe", "Q8_0", "--out", blocker / "variants")
+    assert r.code == 2
+    err = r.err
     assert err.startswith("orlik: error: cannot write to") and err.count("\n") == 1
 
 
@@ -254,7 +248,12 @@ def test_full_disk_keeps_nothing(tiny_checkpoint: Path, tiny_f16: Path, tmp_path
 
 
 def test_imatrix_of_another_model_is_refused_before_quantizing(
-    tiny_checkpoint: Path, tiny_imatrix: Path, other_checkpoint: Path, tmp_path: Path, monkeypatch, capsys
+    tiny_checkpoint: Path,
+    tiny_imatrix: Path,
+    other_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch,
+    orlik_cli: Any,
 ) -> None:
     f16_gguf(Checkpoint.open(other_checkpoint))
 
@@ -263,10 +262,10 @@ def test_imatrix_of_another_model_is_refused_before_quantizing(
 
     monkeypatch.setattr(llamacpp, "run_tool", never)
     # Q8_0 needs no imatrix, but the run fails before building it: every input is checked first.
-    rc = cli("quantize", str(other_checkpoint), "--recipe", "Q8_0", "--recipe", "Q4_K_M-imat",
-             "--imatrix", str(tiny_imatrix), "--out", str(tmp_path))  # fmt: skip
-    err = capsys.readouterr().err
-    assert rc == 2 and "shape mismatch" in err and "another model" in err
+    r = orlik_cli("quantize", other_checkpoint, "--recipe", "Q8_0", "--recipe", "Q4_K_M-imat",
+                  "--imatrix", tiny_imatrix, "--out", tmp_path)  # fmt: skip
+    err = r.err
+    assert r.code == 2 and "shape mismatch" in err and "another model" in err
     assert list(tmp_path.iterdir()) == []
 
 

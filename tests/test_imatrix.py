@@ -6,26 +6,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from orlik import gguf_read, llamacpp
 from orlik.calibration import imatrix
 from orlik.checkpoint import Checkpoint
-from orlik.cli import main
 from orlik.errors import InputError
 from orlik.fsutil import sha256_file
 from orlik.gguf_convert import f16_gguf
 
 pytestmark = pytest.mark.usefixtures("gguf_cache")
-
-
-def cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def _records(calib: Path) -> list[dict]:
@@ -118,9 +110,9 @@ def test_imatrix_from_another_model_is_a_shape_mismatch(tiny_imatrix: Path, tmp_
         gguf_read.check_imatrix(tiny_imatrix, model)
 
 
-def test_bad_input(tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path, capsys) -> None:
-    assert cli("calibrate", "imatrix", str(tiny_checkpoint), "--calib", str(tmp_path / "none")) == 2
-    assert "does not exist" in capsys.readouterr().err
+def test_bad_input(tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path, orlik_cli: Any) -> None:
+    r = orlik_cli("calibrate", "imatrix", tiny_checkpoint, "--calib", tmp_path / "none")
+    assert r.code == 2 and "does not exist" in r.err
     small = tmp_path / "small"
     small.mkdir()
     (small / "calibration.jsonl").write_text(
@@ -131,8 +123,8 @@ def test_bad_input(tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path
     with pytest.raises(InputError, match="no records with lang 'en'"):
         imatrix.compute(tiny_checkpoint, small, lang="en")
     (small / "calibration.jsonl").write_text("{not json\n")
-    assert cli("calibrate", "imatrix", str(tiny_checkpoint), "--calib", str(small)) == 2
-    assert "calibration.jsonl:1: invalid JSON" in capsys.readouterr().err
+    r = orlik_cli("calibrate", "imatrix", tiny_checkpoint, "--calib", small)
+    assert r.code == 2 and "calibration.jsonl:1: invalid JSON" in r.err
     assert not any(p.suffix == ".gguf" for p in small.iterdir())
     (small / "calibration.jsonl").write_bytes(b"\xff\xfe")
     with pytest.raises(InputError, match="not UTF-8"):
@@ -140,14 +132,14 @@ def test_bad_input(tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path
 
 
 def test_cli_writes_beside_the_calibration_set(tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path,
-                                               capsys) -> None:  # fmt: skip
+                                               orlik_cli: Any) -> None:  # fmt: skip
     calib = tmp_path / "calib"
     calib.mkdir()
     os.link(tiny_calibration / "calibration.jsonl", calib / "calibration.jsonl")
-    rc = cli("--json", "calibrate", "imatrix", str(tiny_checkpoint), "--calib", str(calib), "--lang", "en",
-             "--chunk", "64", "--chunks", "2")  # fmt: skip
-    assert rc == 0
-    res = json.loads(capsys.readouterr().out)
+    r = orlik_cli("--json", "calibrate", "imatrix", tiny_checkpoint, "--calib", calib, "--lang", "en",
+                  "--chunk", "64", "--chunks", "2")  # fmt: skip
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
     assert res["out"] == str(calib / "imatrix-en.gguf") and res["chunks"] == 2 and not res["reused"]
     assert (calib / "imatrix-en.card.json").is_file()
     assert sorted(p.name for p in calib.iterdir()) == [
@@ -158,7 +150,12 @@ def test_cli_writes_beside_the_calibration_set(tiny_checkpoint: Path, tiny_calib
 
 
 def test_quantize_computes_a_missing_imatrix_from_calib(
-    tiny_checkpoint: Path, tiny_calibration: Path, tiny_imatrix: Path, tmp_path: Path, monkeypatch, capsys
+    tiny_checkpoint: Path,
+    tiny_calibration: Path,
+    tiny_imatrix: Path,
+    tmp_path: Path,
+    monkeypatch,
+    orlik_cli: Any,
 ) -> None:
     calib = tmp_path / "calib"
     calib.mkdir()
@@ -171,10 +168,10 @@ def test_quantize_computes_a_missing_imatrix_from_calib(
         return {}
 
     monkeypatch.setattr(imatrix, "compute", compute)
-    rc = cli("--json", "quantize", str(tiny_checkpoint), "--recipe", "Q8_0-imat", "--calib", str(calib),
-             "--out", str(tmp_path / "v"))  # fmt: skip
-    assert rc == 0 and calls == [(calib, {"lang": "mixed"})]
-    (row,) = json.loads(capsys.readouterr().out)["variants"]
+    r = orlik_cli("--json", "quantize", tiny_checkpoint, "--recipe", "Q8_0-imat", "--calib", calib,
+                  "--out", tmp_path / "v")  # fmt: skip
+    assert r.code == 0 and calls == [(calib, {"lang": "mixed"})], r.err
+    (row,) = json.loads(r.out)["variants"]
     v = json.loads((Path(row["path"]) / "variant.json").read_text())
     assert v["imatrix_hash"] == sha256_file(calib / "imatrix.gguf")
     assert v["calibration_hash"] == sha256_file(tiny_calibration / "calibration.jsonl")
