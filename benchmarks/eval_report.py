@@ -53,7 +53,7 @@ def table_md(res: dict[str, Any], bench: dict[str, Any] | None) -> str:
     for v in res["variants"]:
         b = kb.get(v["name"], {})
         size = f"{b['bytes'] / 2**20:.2f}" if b.get("bytes") else "–"
-        kld = f"{b['kld']:.4f} ± {b['kld_err']:.4f}" if b.get("kld") is not None else "–"
+        kld = f"{b['kld']:.3g} ± {b['kld_err'] or 0:.2g}" if b.get("kld") and v["name"] != FP16 else "–"
         cells = [_pct(v["tasks"][t]["acc"], v["tasks"][t]["stderr"]) for t in tasks]
         drop = _pct(ref["mean_acc"] - v["mean_acc"]) if ref and v is not ref else "–"
         lines.append(

@@ -100,3 +100,31 @@ def test_bad_input_is_one_line_and_exit_2(
     (bad / "t.yaml").write_text(YAML.format(name="t").replace("doc_to_text", "doc_to_textt"))
     r = orlik_cli("eval", tiny_checkpoint, "--include", bad, "--tasks", "t")
     assert r.code == 2 and "the task has no 'doc_to_text'" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_report_joins_the_bench_table_once(tmp_path: Path) -> None:
+    """The accuracy columns join bench's results.json and table.md (replaced, not repeated, on a
+    rerun) and the KLD plot is drawn from bench's KLD."""
+    from orlik.benchmarks import eval as ev
+    from orlik.benchmarks import eval_report
+
+    rows = {"pl": {"kld": 0.0, "kld_err": 0.0}}
+    bench = {"texts": {"pl": {}}, "variants": [{"name": "FP16", "bytes": 2**20, "rows": rows},
+             {"name": "Q4_K_M", "bytes": 2**19, "rows": {"pl": {"kld": 0.02, "kld_err": 0.001}}}]}  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(bench))
+    (tmp_path / "table.md").write_text("# Table 8\n")
+    specs = ev.resolve_tasks("pl_topic,pl_yes_no")
+    scores = [ev.VariantScores(n, {s.name: ev.TaskScore(a, 0.03, 10) for s in specs}, 1.0)
+              for n, a in (("FP16", 0.6), ("Q4_K_M", 0.5))]  # fmt: skip
+    res = eval_report.results("m", specs, scores, {"num_concurrent": 4})
+    for _ in range(2):
+        written = eval_report.write(tmp_path, res)
+    assert written == ["eval.json", "eval.md", "results.json", "table.md", "kld_accuracy.png"]
+    table = (tmp_path / "table.md").read_text()
+    assert table.startswith("# Table 8") and table.count(eval_report.BEGIN) == 1
+    assert "| Q4_K_M | 0.50 | 0.02 ± 0.001 | 50.0 ± 3.0 | 50.0 ± 3.0 | 50.0 | 10.0 |" in table
+    merged = json.loads((tmp_path / "results.json").read_text())
+    assert (
+        merged["variants"][1]["eval"]["mean_acc"] == 0.5
+        and merged["eval"]["tasks"]["pl_yes_no"]["majority"] == 0.5
+    )
