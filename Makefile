@@ -13,7 +13,7 @@ MODEL ?= tiny
 ARCH ?= llama
 export ORLIK_CACHE
 
-.PHONY: demo demo-all demo-train test test-all lint llamacpp clean-demo help chromium gptq
+.PHONY: demo demo-all demo-train test test-all test-gptq lint llamacpp clean-demo help chromium gptq
 
 help:
 	@echo "make demo   - set up, train the tiny model, quantize, benchmark, print the table"
@@ -49,6 +49,28 @@ $(VENV)/.gptq: $(VENV)/.installed
 	touch $@
 
 gptq: $(VENV)/.gptq
+
+# CI's GPTQ/AWQ tests run in a second venv layered over .venv: it holds only what orlik[gptq] adds
+# (GPTQModel, optimum, torchao and the numpy 2.2.6 they pin, which wins over .venv's on sys.path)
+# and sees .venv's torch, transformers and the editable orlik through a .pth file. So `make test`
+# keeps testing the default install (numpy as it resolves without the extra), and this tests what
+# `pip install "orlik[gptq]"` gives, without a second torch.
+VENV_GPTQ := .venv-gptq
+$(VENV_GPTQ)/.installed: $(VENV)/.installed pyproject.toml
+	$(PYTHON) -m venv $(VENV_GPTQ)
+	base=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	  own=$$($(VENV_GPTQ)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	  echo "import site; site.addsitedir('$$base')" > $$own/orlik_base_venv.pth
+	@echo "installing GPTQModel 7.6.0 into $(VENV_GPTQ) (over $(VENV))..."
+	$(VENV_GPTQ)/bin/pip install --quiet -e ".[gptq]"
+	touch $@
+
+# What `make test` skips without GPTQModel: quantize -> reload in a fresh process -> KLD bound for
+# GPTQ and AWQ (slow-marked there), their error checks, and group sizes on a 320-wide model.
+GPTQ_TESTS := tests/test_backend_gptq.py tests/test_backend_awq.py tests/test_group_sizes.py
+test-gptq: llamacpp $(VENV_GPTQ)/.installed
+	$(VENV_GPTQ)/bin/python -m pytest -q -p no:cacheprovider $(GPTQ_TESTS) \
+	  -k "fresh_process_reload or errors or gptqmodel_group"
 
 # Debian's Chromium for the web chat page test (tests/test_serving_web.py skips, saying so, without it).
 chromium:

@@ -36,6 +36,11 @@ class AWQBackend(Backend):
             raise InputError(f"AWQ group size must be one of {', '.join(map(str, GROUPS))}, not {group}")
         common.require_calibration(recipe, calib)
 
+    def prepare(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration) -> None:
+        group = recipe.group_size or 128
+        if group:
+            gptqmodel_driver.keep_plan(ckpt, recipe, group, "awq")
+
     def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
         self.check(recipe, calib)
         gptqmodel_driver.prepare_env()
@@ -44,7 +49,10 @@ class AWQBackend(Backend):
 
         bits, group = int(recipe.bits or 4), recipe.group_size or 128
         # Asymmetric with a zero point is what the AWQ format and its kernels expect.
+        # Module kinds whose width the group size does not divide stay FP16 (modules_to_not_convert).
+        plan = gptqmodel_driver.keep_plan(ckpt, recipe, group, "awq")
         qcfg = AWQConfig(
+            dynamic=gptqmodel_driver.skip_rules(plan) or None,
             bits=bits,
             group_size=group,
             sym=bool(recipe.options.get("sym", False)),
@@ -62,11 +70,12 @@ class AWQBackend(Backend):
             facts = gptqmodel_driver.run(
                 ckpt, recipe, calib, out, qcfg, KERNEL.AWQ_TORCH, pack=True, samples=32
             )
+        gptqmodel_driver.write_loader_keys(out, plan, "awq", ckpt)
         return common.manifest(
             ckpt, recipe, calib, out, fmt="awq", marker=".qweight",
             tools={"gptqmodel": common.version("gptqmodel"), "transformers": common.version("transformers"),
                    "torch": common.version("torch")},
-            extra={"zero_point": not qcfg.sym, "awq_version": "gemm", **facts},
+            extra={"zero_point": not qcfg.sym, "awq_version": "gemm", **facts, **plan.record()},
         )  # fmt: skip
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError
 from orlik.manifest import Variant
-from orlik.quantize.backends import Backend, Calibration, common, gptqmodel_driver
+from orlik.quantize.backends import Backend, Calibration, common, gptqmodel_driver, groups
 from orlik.quantize.recipe import Recipe
 
 BITS = (2, 3, 4, 8)
@@ -40,6 +40,11 @@ class GPTQBackend(Backend):
             raise InputError("GPTQ damp (fraction of the mean Hessian diagonal) must be in (0, 1)")
         common.require_calibration(recipe, calib)
 
+    def prepare(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration) -> None:
+        group = recipe.group_size
+        if group:
+            gptqmodel_driver.keep_plan(ckpt, recipe, group, "gptq")
+
     def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
         self.check(recipe, calib)
         gptqmodel_driver.prepare_env()
@@ -48,7 +53,11 @@ class GPTQBackend(Backend):
 
         bits, group = int(recipe.bits or 4), recipe.group_size
         opts = recipe.options
+        # Module kinds whose width the group size does not divide stay FP16 (a per-module group size
+        # is GPTQModel's `dynamic`, which transformers' loader does not read).
+        plan = gptqmodel_driver.keep_plan(ckpt, recipe, group, "gptq") if group else groups.GroupPlan(-1)
         qcfg = GPTQConfig(
+            dynamic=gptqmodel_driver.skip_rules(plan) or None,
             bits=bits,
             group_size=group or -1,
             desc_act=bool(opts.get("act_order", False)),
@@ -58,11 +67,13 @@ class GPTQBackend(Backend):
             **gptqmodel_driver.offload(recipe, out),
         )
         facts = gptqmodel_driver.run(ckpt, recipe, calib, out, qcfg, KERNEL.GPTQ_TORCH)
+        gptqmodel_driver.write_loader_keys(out, plan, "gptq", ckpt)
         return common.manifest(
             ckpt, recipe, calib, out, fmt="gptq", marker=".qweight",
             tools={"gptqmodel": common.version("gptqmodel"), "transformers": common.version("transformers"),
                    "torch": common.version("torch")},
-            extra={"act_order": qcfg.desc_act, "damp_percent": qcfg.damp_percent, "sym": qcfg.sym, **facts},
+            extra={"act_order": qcfg.desc_act, "damp_percent": qcfg.damp_percent, "sym": qcfg.sym, **facts,
+                   **plan.record()},
         )  # fmt: skip
 
 

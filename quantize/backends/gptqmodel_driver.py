@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from orlik import progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ToolError
-from orlik.quantize.backends import Calibration
+from orlik.quantize.backends import Calibration, groups
 from orlik.quantize.backends.common import (
     CALIBRATION_OPTIONS,
     calibration_batches,
@@ -166,3 +167,54 @@ def _normalize(out: Path, ckpt: Checkpoint) -> None:
             shutil.copyfile(ckpt.path / name, out / name)
     if not (out / "config.json").is_file():
         raise InputError(f"GPTQModel wrote no config.json into {out}")
+
+
+# --- widths a group size does not divide ----------------------------------------------------------
+
+
+def block_kind(module: str) -> str:
+    """'model.layers.3.self_attn.q_proj' -> 'self_attn.q_proj': the module's name within its block."""
+    parts = module.split(".")
+    last = max(i for i, p in enumerate(parts) if p.isdigit())
+    return ".".join(parts[last + 1 :])
+
+
+def keep_plan(ckpt: Checkpoint, recipe: Recipe, group: int, fmt: str) -> groups.GroupPlan:
+    """GPTQ and AWQ checkpoints hold one group size, and their transformers loaders name the modules
+    left FP16 by their name within a block (GPTQ: modules_in_block_to_quantize, AWQ:
+    modules_to_not_convert), so a module kind with a width `group` does not divide stays FP16 in
+    every block. A model with no module kind left to quantize is refused."""
+    widths = groups.widths(ckpt)
+    found = groups.plan(recipe.name, widths, group, (group,), per_module=False, keep=True, fmt=fmt)
+    kinds = {block_kind(n) for n in found.kept}
+    kept = {n: w for n, w in widths.items() if block_kind(n) in kinds}
+    if widths and len(kept) == len(widths):
+        name, width = next(iter(found.kept.items()))
+        raise InputError(f"{recipe.name}: group size {group} divides no module's width ({name} has {width} "
+                         f"input features); choose a group size that divides the model's widths")  # fmt: skip
+    return groups.GroupPlan(group, {}, kept)
+
+
+def skip_rules(plan: groups.GroupPlan) -> dict[str, dict[str, Any]]:
+    """GPTQModel's own way to leave modules unquantized: a negative `dynamic` rule per module kind."""
+    return {f"-:.*\\.{re.escape(k)}$": {} for k in sorted({block_kind(n) for n in plan.kept})}
+
+
+def write_loader_keys(out: Path, plan: groups.GroupPlan, fmt: str, ckpt: Checkpoint) -> None:
+    """Name the plan's FP16 modules in the written quantization_config the way transformers' loader
+    reads them, so it builds plain linears for them (GPTQModel's `dynamic` rules it does not read)."""
+    kept = sorted({block_kind(n) for n in plan.kept})
+    if not kept:
+        return
+    quantized = sorted({block_kind(n) for n in groups.widths(ckpt)} - set(kept))
+    for name in _CONFIGS:
+        p = out / name
+        if not p.is_file():
+            continue
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+        q = cfg.get("quantization_config", cfg)
+        if fmt == "awq":
+            q["modules_to_not_convert"] = sorted({*(q.get("modules_to_not_convert") or []), *kept})
+        else:
+            q["modules_in_block_to_quantize"] = [quantized]
+        p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
