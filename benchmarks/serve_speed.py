@@ -2,9 +2,11 @@
 
 Both sides run the identical llama-server command (orlik's child, and a bare one started the same
 way); requests alternate between them. Reports single-stream decode tok/s and the aggregate
-throughput of N concurrent streams, and orlik's ratio to llama-server for each.
+throughput of N concurrent streams, and orlik's ratio to llama-server for each (medians of the
+repeats), with the p50/p99 gap between text chunks on both sides and the CPU seconds orlik's own
+process (not its llama-server child) spends per 1,000 streamed tokens.
 
-    python -m orlik.benchmarks.serve_speed runs/tiny/variants/Q8_0 --threads 2 --tokens 256 --streams 4
+    python -m orlik.benchmarks.serve_speed runs/tiny/variants/Q8_0 --threads 2 --tokens 256 --streams 4 --repeats 5
 """
 
 from __future__ import annotations
@@ -19,18 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
-from orlik.benchmarks.serving_proc import orlik_serve
+from orlik.benchmarks.serving_proc import orlik_serve_pid
 from orlik.serving.runtimes.llamaserver import LlamaServer, gguf_file
 
 PROMPT = "Dawno, dawno temu, za siedmioma górami i za siedmioma lasami, żył sobie"
 
 
-def _stream(client: httpx.Client, url: str, body: dict[str, Any], count: Any) -> dict[str, float]:
-    """POST a streaming request; returns start, first/last token times and the token count."""
+def _stream(client: httpx.Client, url: str, body: dict[str, Any], count: Any) -> dict[str, Any]:
+    """POST a streaming request; returns start, first/last token times, the token count and the
+    gaps between successive chunks that carried text (the inter-token latency a reader sees)."""
     t0 = time.monotonic()
     first = last = None
     n = 0
+    gaps: list[float] = []
     with client.stream("POST", url, json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -40,11 +45,13 @@ def _stream(client: httpx.Client, url: str, body: dict[str, Any], count: Any) ->
             k, total = count(d)
             if k:
                 now = time.monotonic()
+                if last is not None:
+                    gaps.append(now - last)
                 first = first or now
                 last = now
             n = total if total is not None else n + k
     assert first is not None and last is not None, "no tokens streamed"
-    return {"start": t0, "first": first, "last": last, "end": time.monotonic(), "tokens": n}
+    return {"start": t0, "first": first, "last": last, "end": time.monotonic(), "tokens": n, "gaps": gaps}
 
 
 def orlik_request(base: str, n: int, seed: int) -> tuple[str, dict[str, Any], Any]:
@@ -72,16 +79,57 @@ def direct_request(base: str, n: int, seed: int) -> tuple[str, dict[str, Any], A
     return f"{base}/completion", body, count
 
 
-def single(client: httpx.Client, req: tuple[str, dict[str, Any], Any]) -> float:
+class Tally:
+    """Tokens, chunk gaps and (for orlik) the server process's CPU seconds over a set of runs."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.proc = psutil.Process(pid) if pid else None
+        self.tokens, self.cpu = 0, 0.0
+        self.gaps: list[float] = []
+
+    def _cpu(self) -> float:
+        t = self.proc.cpu_times() if self.proc else None
+        return t.user + t.system if t else 0.0
+
+    def measure(self, fn: Any, *args: Any) -> Any:
+        c0 = self._cpu()
+        out = fn(*args)
+        self.cpu += self._cpu() - c0
+        for s in out if isinstance(out, list) else [out]:
+            self.tokens += s["tokens"]
+            self.gaps += s["gaps"]
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        g = sorted(self.gaps)
+
+        def pct(p: float) -> float | None:
+            return round(1000 * g[min(len(g) - 1, round(p / 100 * (len(g) - 1)))], 2) if g else None
+
+        out: dict[str, Any] = {"tokens": self.tokens, "itl_p50_ms": pct(50), "itl_p99_ms": pct(99)}
+        if self.proc:
+            out["cpu_s"] = round(self.cpu, 3)
+            out["cpu_s_per_1000_tokens"] = round(1000 * self.cpu / max(1, self.tokens), 3)
+        return out
+
+
+def rate(s: dict[str, Any] | list[dict[str, Any]]) -> float:
     # Tokens over the whole request as the client sees it: token arrival times are bursty (either
     # server may flush several SSE events at once), the end of the stream is not. The prompt is ~20
-    # tokens, so this is decode speed to within a percent.
-    s = _stream(client, req[0], req[1], req[2])
-    return s["tokens"] / (s["end"] - s["start"])
+    # tokens, so this is decode speed to within a percent. For several streams: from the first start
+    # to the last end.
+    runs = s if isinstance(s, list) else [s]
+    return sum(x["tokens"] for x in runs) / (max(x["end"] for x in runs) - min(x["start"] for x in runs))
 
 
-def aggregate(clients: list[httpx.Client], reqs: list[tuple[str, dict[str, Any], Any]]) -> float:
-    out: list[dict[str, float]] = []
+def single(client: httpx.Client, req: tuple[str, dict[str, Any], Any]) -> dict[str, Any]:
+    return _stream(client, req[0], req[1], req[2])
+
+
+def aggregate(
+    clients: list[httpx.Client], reqs: list[tuple[str, dict[str, Any], Any]]
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     barrier = threading.Barrier(len(reqs))
 
     def go(c: httpx.Client, r: tuple[str, dict[str, Any], Any]) -> None:
@@ -93,7 +141,40 @@ def aggregate(clients: list[httpx.Client], reqs: list[tuple[str, dict[str, Any],
         t.start()
     for t in threads:
         t.join()
-    return sum(s["tokens"] for s in out) / (max(s["end"] for s in out) - min(s["start"] for s in out))
+    return out
+
+
+def measure(
+    url: str, direct_url: str, auth: dict[str, str], pid: int, a: argparse.Namespace
+) -> dict[str, Any]:
+    """Alternate orlik and llama-server, `a.repeats` times each: single stream, then N streams."""
+    oc = [httpx.Client(timeout=600) for _ in range(a.streams)]
+    dc = [httpx.Client(timeout=600, headers=auth) for _ in range(a.streams)]
+    # Warm both (first requests allocate buffers), then alternate so drift hits both alike.
+    single(oc[0], orlik_request(url, 16, 0))
+    single(dc[0], direct_request(direct_url, 16, 0))
+    t = {k: Tally(pid if k[0] == "o" else None) for k in ("os", "ds", "og", "dg")}
+    rates: dict[str, list[float]] = {k: [] for k in t}
+    for r in range(a.repeats):
+        rates["os"].append(rate(t["os"].measure(single, oc[0], orlik_request(url, a.tokens, r))))
+        rates["ds"].append(rate(t["ds"].measure(single, dc[0], direct_request(direct_url, a.tokens, r))))
+        reqs = [orlik_request(url, a.tokens, 100 * r + i) for i in range(a.streams)]
+        rates["og"].append(rate(t["og"].measure(aggregate, oc, reqs)))
+        reqs = [direct_request(direct_url, a.tokens, 100 * r + i) for i in range(a.streams)]
+        rates["dg"].append(rate(t["dg"].measure(aggregate, dc, reqs)))
+    med = statistics.median
+
+    def side(o: str, d: str) -> dict[str, Any]:
+        return {"orlik": round(med(rates[o]), 1), "llama_server": round(med(rates[d]), 1),
+                "runs_orlik": [round(x, 1) for x in rates[o]], "runs_llama_server": [round(x, 1) for x in rates[d]],
+                "orlik_detail": t[o].summary(), "llama_server_detail": t[d].summary()}  # fmt: skip
+
+    return {
+        "single_stream_decode_tok_s": side("os", "ds"),
+        f"aggregate_{a.streams}_streams_tok_s": side("og", "dg"),
+        "ratio_single": round(med(rates["os"]) / med(rates["ds"]), 3),
+        f"ratio_aggregate_{a.streams}": round(med(rates["og"]) / med(rates["dg"]), 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--streams", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     from orlik.serving.runtimes.base import open_source
@@ -113,37 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     direct.start()
     auth = {"Authorization": f"Bearer {direct.key}"}
     res: dict[str, Any] = {"gguf": str(gguf), "threads": a.threads, "tokens": a.tokens, "streams": a.streams,
-                           "llama_server_command": " ".join(direct.command())}  # fmt: skip
+                           "repeats": a.repeats, "llama_server_command": " ".join(direct.command())}  # fmt: skip
+    args = ["--parallel", str(a.streams), "--threads", str(a.threads)]
     try:
-        with orlik_serve([f"m={a.model}"], "--parallel", str(a.streams), "--threads", str(a.threads)) as url:
-            oc = [httpx.Client(timeout=600) for _ in range(a.streams)]
-            dc = [httpx.Client(timeout=600, headers=auth) for _ in range(a.streams)]
-            # Warm both (first requests allocate buffers), then alternate so drift hits both alike.
-            single(oc[0], orlik_request(url, 16, 0))
-            single(dc[0], direct_request(direct.url, 16, 0))
-            s_o, s_d, g_o, g_d = [], [], [], []
-            for r in range(a.repeats):
-                s_o.append(single(oc[0], orlik_request(url, a.tokens, r)))
-                s_d.append(single(dc[0], direct_request(direct.url, a.tokens, r)))
-                g_o.append(
-                    aggregate(oc, [orlik_request(url, a.tokens, 100 * r + i) for i in range(a.streams)])
-                )
-                g_d.append(
-                    aggregate(
-                        dc, [direct_request(direct.url, a.tokens, 100 * r + i) for i in range(a.streams)]
-                    )
-                )
+        with orlik_serve_pid([f"m={a.model}"], *args) as (url, pid):
+            res.update(measure(url, direct.url, auth, pid, a))
     finally:
         direct.stop()
-    med = statistics.median
-    res.update({
-        "single_stream_decode_tok_s": {"orlik": round(med(s_o), 1), "llama_server": round(med(s_d), 1),
-                                       "runs_orlik": [round(x, 1) for x in s_o], "runs_llama_server": [round(x, 1) for x in s_d]},
-        f"aggregate_{a.streams}_streams_tok_s": {"orlik": round(med(g_o), 1), "llama_server": round(med(g_d), 1),
-                                                 "runs_orlik": [round(x, 1) for x in g_o], "runs_llama_server": [round(x, 1) for x in g_d]},
-        "ratio_single": round(med(s_o) / med(s_d), 3),
-        f"ratio_aggregate_{a.streams}": round(med(g_o) / med(g_d), 3),
-    })  # fmt: skip
     text = json.dumps(res, indent=2)
     print(text)
     if a.json:

@@ -36,6 +36,13 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 300.0
 @contextlib.contextmanager
 def orlik_serve(models: list[str], *args: str, log: Path | None = None) -> Iterator[str]:
     """`orlik serve MODELS ARGS --preload` on a free port; yields the base URL."""
+    with orlik_serve_pid(models, *args, log=log) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def orlik_serve_pid(models: list[str], *args: str, log: Path | None = None) -> Iterator[tuple[str, int]]:
+    """As orlik_serve, yielding (base URL, the server's process id) for CPU accounting and chaos."""
     port = free_port()
     cmd = [sys.executable, "-m", "orlik", "serve", *models, "--port", str(port), "--preload", *args]
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
@@ -43,7 +50,7 @@ def orlik_serve(models: list[str], *args: str, log: Path | None = None) -> Itera
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc)
-        yield url
+        yield url, proc.pid
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -46,6 +46,13 @@ def _runtime_options(f: Any) -> Any:
     help="Send a stream chunk at most every this many ms (tokens in between are merged); 0: every token.",
 )
 @click.option(
+    "--stall-timeout",
+    type=float,
+    default=None,
+    help="Seconds a llama-server child may show no sign of life before it is probed; one that "
+    "does not answer is killed and restarted, its requests get 504 [default: 30].",
+)
+@click.option(
     "--verify/--no-verify",
     default=True,
     show_default=True,

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from orlik.serving import http_errors, scoring
 from orlik.serving.engine import Event, GenRequest, Run, Scheduler
+from orlik.serving.faults import unless_gone
 from orlik.serving.formats import ChatFormat, CompletionFormat
 from orlik.serving.metrics import Metrics
 from orlik.serving.models import ModelRegistry, ServedModel
@@ -74,7 +75,15 @@ async def _load(request: Request, name: str | None) -> tuple[ServedModel, Runtim
         name = st.registry.names()[0]
     model = st.registry.get(name)
     request.state.model = model.name
-    return model, await st.registry.ensure_loaded(model)
+    # The lease comes first: a model that a request waits for is never unloaded to make room for
+    # another. The app releases it when the response has been sent, whatever happened.
+    request.state.lease = _Lease(model)
+    rt = model.runtime
+    if rt is not None and rt.alive():
+        return model, await st.registry.ensure_loaded(model)
+    with st.scheduler.waiting_for_load(model.name, st.registry.parallel):
+        load = asyncio.shield(st.registry.ensure_loaded(model))  # others may wait for the same load
+        return model, await unless_gone(load, request.is_disconnected)
 
 
 async def _in_thread(st: ServerState, model: ServedModel, fn: Any, *args: Any) -> Any:
@@ -168,10 +177,10 @@ class _Body:
 
 async def _respond(request: Request, st: ServerState, model: ServedModel, rt: Runtime, gen: GenRequest,
                    fmt: ChatFormat | CompletionFormat, stream: bool, t0: float) -> Response:  # fmt: skip
-    lease = _Lease(model)
+    lease: _Lease = request.state.lease
     try:
         lease.run = run = await st.scheduler.start(
-            rt, st.registry.semaphore(model), gen, t0 + st.scheduler.timeout
+            rt, st.registry.semaphore(model), gen, t0 + st.scheduler.timeout, request.is_disconnected
         )
         # The first event decides the status: an error before any output is still a plain HTTP error.
         first = await run.next()
@@ -234,8 +243,7 @@ async def _sse(request: Request, st: ServerState, model: ServedModel, run: Run, 
             yield f"data: {_dumps(chunk)}\n\n"
         ev = first
         while ev is not None:
-            for chunk in fmt.chunks(ev):
-                yield f"data: {_dumps(chunk)}\n\n"
+            yield fmt.sse(ev)
             if ev.finish_reason is not None:
                 _account(request, st, model, usage, ev, run)
                 if fmt.include_usage:

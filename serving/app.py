@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orlik import __version__
 from orlik.errors import OrlikError
-from orlik.serving import http_errors, scoring
+from orlik.serving import faults, http_errors, scoring
 from orlik.serving.api import ServerState, router
 from orlik.serving.engine import Scheduler
 from orlik.serving.metrics import Metrics
@@ -138,6 +138,9 @@ class Observe:
                 else ("/v1/models" if path.startswith("/v1/models/") else "other")
             )
             state = scope.get("state") or {}
+            lease = state.get("lease")
+            if lease is not None:  # the request's claim on its model ends with its response
+                lease.release()
             model = str(state.get("model", ""))
             self.metrics.request(endpoint, model, int(state.get("stream_error", status[0])))
             if model and endpoint in ("/v1/chat/completions", "/v1/completions") and status[0] == 200:
@@ -158,7 +161,8 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, cors: lis
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
-        yield
+        async with faults.watching(registry):  # restarts a model whose runtime died
+            yield
         scheduler.close()
         registry.close()  # stops llama-server children
 
@@ -189,10 +193,13 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, cors: lis
     app.add_exception_handler(OrlikError, _mapped)
     app.add_exception_handler(Exception, _mapped)
 
-    @app.get("/health", responses={503: {"description": "a loaded model's runtime has died"}})
+    @app.get(
+        "/health", responses={503: {"description": "a loaded model's runtime has died or is restarting"}}
+    )
     async def health() -> JSONResponse:
         models = {m.name: m.state for m in registry.models.values()}
-        dead = [m.name for m in registry.models.values() if m.runtime is not None and not m.runtime.alive()]
+        dead = [m.name for m in registry.models.values()
+                if m.restarting or (m.runtime is not None and not m.runtime.alive())]  # fmt: skip
         body = {"status": "error" if dead else "ok", "models": models, "running": scheduler.running,
                 "queued": scheduler.waiting}  # fmt: skip
         return JSONResponse(body, status_code=503 if dead else 200)

@@ -8,15 +8,17 @@ worker, so a client that disconnects frees its slot within a token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from orlik.errors import OrlikError
+from orlik.serving.faults import unless_gone
 from orlik.serving.runtimes.base import Runtime, Sampling
 from orlik.serving.textstream import IncrementalDetokenizer, StopBuffer
 
@@ -43,6 +45,9 @@ class Event:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" on the last event
     completion_tokens: int = 0
+
+
+Gone = Callable[[], Awaitable[bool]]  # says whether the request's client has disconnected
 
 
 class QueueFull(OrlikError):
@@ -224,32 +229,58 @@ class Scheduler:
         self.stream_interval = float(stream_interval)
         self.waiting = 0
         self.running = 0
+        self._loading: dict[str, int] = {}  # requests waiting for each model's load
         # Each running generation holds one thread while it streams; slots cap them per model.
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="orlik-gen")
 
     def retry_after(self) -> int:
         return max(1, min(30, self.waiting))
 
-    async def acquire(self, sem: asyncio.Semaphore, deadline: float) -> None:
-        """A slot of the model, waiting in the bounded queue if all are busy."""
-        if sem.locked():
-            if self.waiting >= self.queue_size:
-                raise QueueFull(f"server busy: all slots are taken and {self.waiting} requests are queued")
-            self.waiting += 1
-            try:
-                await asyncio.wait_for(sem.acquire(), timeout=max(deadline - time.monotonic(), 0.001))
-            except asyncio.TimeoutError:
-                raise RequestTimeout(
-                    f"the request waited past the server's {self.timeout:g} s timeout"
-                ) from None
-            finally:
-                self.waiting -= 1
-        else:
-            await sem.acquire()
+    def _enqueue(self) -> None:
+        if self.waiting >= self.queue_size:
+            raise QueueFull(f"server busy: all slots are taken and {self.waiting} requests are queued")
+        self.waiting += 1
 
-    async def start(self, runtime: Runtime, sem: asyncio.Semaphore, req: GenRequest, deadline: float) -> Run:
+    async def acquire(self, sem: asyncio.Semaphore, deadline: float, gone: Gone | None = None) -> None:
+        """A slot of the model, waiting in the bounded queue if all are busy; a client that leaves
+        (`gone`) while it waits gives its place up at once."""
+        if not sem.locked():
+            await sem.acquire()
+            return
+        self._enqueue()
+        try:
+            await asyncio.wait_for(
+                unless_gone(sem.acquire(), gone, lambda _: sem.release()),
+                timeout=max(deadline - time.monotonic(), 0.001),
+            )
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the request waited past the server's {self.timeout:g} s timeout") from None
+        finally:
+            self.waiting -= 1
+
+    @contextlib.contextmanager
+    def waiting_for_load(self, model: str, slots: int) -> Iterator[None]:
+        """A request that waits for its model to load: the first `slots` of them will take the
+        model's slots; the others hold places in the queue, as if waiting for a slot."""
+        n = self._loading[model] = self._loading.get(model, 0) + 1
+        queued = n > slots
+        try:
+            if queued:
+                self._enqueue()
+        except BaseException:
+            self._loading[model] -= 1
+            raise
+        try:
+            yield
+        finally:
+            self._loading[model] -= 1
+            if queued:
+                self.waiting -= 1
+
+    async def start(self, runtime: Runtime, sem: asyncio.Semaphore, req: GenRequest, deadline: float,
+                    gone: Gone | None = None) -> Run:  # fmt: skip
         """Take a slot and start generating in a worker thread; the slot frees when the worker ends."""
-        await self.acquire(sem, deadline)
+        await self.acquire(sem, deadline, gone)
         loop = asyncio.get_running_loop()
         run = Run(loop, deadline, self.timeout)
         self.running += 1

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from json.encoder import encode_basestring  # type: ignore[attr-defined]  # C; json.dumps' own
 from typing import Any
 
 from orlik.serving.engine import Event, TokenLogprob
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
 class _Format:
@@ -18,6 +24,26 @@ class _Format:
         self.model, self.want_logprobs, self.include_usage = model, logprobs, include_usage
         self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
+        self._text_sse: tuple[str, str] | None = None
+
+    def _text_choice(self, text: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def sse(self, ev: Event) -> str:
+        """The SSE lines of one event. A text-only event, the one sent per token, is written from a
+        template cut once from a real chunk: the same bytes as dumps(chunk), without building it."""
+        if ev.logprobs or ev.finish_reason is not None or self.want_logprobs or not ev.text:
+            return "".join(f"data: {dumps(c)}\n\n" for c in self.chunks(ev))
+        if self._text_sse is None:
+            mark = "\u0000orlik\u0000"
+            head, tail = f"data: {dumps(self._chunk(self._text_choice(mark)))}\n\n".split(
+                encode_basestring(mark)
+            )
+            self._text_sse = head, tail
+        return self._text_sse[0] + encode_basestring(ev.text) + self._text_sse[1]
+
+    def chunks(self, ev: Event) -> list[dict[str, Any]]:
+        raise NotImplementedError
 
     def _envelope(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -50,6 +76,9 @@ class ChatFormat(_Format):
     def start(self) -> list[dict[str, Any]]:
         return [self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None})]  # fmt: skip
+
+    def _text_choice(self, text: str) -> dict[str, Any]:
+        return {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
 
     def chunks(self, ev: Event) -> list[dict[str, Any]]:
         out = []
@@ -96,6 +125,9 @@ class CompletionFormat(_Format):
         if not self.echo:
             return []
         return [self._chunk({"index": 0, "text": self.echo, "logprobs": None, "finish_reason": None})]
+
+    def _text_choice(self, text: str) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
 
     def chunks(self, ev: Event) -> list[dict[str, Any]]:
         if not (ev.text or ev.logprobs or ev.finish_reason):

@@ -20,9 +20,21 @@ def body(
 def for_exception(exc: BaseException, retry_after: int = 1) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, JSON body, headers) for an exception raised while serving a request."""
     from orlik.serving.engine import QueueFull, RequestTimeout
+    from orlik.serving.faults import BackendDied, BackendStalled, ClientGone
     from orlik.serving.models import ModelNotFound, ServerBusy
 
     msg = str(exc) or type(exc).__name__
+    if isinstance(exc, BackendDied):  # restarting: worth a retry once the model is back
+        log.error("request failed: %s", msg)
+        status = 504 if isinstance(exc, BackendStalled) else 503
+        code = "backend_stalled" if status == 504 else "backend_died"
+        return (
+            status,
+            body(msg, "server_error", status, None, code),
+            {"Retry-After": str(max(2, retry_after))},
+        )
+    if isinstance(exc, ClientGone):
+        return 499, body(msg, "invalid_request_error", 499, None, "client_closed_request"), {}
     if isinstance(exc, ModelNotFound):
         return 404, body(msg, "invalid_request_error", 404, "model", "model_not_found"), {}
     if isinstance(exc, QueueFull):

@@ -56,11 +56,14 @@ class ServedModel:
     active: int = 0  # requests holding or waiting for this model
     last_used: float = 0.0
     load_seconds: float | None = None
+    restarting: bool = False  # its runtime failed and a fresh one is loading (serving/faults.py)
     _sem: asyncio.Semaphore | None = None
     _load_lock: asyncio.Lock | None = None
 
     @property
     def state(self) -> str:
+        if self.restarting:
+            return "restarting"
         return "loaded" if self.runtime is not None else "unloaded"
 
     def card(self) -> dict[str, Any]:
@@ -147,12 +150,13 @@ def _quiet_libraries() -> None:
 class ModelRegistry:
     def __init__(self, specs: list[str], *, parallel: int = 4, memory_budget: int | None = None,
                  chat_template: Path | None = None, threads: int | None = None, n_ctx: int | None = None,
-                 verify: bool = True) -> None:  # fmt: skip
+                 stall_timeout: float | None = None, verify: bool = True) -> None:  # fmt: skip
         if not specs:
             raise InputError(
                 "give at least one model (a variant directory, an FP16 checkpoint or a .gguf file)"
             )
         self.parallel, self.budget, self.threads, self.n_ctx = int(parallel), memory_budget, threads, n_ctx
+        self.stall_timeout = stall_timeout  # for runtimes with a child process (llama-server)
         self.models: dict[str, ServedModel] = {}
         for spec in specs:
             name, _, p = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
@@ -212,7 +216,7 @@ class ModelRegistry:
                 if model.format == "fp16":
                     _quiet_libraries()
                 model.runtime = cls.load(model.source, parallel=self.parallel, threads=self.threads,
-                                         n_ctx=self.n_ctx, alias=model.name)  # fmt: skip
+                                         n_ctx=self.n_ctx, alias=model.name, stall_timeout=self.stall_timeout)  # fmt: skip
                 model.load_seconds = round(time.monotonic() - t0, 2)
             model.last_used = time.monotonic()
             return model.runtime

@@ -10,6 +10,7 @@ from typing import Any
 
 from orlik import progress
 from orlik.errors import InputError
+from orlik.serving.runtimes.llamaserver_child import STALL_TIMEOUT
 
 log = logging.getLogger("orlik.serving")
 
@@ -35,7 +36,7 @@ def build(models: list[str], *, api_key: str | None = None, queue_size: int = 8,
           timeout: float = 120.0, memory_budget: str | None = None, chat_template: Path | None = None,
           cors: list[str] | None = None, threads: int | None = None, ctx_size: int | None = None,
           max_body: int = 4 << 20, preload: bool = False, stream_interval_ms: float = 10.0,
-          verify: bool = True) -> Any:  # fmt: skip
+          stall_timeout: float | None = None, verify: bool = True) -> Any:  # fmt: skip
     """The ASGI app for `models` (paths, or NAME=PATH); also what the tests and benchmarks serve."""
     from orlik.serving.app import create_app
     from orlik.serving.models import ModelRegistry, parse_bytes
@@ -45,11 +46,14 @@ def build(models: list[str], *, api_key: str | None = None, queue_size: int = 8,
         raise InputError("--parallel must be >= 1, --queue-size >= 0, --timeout > 0 and --max-body >= 1024")
     if not 0 <= stream_interval_ms <= 1000:
         raise InputError("--stream-interval must be within 0..1000 ms")
+    stall_timeout = STALL_TIMEOUT if stall_timeout is None else stall_timeout
+    if not 0.5 <= stall_timeout <= 3600:
+        raise InputError("--stall-timeout must be within 0.5..3600 s")
     if ctx_size is not None and ctx_size < 16:
         raise InputError("--ctx-size must be at least 16 tokens")
     budget = parse_bytes(memory_budget) if memory_budget else None
     registry = ModelRegistry(models, parallel=parallel, memory_budget=budget, chat_template=chat_template,
-                             threads=threads, n_ctx=ctx_size, verify=verify)  # fmt: skip
+                             threads=threads, n_ctx=ctx_size, stall_timeout=stall_timeout, verify=verify)  # fmt: skip
     try:
         if preload:
             for m in registry.models.values():

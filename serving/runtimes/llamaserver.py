@@ -9,145 +9,22 @@ gets SIGTERM from the kernel if orlik is killed.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
+import http.client
 import json
-import os
-import secrets
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, MissingDependencyError, ToolError
 from orlik.manifest import Variant
+from orlik.serving.faults import BackendDied, BackendStalled
 from orlik.serving.runtimes.base import Runtime, Sampling, Token
 from orlik.serving.runtimes.llamacpp import gguf_file
+from orlik.serving.runtimes.llamaserver_child import STALL_TIMEOUT, LlamaServer, StallWatch, free_port
 
-_PR_SET_PDEATHSIG = 1
-_live: set[LlamaServer] = set()
-_live_lock = threading.Lock()
-
-
-def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # Linux: the kernel sends SIGTERM to the child when the thread that started it dies, so a
-    # SIGKILLed orlik leaves no orphan. Servers are started from long-lived threads only.
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-try:  # resolved in the parent: nothing is loaded between fork and exec
-    _PRCTL: Any = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-except (OSError, AttributeError):
-    _PRCTL = None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class LlamaServer:
-    """One llama-server process: start, health-check, stop."""
-
-    def __init__(self, gguf: Path, *, parallel: int, threads: int | None, ctx_per_slot: int | None,
-                 alias: str = "orlik") -> None:  # fmt: skip
-        self.gguf, self.parallel, self.threads = Path(gguf), int(parallel), threads
-        self.ctx_per_slot, self.alias = ctx_per_slot, alias
-        self.key = secrets.token_urlsafe(24)  # nobody else on the machine can use the child
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        self.log_path: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def command(self) -> list[str]:
-        from orlik import llamacpp
-
-        cmd = [str(llamacpp.tool("llama-server")), "-m", str(self.gguf), "--host", "127.0.0.1",
-               "--port", str(self.port), "-np", str(self.parallel), "--no-webui", "-a", self.alias,
-               "--no-kv-unified"]  # fmt: skip
-        if self.ctx_per_slot:
-            # llama-server splits -c across slots; each request gets ctx_per_slot.
-            cmd += ["-c", str(self.ctx_per_slot * self.parallel)]
-        if self.threads:
-            cmd += ["-t", str(self.threads), "-tb", str(self.threads)]
-        return cmd
-
-    def start(self, timeout: float = 180.0) -> None:
-        import httpx
-
-        for attempt in range(3):  # a free port can be taken between probing and binding
-            self.port = free_port()
-            fd, log = tempfile.mkstemp(prefix="orlik-llama-server-", suffix=".log")
-            self.log_path = Path(log)
-            env = {**os.environ, "LLAMA_API_KEY": self.key}
-            with os.fdopen(fd, "wb") as logf:
-                self.proc = subprocess.Popen(
-                    self.command(), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                    env=env, start_new_session=True, preexec_fn=_pdeathsig,
-                )  # fmt: skip
-            with _live_lock:
-                _live.add(self)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    break
-                try:
-                    r = httpx.get(f"{self.url}/health", timeout=2.0)
-                    if r.status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)
-            tail = self.log_tail()
-            self.stop()
-            if "bind" in tail.lower() and attempt < 2:
-                continue
-            raise ToolError(f"llama-server did not become healthy for {self.gguf.name}: {tail}")
-
-    def log_tail(self, lines: int = 3) -> str:
-        if self.log_path is None or not self.log_path.is_file():
-            return "(no log)"
-        text = self.log_path.read_text(errors="replace").strip().splitlines()
-        return " | ".join(text[-lines:]) or "(empty log)"
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        with _live_lock:
-            _live.discard(self)
-        if self.log_path is not None:
-            self.log_path.unlink(missing_ok=True)
-            self.log_path = None
-
-
-@atexit.register
-def _stop_all() -> None:
-    with _live_lock:
-        servers = list(_live)
-    for s in servers:
-        s.stop()
+__all__ = ["RUNTIME", "LlamaServer", "LlamaServerRuntime", "free_port", "gguf_file"]
 
 
 class LlamaServerRuntime(Runtime):
@@ -155,10 +32,12 @@ class LlamaServerRuntime(Runtime):
     formats = ("gguf",)
     supports_json_schema = True  # llama.cpp turns the schema into a GBNF grammar
 
-    def __init__(self, server: LlamaServer, meta: Any) -> None:
+    def __init__(self, server: LlamaServer, meta: Any, stall_timeout: float = STALL_TIMEOUT) -> None:
         import httpx
 
         self.server, self.meta = server, meta
+        self.watch = StallWatch(server, stall_timeout)
+        self._headers = {"Authorization": f"Bearer {server.key}", "Content-Type": "application/json"}
         self.client = httpx.Client(
             base_url=server.url, headers={"Authorization": f"Bearer {server.key}"},
             timeout=httpx.Timeout(None, connect=10.0),
@@ -168,6 +47,7 @@ class LlamaServerRuntime(Runtime):
         self._n_ctx = int(models.get("n_ctx") or meta.n_ctx_train)
         self._n_vocab = int(models.get("n_vocab") or meta.n_vocab)
         self._pieces: dict[int, bytes] = {}
+        self.watch.start()
 
     @classmethod
     def missing(cls) -> str | None:
@@ -192,7 +72,7 @@ class LlamaServerRuntime(Runtime):
                              ctx_per_slot=options.get("n_ctx"), alias=str(options.get("alias") or path.stem))  # fmt: skip
         server.start()
         try:
-            return cls(server, meta)
+            return cls(server, meta, float(options.get("stall_timeout") or STALL_TIMEOUT))
         except BaseException:
             server.stop()
             raise
@@ -203,7 +83,8 @@ class LlamaServerRuntime(Runtime):
         try:
             r = self.client.request(method, url, json=body)
         except httpx.HTTPError as e:
-            raise ToolError(f"llama-server ({self.server.gguf.name}) is unreachable: {e}") from None
+            raise self._failure(e, "is unreachable") from None
+        self.watch.last = time.monotonic()
         if r.status_code != 200:
             raise _error(r.status_code, r.text)
         return r.json()
@@ -265,29 +146,64 @@ class LlamaServerRuntime(Runtime):
         return body
 
     def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
-        import httpx
+        for d in self._events(self.request_body(tokens, sampling)):
+            ids = d.get("tokens") or []
+            probs = d.get("completion_probabilities")
+            if probs or len(ids) != 1:
+                probs = probs or []
+                for i, tid in enumerate(ids):
+                    yield self._token(int(tid), d.get("content", "") if i == len(ids) - 1 else "", probs, i)
+            else:  # the per-token case: llama-server's own text delta, relayed as it is
+                yield Token(id=int(ids[0]), text=d.get("content", ""))
+            if d.get("stop"):
+                return
 
-        body = self.request_body(tokens, sampling)
+    def _events(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """llama-server's /completion stream, one parsed event at a time, until its final one.
+
+        Read with the standard library's http.client on a connection of its own: each read1()
+        returns what the child has sent (one event, or several when orlik is behind), which costs a
+        fraction of httpx's line iterator per token. Closing the generator closes the connection,
+        so llama-server stops generating for a client that left.
+        """
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.port)
+        watch = self.watch
         try:
-            with self.client.stream("POST", "/completion", json=body) as r:
-                if r.status_code != 200:
-                    raise _error(r.status_code, r.read().decode("utf-8", "replace"))
-                for line in r.iter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    d = json.loads(line[6:])
-                    if "error" in d:
-                        raise _error(int(d["error"].get("code", 500)), json.dumps(d))
-                    ids = d.get("tokens") or []
-                    probs = d.get("completion_probabilities") or []
-                    for i, tid in enumerate(ids):
-                        yield self._token(
-                            int(tid), d.get("content", "") if i == len(ids) - 1 else "", probs, i
-                        )
-                    if d.get("stop"):
-                        return
-        except httpx.HTTPError as e:
-            raise ToolError(f"llama-server ({self.server.gguf.name}) failed mid-request: {e}") from None
+            conn.request("POST", "/completion", json.dumps(body).encode(), self._headers)
+            r = conn.getresponse()
+            if r.status != 200:
+                raise _error(r.status, r.read().decode("utf-8", "replace"))
+            buf = b""
+            while data := r.read1(65536):
+                watch.last = time.monotonic()  # a sign of life for the stall watch
+                *events, buf = (buf + data).split(b"\n\n")
+                for e in events:
+                    if e.startswith(b"data: "):
+                        d = json.loads(e[6:])
+                        if "error" in d:
+                            raise _error(int(d["error"].get("code", 500)), json.dumps(d))
+                        yield d
+                        if d.get("stop"):
+                            return
+                    elif e.startswith(b"error: "):
+                        raise _error(500, e[7:].decode("utf-8", "replace"))
+            raise self._failure(EOFError("the stream ended before its final event"), "failed mid-request")
+        except (http.client.HTTPException, OSError) as e:
+            raise self._failure(e, "failed mid-request") from None
+        finally:
+            conn.close()
+
+    def _failure(self, e: Exception, what: str) -> Exception:
+        """A dead or hung child is a 503/504 with Retry-After (it is being restarted); else a 500."""
+        name = self.server.gguf.name
+        code = self.server.exit_code(wait=1.0)  # the socket can close just before the exit is seen
+        if self.server.stalled:
+            return BackendStalled(f"llama-server ({name}) stopped responding ({self.server.stalled}); "
+                                  "orlik killed it and is restarting it, retry shortly")  # fmt: skip
+        if code is not None:
+            return BackendDied(f"llama-server ({name}) ended mid-request (exit status {code}); "
+                               "orlik is restarting it, retry shortly")  # fmt: skip
+        return ToolError(f"llama-server ({name}) {what}: {e}")
 
     def _token(self, tid: int, text: str, probs: list[dict[str, Any]], i: int) -> Token:
         if i >= len(probs):
@@ -303,6 +219,7 @@ class LlamaServerRuntime(Runtime):
         return Token(id=tid, logprob=float(p.get("logprob", 0.0)), top_logprobs=top, text=text)
 
     def close(self) -> None:
+        self.watch.close()
         with contextlib.suppress(Exception):
             self.client.close()
         self.server.stop()
