@@ -195,7 +195,7 @@ def test_full_disk_under_hqq_is_one_line(tiny_checkpoint: Path, tmp_path: Path) 
     out.mkdir()
     script = 'mount -t tmpfs -o size=256k tmpfs "$1" && shift && exec "$@"'
     cmd = ["unshare", "--mount", "--map-root-user", "sh", "-c", script, "sh", str(out),
-           sys.executable, "-m", "orlik", "quantize", str(tiny_checkpoint), "--recipe", "hqq-4bit-g64",
+           sys.executable, "-m", "orlik", "-q", "quantize", str(tiny_checkpoint), "--recipe", "hqq-4bit-g64",
            "--out", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
