@@ -33,7 +33,7 @@ def losses(out: Path) -> list[float]:
     ("extra", "message"),
     [
         (["--arch", "gpt5"], "unknown architecture 'gpt5'; valid: llama, mistral, qwen2"),
-        (["--size", "huge"], "unknown size 'huge'; valid: small, tiny"),
+        (["--size", "huge"], "unknown size 'huge'; valid: .*small, tiny"),
         (["--corpus", "{tmp}/no-such-corpus"], "corpus directory .*no-such-corpus does not exist"),
         (["--corpus", "{tmp}/empty-corpus"], "no corpus documents under .*empty-corpus"),
         (["--corpus", "{tmp}/train-only"], "has no held-out documents to evaluate on"),
