@@ -123,9 +123,12 @@ class Variant:
         missing = [rel for rel in self.files if not (base / rel).is_file()]
         if missing:
             raise ManifestError(f"{base}: file(s) listed in {MANIFEST} are missing: {', '.join(missing)}")
-        size = sum((base / rel).stat().st_size for rel in self.files)
-        if size != self.bytes:
-            raise ManifestError(f"{base}: files hold {size} bytes, {MANIFEST} records {self.bytes} (truncated "
+        sizes = {rel: (base / rel).stat().st_size for rel in self.files}
+        weights = sum(n for rel, n in sizes.items() if rel.endswith(WEIGHT_SUFFIXES))
+        # `bytes` counts every file for directory formats and the model file alone for GGUF (its
+        # llama-quantize log is listed too): either total must match.
+        if self.bytes not in (sum(sizes.values()), weights):
+            raise ManifestError(f"{base}: files hold {sum(sizes.values())} bytes, {MANIFEST} records {self.bytes} (truncated "
                                 "or replaced?); rebuild it with `orlik quantize`")  # fmt: skip
         bad = self.verify(base) if hashes else []
         if bad:
@@ -136,6 +139,9 @@ class Variant:
         """The primary weights file (the first listed), for single-file formats such as GGUF."""
         assert self.path is not None
         return self.path / next(iter(self.files))
+
+
+WEIGHT_SUFFIXES = (".gguf", ".safetensors")
 
 
 def _escapes(name: str) -> bool:

@@ -132,15 +132,15 @@ def with_options(recipes: Sequence[Recipe], options: Sequence[tuple[str, str]] =
     the options its backend reads (a key no recipe in the plan reads is refused, as a typo would be)."""
     if not options:
         return list(recipes)
-    tables = {r.format: backend_class(r.format).options for r in recipes}
+    tables = [backend_class(r.format).options_for(r) for r in recipes]
     for key, _ in options:
-        if not any(key in t for t in tables.values()):
-            known = sorted({k for t in tables.values() for k in t})
-            raise InputError(f"no recipe here reads option {key!r}; the {'/'.join(tables)} backend(s) read: "
+        if not any(key in t for t in tables):
+            known = sorted({k for t in tables for k in t})
+            formats = "/".join(dict.fromkeys(r.format for r in recipes))
+            raise InputError(f"no recipe here reads option {key!r}; the {formats} backend(s) read: "
                              f"{', '.join(known) or 'none'}")  # fmt: skip
     out = []
-    for r in recipes:
-        table = tables[r.format]
+    for r, table in zip(recipes, tables):
         mine = {k: _option_value(k, v, table[k]) for k, v in options if k in table}
         out.append(dataclasses.replace(r, options={**r.options, **mine}) if mine else r)
     return out

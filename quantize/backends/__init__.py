@@ -36,6 +36,11 @@ class Backend(ABC):
     options: dict[str, type] = {}
 
     @classmethod
+    def options_for(cls, recipe: Recipe) -> dict[str, type]:
+        """The options `recipe` reads (all of the backend's unless a backend narrows it)."""
+        return cls.options
+
+    @classmethod
     def missing(cls) -> str | None:
         """Why this backend cannot run here, with the exact install line; None when it can."""
         return None

@@ -84,6 +84,11 @@ class GGUFBackend(Backend):
     options = {"sens_tokens": int, "sens_seq_len": int, "sens_rows": float, "seed": int, "types": str,
                "measure_tokens": int}  # fmt: skip
 
+    @classmethod
+    def options_for(cls, recipe: Recipe) -> dict[str, type]:
+        # stock types take no options: recording one would only rebuild an identical file
+        return cls.options if recipe.options.get("auto") else {}
+
     def __init__(self) -> None:
         self.on_progress: Any = None  # callable(done, total) set by the driver for per-tensor progress
 
