@@ -140,7 +140,7 @@ def with_options(recipes: Sequence[Recipe], options: Sequence[tuple[str, str]] =
             raise InputError(f"no recipe here reads option {key!r}; the {formats} backend(s) read: "
                              f"{', '.join(known) or 'none'}")  # fmt: skip
     out = []
-    for r, table in zip(recipes, tables):
+    for r, table in zip(recipes, tables, strict=True):
         mine = {k: _option_value(k, v, table[k]) for k, v in options if k in table}
         out.append(dataclasses.replace(r, options={**r.options, **mine}) if mine else r)
     return out
