@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from orlik import corpus
+from orlik import corpus, paths
 from orlik.calibration import build as calib
 from orlik.calibration import dedup, langid
 from orlik.errors import InputError
@@ -252,7 +252,8 @@ def test_cli_default_out_and_rebuild_keeps_other_files(checkpoint_copy: Path, or
     code, out, err = orlik_cli(*[*build, "--tokens", "800", "--no-chat", "--no-parallel"])
     assert code == 0, err
     res = json.loads(out)
-    calib_dir = checkpoint_copy.parent / "calib"
+    calib_dir = paths.calib_dir(checkpoint_copy)  # the one rule: <ckpt>-orlik/calib for this folder
+    assert calib_dir == checkpoint_copy.parent / f"{checkpoint_copy.name}-orlik" / "calib"
     assert Path(res["out"]) == calib_dir.resolve() and res["tokens_by_source"] == {"corpus": res["tokens"]}
     (calib_dir / "imatrix.gguf").write_bytes(b"not ours")
     code, out, err = orlik_cli(*[*build, "--tokens", "900"])
