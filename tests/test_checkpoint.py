@@ -67,7 +67,7 @@ def missing_shard(ckpt: Path) -> None:
         (garbage_header_json, r"corrupt safetensors file .*model.safetensors"),
         (pickle_only, r"holds only pickle weights \(pytorch_model.bin\); orlik loads safetensors only"),
         (no_config, r"has no config.json; is it a Hugging Face model directory\?"),
-        (bad_config, r"config.json is not valid JSON"),
+        (bad_config, r"config.json is not valid UTF-8 JSON: "),
         (no_tokenizer, r"has no tokenizer \(tokenizer.json or tokenizer.model\)"),
         (missing_shard, r"is missing shards: model-00002-of-00002.safetensors"),
     ],
