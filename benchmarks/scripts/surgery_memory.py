@@ -1,8 +1,8 @@
 """Peak memory and speed of `orlik data clean` and `orlik train merge|upscale`, each run as its own
 process (the peak is wait4's ru_maxrss of that process alone).
 
-    python -m orlik.benchmarks.surgery_memory clean --megabytes 100
-    python -m orlik.benchmarks.surgery_memory merge TOKENIZER_SOURCE --shape medium   # ~574M random
+    python -m orlik.benchmarks.scripts.surgery_memory clean --megabytes 100
+    python -m orlik.benchmarks.scripts.surgery_memory merge TOKENIZER_SOURCE --shape medium   # ~574M random
 
 clean: a dirty corpus of the project's sentences with known damage (training/data/synth.py), at
 two sizes, to show that memory does not grow with the input. merge: two random-weight FP16 llama

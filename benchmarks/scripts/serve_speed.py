@@ -6,7 +6,7 @@ throughput of N concurrent streams, and orlik's ratio to llama-server for each (
 repeats), with the p50/p99 gap between text chunks on both sides and the CPU seconds orlik's own
 process (not its llama-server child) spends per 1,000 streamed tokens.
 
-    python -m orlik.benchmarks.serve_speed runs/tiny/variants/Q8_0 --threads 2 --tokens 256 --streams 4 --repeats 5
+    python -m orlik.benchmarks.scripts.serve_speed runs/tiny/variants/Q8_0 --threads 2 --tokens 256 --streams 4 --repeats 5
 """
 
 from __future__ import annotations

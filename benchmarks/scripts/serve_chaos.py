@@ -5,7 +5,7 @@ that meets a dead child gets a clean 503 (or an error event in its stream), neve
 kill the server restarts the child by itself. Reports the requests sent, the status counts, hangs
 and the time to recover after each kill (until /health is 200 again, and until the next 200).
 
-    python -m orlik.benchmarks.serve_chaos runs/tiny/variants/Q4_K_M --requests 300 --duration 120
+    python -m orlik.benchmarks.scripts.serve_chaos runs/tiny/variants/Q4_K_M --requests 300 --duration 120
 """
 
 from __future__ import annotations
