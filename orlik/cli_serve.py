@@ -7,11 +7,15 @@ from typing import Any
 
 import click
 
+from orlik.cli_common import Constant
+
+_SERVER, _CHAT = "orlik.serving.server", "orlik.serving.chat"  # whose constants are the defaults
+
 
 def _runtime_options(f: Any) -> Any:
     """Options `orlik serve` and `orlik chat` share."""
     for opt in reversed([
-        click.option("--parallel", default=4, show_default=True, help="Concurrent generations (slots) per model."),
+        click.option("--parallel", type=int, default=Constant(_SERVER, "PARALLEL"), show_default=True, help="Concurrent generations (slots) per model."),
         click.option("--threads", default=None, type=int, help="CPU threads per model (default: all cores)."),
         click.option("--ctx-size", default=None, type=int, help="Context per request in tokens (default: the model's)."),
         click.option("--chat-template", type=click.Path(path_type=Path), default=None,
@@ -23,34 +27,50 @@ def _runtime_options(f: Any) -> Any:
 
 @click.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
-@click.option("--port", default=8080, show_default=True)
+@click.option(
+    "--host", default=Constant(_SERVER, "HOST"), show_default=True, help="Bind address (loopback by default)."
+)
+@click.option("--port", type=int, default=Constant(_SERVER, "PORT"), show_default=True)
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' [env: ORLIK_API_KEY].")
 @click.option(
-    "--queue-size", default=8, show_default=True, help="Requests that may wait for a slot; more get 429."
+    "--queue-size",
+    type=int,
+    default=Constant(_SERVER, "QUEUE_SIZE"),
+    show_default=True,
+    help="Requests that may wait for a slot; more get 429.",
 )
 @click.option(
-    "--timeout", default=120.0, show_default=True, help="Seconds a request may take, queueing included."
+    "--timeout",
+    type=float,
+    default=Constant(_SERVER, "TIMEOUT"),
+    show_default=True,
+    help="Seconds a request may take, queueing included.",
 )
 @click.option("--memory-budget", default=None, help="e.g. 8G: unload idle models to stay under it.")
 @click.option("--cors", multiple=True, help="Allow this browser origin (repeatable); CORS is off by default.")
 @click.option(
-    "--max-body", default=4 << 20, show_default=True, help="Largest request body in bytes (413 above)."
+    "--max-body",
+    type=int,
+    default=Constant(_SERVER, "MAX_BODY"),
+    show_default=True,
+    help="Largest request body in bytes (413 above).",
 )
 @click.option("--preload", is_flag=True, help="Load every model at startup instead of at its first request.")
 @click.option(
     "--stream-interval",
     "stream_interval_ms",
-    default=10.0,
+    type=float,
+    default=Constant(_SERVER, "STREAM_INTERVAL_MS"),
     show_default=True,
     help="Send a stream chunk at most every this many ms (tokens in between are merged); 0: every token.",
 )
 @click.option(
     "--stall-timeout",
     type=float,
-    default=None,
+    default=Constant("orlik.serving.runtimes.llamaserver_child", "STALL_TIMEOUT"),
+    show_default=True,
     help="Seconds a llama-server child may show no sign of life before it is probed; one that "
-    "does not answer is killed and restarted, its requests get 504 [default: 30].",
+    "does not answer is killed and restarted, its requests get 504.",
 )
 @click.option(
     "--verify/--no-verify",
@@ -73,9 +93,11 @@ def serve(models: tuple[str, ...], cors: tuple[str, ...], **kw: Any) -> None:
 @click.command()
 @click.argument("model")
 @click.option("--system", default=None, help="System prompt.")
-@click.option("--temperature", default=0.7, show_default=True)
-@click.option("--top-p", default=0.95, show_default=True)
-@click.option("--max-tokens", default=512, show_default=True, help="Per reply.")
+@click.option("--temperature", type=float, default=Constant(_CHAT, "TEMPERATURE"), show_default=True)
+@click.option("--top-p", type=float, default=Constant(_CHAT, "TOP_P"), show_default=True)
+@click.option(
+    "--max-tokens", type=int, default=Constant(_CHAT, "MAX_TOKENS"), show_default=True, help="Per reply."
+)
 @click.option("--seed", default=None, type=int)
 @_runtime_options
 def chat(model: str, **kw: Any) -> None:

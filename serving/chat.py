@@ -20,10 +20,11 @@ from orlik.serving.prompts import budget, chat_tokens, check_text
 from orlik.serving.runtimes.base import Sampling
 
 HELP = "commands: /reset (forget the conversation), /system TEXT, /exit"
+TEMPERATURE, TOP_P, MAX_TOKENS = 0.7, 0.95, 512  # `orlik chat`'s sampling defaults (max_tokens per reply)
 
 
-def run(model: str, *, system: str | None = None, temperature: float = 0.7, top_p: float = 0.95,
-        max_tokens: int = 512, seed: int | None = None, parallel: int = 1, threads: int | None = None,
+def run(model: str, *, system: str | None = None, temperature: float = TEMPERATURE, top_p: float = TOP_P,
+        max_tokens: int = MAX_TOKENS, seed: int | None = None, parallel: int = 1, threads: int | None = None,
         ctx_size: int | None = None, chat_template: Path | None = None,
         stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:  # fmt: skip
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout

@@ -14,6 +14,15 @@ from orlik.serving.runtimes.llamaserver_child import STALL_TIMEOUT
 
 log = logging.getLogger("orlik.serving")
 
+# `orlik serve`'s defaults, read by its options in orlik/cli_serve.py (the stall timeout's is
+# llamaserver_child.STALL_TIMEOUT).
+HOST, PORT = "127.0.0.1", 8080
+PARALLEL = 4  # concurrent generations (slots) per model
+QUEUE_SIZE = 8  # requests that may wait for a slot; more get 429
+TIMEOUT = 120.0  # seconds a request may take, queueing included
+MAX_BODY = 4 << 20  # bytes
+STREAM_INTERVAL_MS = 10.0  # tokens arriving within this are merged into one stream chunk
+
 
 def _loopback(host: str) -> bool:
     if host == "localhost":
@@ -32,11 +41,12 @@ def _check_api_key(key: str | None) -> None:
                          "characters reliably); choose another --api-key / ORLIK_API_KEY")  # fmt: skip
 
 
-def build(models: list[str], *, api_key: str | None = None, queue_size: int = 8, parallel: int = 4,
-          timeout: float = 120.0, memory_budget: str | None = None, chat_template: Path | None = None,
-          cors: list[str] | None = None, threads: int | None = None, ctx_size: int | None = None,
-          max_body: int = 4 << 20, preload: bool = False, stream_interval_ms: float = 10.0,
-          stall_timeout: float | None = None, verify: bool = True) -> Any:  # fmt: skip
+def build(models: list[str], *, api_key: str | None = None, queue_size: int = QUEUE_SIZE,
+          parallel: int = PARALLEL, timeout: float = TIMEOUT, memory_budget: str | None = None,
+          chat_template: Path | None = None, cors: list[str] | None = None, threads: int | None = None,
+          ctx_size: int | None = None, max_body: int = MAX_BODY, preload: bool = False,
+          stream_interval_ms: float = STREAM_INTERVAL_MS, stall_timeout: float | None = None,
+          verify: bool = True) -> Any:  # fmt: skip
     """The ASGI app for `models` (paths, or NAME=PATH); also what the tests and benchmarks serve."""
     from orlik.serving.app import create_app
     from orlik.serving.models import ModelRegistry, parse_bytes
@@ -66,7 +76,7 @@ def build(models: list[str], *, api_key: str | None = None, queue_size: int = 8,
         raise
 
 
-def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info",
+def serve(models: list[str], *, host: str = HOST, port: int = PORT, log_level: str = "info",
           **options: Any) -> None:  # fmt: skip
     import uvicorn
 
