@@ -41,12 +41,20 @@ def orlik_serve(models: list[str], *args: str, log: Path | None = None) -> Itera
 
 
 @contextlib.contextmanager
-def orlik_serve_pid(models: list[str], *args: str, log: Path | None = None) -> Iterator[tuple[str, int]]:
-    """As orlik_serve, yielding (base URL, the server's process id) for CPU accounting and chaos."""
+def orlik_serve_pid(
+    models: list[str], *args: str, log: Path | None = None, checkout: Path | None = None
+) -> Iterator[tuple[str, int]]:
+    """As orlik_serve, yielding (base URL, the server's process id) for CPU accounting and chaos.
+
+    `checkout`: serve with the `orlik` package found there (another version; the server runs there
+    and has it on PYTHONPATH, since `python -m` puts the working directory first on sys.path)."""
     port = free_port()
     cmd = [sys.executable, "-m", "orlik", "serve", *models, "--port", str(port), "--preload", *args]
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "ORLIK_QUIET": "1"})
+    env = {**os.environ, "ORLIK_QUIET": "1"}
+    if checkout is not None:
+        env["PYTHONPATH"] = str(checkout)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=checkout)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc)

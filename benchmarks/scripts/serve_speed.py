@@ -12,8 +12,11 @@ process (not its llama-server child) spends per 1,000 streamed tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -144,37 +147,59 @@ def aggregate(
     return out
 
 
-def measure(
-    url: str, direct_url: str, auth: dict[str, str], pid: int, a: argparse.Namespace
-) -> dict[str, Any]:
-    """Alternate orlik and llama-server, `a.repeats` times each: single stream, then N streams."""
-    oc = [httpx.Client(timeout=600) for _ in range(a.streams)]
-    dc = [httpx.Client(timeout=600, headers=auth) for _ in range(a.streams)]
-    # Warm both (first requests allocate buffers), then alternate so drift hits both alike.
-    single(oc[0], orlik_request(url, 16, 0))
-    single(dc[0], direct_request(direct_url, 16, 0))
-    t = {k: Tally(pid if k[0] == "o" else None) for k in ("os", "ds", "og", "dg")}
+def measure(url: str, direct_url: str, auth: dict[str, str], pid: int, a: argparse.Namespace,
+            baseline: tuple[str, int] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Alternate orlik and llama-server (and the baseline orlik, if any), `a.repeats` times each:
+    single stream, then N streams."""
+    sides = {"o": (url, pid, orlik_request), "d": (direct_url, None, direct_request)}
+    if baseline is not None:
+        sides["b"] = (baseline[0], baseline[1], orlik_request)
+    clients = {k: [httpx.Client(timeout=600, headers=auth if k == "d" else None) for _ in range(a.streams)]
+               for k in sides}  # fmt: skip
+    # Warm each side (first requests allocate buffers), then alternate so drift hits all alike.
+    for k, (u, _, req) in sides.items():
+        single(clients[k][0], req(u, 16, 0))
+    t = {k + m: Tally(p) for k, (_, p, _) in sides.items() for m in "sg"}
     rates: dict[str, list[float]] = {k: [] for k in t}
     for r in range(a.repeats):
-        rates["os"].append(rate(t["os"].measure(single, oc[0], orlik_request(url, a.tokens, r))))
-        rates["ds"].append(rate(t["ds"].measure(single, dc[0], direct_request(direct_url, a.tokens, r))))
-        reqs = [orlik_request(url, a.tokens, 100 * r + i) for i in range(a.streams)]
-        rates["og"].append(rate(t["og"].measure(aggregate, oc, reqs)))
-        reqs = [direct_request(direct_url, a.tokens, 100 * r + i) for i in range(a.streams)]
-        rates["dg"].append(rate(t["dg"].measure(aggregate, dc, reqs)))
+        for k, (u, _, req) in sides.items():
+            rates[k + "s"].append(rate(t[k + "s"].measure(single, clients[k][0], req(u, a.tokens, r))))
+        for k, (u, _, req) in sides.items():
+            reqs = [req(u, a.tokens, 100 * r + i) for i in range(a.streams)]
+            rates[k + "g"].append(rate(t[k + "g"].measure(aggregate, clients[k], reqs)))
     med = statistics.median
 
-    def side(o: str, d: str) -> dict[str, Any]:
-        return {"orlik": round(med(rates[o]), 1), "llama_server": round(med(rates[d]), 1),
-                "runs_orlik": [round(x, 1) for x in rates[o]], "runs_llama_server": [round(x, 1) for x in rates[d]],
-                "orlik_detail": t[o].summary(), "llama_server_detail": t[d].summary()}  # fmt: skip
+    def side(m: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, name in (("o", "orlik"), ("d", "llama_server"), ("b", "orlik_baseline")):
+            if k in sides:
+                out[name] = round(med(rates[k + m]), 1)
+                out[f"runs_{name}"] = [round(x, 1) for x in rates[k + m]]
+                out[f"{name}_detail"] = t[k + m].summary()
+        return out
 
-    return {
-        "single_stream_decode_tok_s": side("os", "ds"),
-        f"aggregate_{a.streams}_streams_tok_s": side("og", "dg"),
+    res = {
+        "single_stream_decode_tok_s": side("s"),
+        f"aggregate_{a.streams}_streams_tok_s": side("g"),
         "ratio_single": round(med(rates["os"]) / med(rates["ds"]), 3),
         f"ratio_aggregate_{a.streams}": round(med(rates["og"]) / med(rates["dg"]), 3),
     }
+    if baseline is not None:
+        res["ratio_single_baseline"] = round(med(rates["bs"]) / med(rates["ds"]), 3)
+        res[f"ratio_aggregate_{a.streams}_baseline"] = round(med(rates["bg"]) / med(rates["dg"]), 3)
+    return res
+
+
+def _check_checkout(root: Path) -> None:
+    """The baseline must really import its own serving code: a plain git worktree maps orlik.serving
+    through the installed (editable) package, i.e. this checkout's; link orlik/serving -> ../serving
+    (and benchmarks, quantize, calibration, training) in it first."""
+    code = "import orlik.serving.api as m; print(m.__file__)"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    where = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    if where.returncode != 0 or not Path(where.stdout.strip()).resolve().is_relative_to(root):
+        raise SystemExit(f"--baseline {root}: orlik.serving imports from {where.stdout.strip() or where.stderr[-300:]}, "
+                         "not from there; link orlik/serving -> ../serving (and the other stage folders) in it")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                    help="also measure `orlik serve` with the orlik package found in DIR (another version, e.g. "
+                         "a git worktree), in the same alternation; reported as orlik_baseline")  # fmt: skip
     a = ap.parse_args(argv)
     from orlik.serving.runtimes.base import open_source
 
@@ -197,8 +225,15 @@ def main(argv: list[str] | None = None) -> int:
                            "repeats": a.repeats, "llama_server_command": " ".join(direct.command())}  # fmt: skip
     args = ["--parallel", str(a.streams), "--threads", str(a.threads)]
     try:
-        with orlik_serve_pid([f"m={a.model}"], *args) as (url, pid):
-            res.update(measure(url, direct.url, auth, pid, a))
+        with contextlib.ExitStack() as stack:
+            base = None
+            if a.baseline is not None:
+                _check_checkout(a.baseline.resolve())
+                model = f"m={a.model.resolve()}"
+                base = stack.enter_context(orlik_serve_pid([model], *args, checkout=a.baseline.resolve()))
+                res["baseline"] = str(a.baseline)
+            url, pid = stack.enter_context(orlik_serve_pid([f"m={a.model}"], *args))
+            res.update(measure(url, direct.url, auth, pid, a, base))
     finally:
         direct.stop()
     text = json.dumps(res, indent=2)
