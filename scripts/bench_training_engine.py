@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -112,6 +113,7 @@ def main() -> None:
     names = ("hand-written loop", "Trainer")
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
+    load = [os.getloadavg()[0]]  # the 1-minute load average before and after each counted run
     for r in range(a.rounds + 1):
         for name, fn in zip(names, (hand_written_loop, engine_loop), strict=True):
             torch.manual_seed(0)
@@ -124,10 +126,9 @@ def main() -> None:
             w, c = fn(model, stream, a.steps, a.batch_size, a.seq_len, 3e-3, 0)
             wall[name].append(tokens / w)
             cpu[name].append(tokens / c)
-            print(
-                f"{name:>18}: {wall[name][-1]:,.0f} tok/s wall, {cpu[name][-1]:,.0f} tok/s of CPU time",
-                flush=True,
-            )
+            load.append(os.getloadavg()[0])
+            print(f"{name:>18}: {wall[name][-1]:,.0f} tok/s wall, {cpu[name][-1]:,.0f} tok/s of CPU time "
+                  f"(load average {load[-1]:.1f})", flush=True)  # fmt: skip
     med = {k: {n: float(np.median(v[n])) for n in names} for k, v in (("wall", wall), ("cpu", cpu))}
     print(json.dumps({"steps": a.steps, "rounds": a.rounds, "batch": a.batch_size, "seq": a.seq_len,
                       "threads": a.threads, "loop_tok_s": round(med["wall"][names[0]]),
@@ -135,7 +136,10 @@ def main() -> None:
                       "ratio_wall": round(med["wall"][names[1]] / med["wall"][names[0]], 3),
                       "loop_tok_per_cpu_s": round(med["cpu"][names[0]]),
                       "engine_tok_per_cpu_s": round(med["cpu"][names[1]]),
-                      "ratio_cpu": round(med["cpu"][names[1]] / med["cpu"][names[0]], 3)}))  # fmt: skip
+                      "ratio_cpu": round(med["cpu"][names[1]] / med["cpu"][names[0]], 3),
+                      "ratio_wall_per_round": [round(e / lp, 2) for lp, e in zip(*wall.values(), strict=True)],
+                      "load_average": [min(load), round(float(np.median(load)), 1), max(load)],
+                      "cores": os.cpu_count()}))  # fmt: skip
 
 
 if __name__ == "__main__":
