@@ -41,7 +41,7 @@ class Checkpoint:
             raise CheckpointError(f"{cfg_path} has no model_type")
         weights = _weight_files(p)
         for w in weights:
-            _check_safetensors(w)
+            safetensors_header(w)  # a corruption check
         if not any((p / t).is_file() for t in TOKENIZER_FILES):
             raise CheckpointError(f"{p} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
         for name in ("tokenizer.json", "tokenizer_config.json"):  # corrupt ones fail here, not in a load
@@ -157,13 +157,9 @@ def _read_json(path: Path) -> Any:
 
 
 def safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:
-    """Where a safetensors file's tensor data starts, and its header (tensor name -> dtype, shape,
-    data_offsets relative to that start), without the metadata entry."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header: dict[str, Any] = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return 8 + n, header
+    """Where a safetensors file's tensor data starts, and its tensors (see `safetensors_header`)."""
+    start, tensors, _ = safetensors_header(path)
+    return start, tensors
 
 
 def _weight_files(p: Path) -> list[Path]:
@@ -199,8 +195,11 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
 
 
-def _check_safetensors(path: Path) -> None:
-    """Read the header and check the declared tensors fit the file, as a corruption check."""
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """The one safetensors header reader: where the tensor data starts, the tensors (name -> dtype,
+    shape, data_offsets relative to that start) and the `__metadata__` entry. Every entry is checked
+    and the declared tensors must end exactly where the file does; anything else is a CheckpointError
+    naming the file, so a truncated or corrupt file is caught before any tensor is read."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -218,6 +217,8 @@ def _check_safetensors(path: Path) -> None:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError included
         raise CheckpointError(f"corrupt safetensors file {path}: {str(e)[:200]}") from None
+    meta = header.pop("__metadata__", None) or {}
+    return 8 + n, header, meta
 
 
 def _tensors_end(header: Any) -> int:

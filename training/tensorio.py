@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from orlik.checkpoint import safetensors_header
 from orlik.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -51,20 +52,15 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """The tensors of one safetensors file (in file order) and its __metadata__."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read the safetensors header of {path}: {e}") from None
-    meta = header.pop("__metadata__", None) or {}
+    """The tensors of one safetensors file (in file order) and its __metadata__, from the checked
+    header that `orlik.checkpoint.safetensors_header` reads."""
+    start, header, meta = safetensors_header(path)
     out: dict[str, TensorInfo] = {}
     for name, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         if v["dtype"] not in _DTYPES:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {v['dtype']}")
         begin, end = v["data_offsets"]
-        out[name] = TensorInfo(name, v["dtype"], tuple(v["shape"]), path, 8 + n + begin, end - begin)
+        out[name] = TensorInfo(name, v["dtype"], tuple(v["shape"]), path, start + begin, end - begin)
     return out, meta
 
 
