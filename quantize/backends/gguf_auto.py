@@ -3,8 +3,9 @@
 For each weight matrix llama-quantize would quantize, every candidate type's error is measured with
 ggml's own quantizer (same importance matrix) on a sample of rows, weighted by the calibration-set
 Fisher sensitivity (quantize/sensitivity.py) into an estimated KLD; quantize/allocate.py picks the
-types; llama-quantize writes them through per-tensor overrides. The table of estimates is cached
-under the checkpoint, calibration and imatrix hashes.
+types; llama-quantize writes them through per-tensor overrides. Direct KLD probes per tensor kind
+(quantize/probes.py) calibrate the estimate first. The table of estimates and probes is cached under
+the checkpoint, calibration and imatrix hashes.
 """
 
 from __future__ import annotations
@@ -23,16 +24,20 @@ from orlik import gguf_read, llamacpp, progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ToolError
 from orlik.fsutil import atomic_write_text, cache_root, sha256_bytes
-from orlik.quantize import allocate, ggml_quants, sensitivity
+from orlik.quantize import allocate, ggml_quants, probes, sensitivity
 from orlik.quantize.backends import Calibration, common
 from orlik.quantize.recipe import Recipe
 from orlik.sysinfo import usable_cores
 
-METHOD = "fisher-diag-v1"  # bump when the estimate changes, so cached tables are recomputed
+METHOD = "fisher-diag+kind-probes-v2"  # bump when the estimate changes, so cached tables are recomputed
 # Candidates for rows that are multiples of 256, and the 32-block types for other widths (llama-quantize
 # would silently turn a K-quant there into one of these, so the allocator chooses among them itself).
 TYPES_256 = ("IQ2_XXS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 TYPES_32 = ("Q4_0", "IQ4_NL", "Q5_0", "Q5_1", "Q8_0")
+# The default candidates: the types ggml quantizes at >= 2.5M weights/s on one core. IQ2_XXS, IQ2_S,
+# IQ3_XXS and IQ3_S run at 0.2-1M/s, and mixes full of them made an auto file take 3.6-4.8x a stock
+# llama-quantize run; they join only when the target is below what these reach, or through `types=`.
+FAST_256 = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 # The llama-quantize file type named as the base of the command (every matrix is overridden; the base
 # only sets general.file_type): the one whose main type most of the weights got.
 _FILE_TYPE = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
@@ -54,16 +59,21 @@ class Plan:
         return self.solution.kinds()
 
     def record(self) -> dict[str, Any]:
-        """What variant.json keeps: target, estimate, and each tensor's type and estimated KLD."""
+        """What variant.json keeps: target, estimate (probe-calibrated, and the Fisher estimate alone),
+        the probes, and each tensor's type and estimated KLD."""
         return {"method": METHOD, "target_bytes": self.target_bytes, "planned_bytes": self.fixed_bytes + self.solution.bytes,
-                "estimated_kld": self.solution.cost, "sensitivity_cached": self.table.get("cached", False),
+                "estimated_kld": self.solution.cost, "estimated_kld_fisher": estimate(self.table, self.types, False),
+                "probes": self.table.get("probes"), "sensitivity_cached": self.table.get("cached", False),
                 "sensitivity_tokens": self.table["tokens"], "seconds": self.seconds,
                 "tensors": {n: {"type": o.kind, "estimated_kld": o.cost} for n, o in self.solution.choice.items()}}  # fmt: skip
 
 
-def candidates(row_length: int, has_imatrix: bool, types: tuple[str, ...] | None = None) -> list[str]:
-    """Types llama-quantize accepts for rows of this length, as it is told (no fallback)."""
-    pool = types or (TYPES_256 + tuple(t for t in TYPES_32 if t not in TYPES_256))
+def candidates(
+    row_length: int, has_imatrix: bool, types: tuple[str, ...] | None = None, full: bool = False
+) -> list[str]:
+    """Types llama-quantize accepts for rows of this length, as it is told (no fallback); `full`
+    adds the slow IQ2/IQ3 types to the default candidates."""
+    pool = types or ((TYPES_256 if full else FAST_256) + tuple(t for t in TYPES_32 if t not in TYPES_256))
     ok = [t for t in pool if ggml_quants.info(t).fits(row_length)]
     if not has_imatrix:
         ok = [t for t in ok if t not in ggml_quants.NEEDS_IMATRIX]
@@ -164,13 +174,14 @@ def _cache_key(ckpt: Checkpoint, calib: Calibration, imatrix: Path | None, setti
 
 
 def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, source: gguf_read.GGUFSummary,
-                      imatrix: Path | None, threads: int) -> dict[str, Any]:  # fmt: skip
-    """{"tensors": {gguf name: {"ne": [...], "types": {type: estimated KLD}}}, "tokens", "seconds"},
-    computed once per checkpoint, calibration set, imatrix and settings, then read from the cache."""
+                      imatrix: Path | None, threads: int, full: bool = False) -> dict[str, Any]:  # fmt: skip
+    """{"tensors": {gguf name: {"ne": [...], "types": {type: estimated KLD}}}, "probes", "tokens",
+    "seconds"}, computed once per checkpoint, calibration set, imatrix and settings, then cached."""
     o = recipe.options
     settings = {"tokens": int(o.get("sens_tokens", 4096)), "seq_len": int(o.get("sens_seq_len", 512)),
                 "rows": float(o.get("sens_rows", 1 / 16)), "seed": int(o.get("seed", 0)),
-                "types": list(_types_option(recipe) or ())}  # fmt: skip
+                "types": list(_types_option(recipe) or ()), "full": full,
+                "probe_tokens": int(o.get("probe_tokens", 1024)), "probe_types": list(probes.PROBE_TYPES)}  # fmt: skip
     path = cache_root() / "sensitivity" / f"{_cache_key(ckpt, calib, imatrix, settings)}.json"
     if path.is_file():
         try:
@@ -201,6 +212,11 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, sour
         rows = dict(pool.map(measure, jobs))
     table = {"method": METHOD, "tensors": rows, "tokens": fis.tokens,
              "seconds": {"fisher": round(fis.seconds, 2), "errors": round(time.time() - t0 - fis.seconds, 2)}}  # fmt: skip
+    if settings["probe_tokens"] > 0:
+        table["probes"] = probes.measure(ckpt, texts, {t.name: hf for t, hf in jobs}, rows, imat,
+                                         tokens=settings["probe_tokens"], seq_len=settings["seq_len"],
+                                         types=probes.PROBE_TYPES, threads=threads)  # fmt: skip
+        table["seconds"]["probes"] = table["probes"]["seconds"]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(table) + "\n")
     return {**table, "cached": False, "cache": str(path)}
@@ -225,7 +241,7 @@ def _tensor_costs(t: gguf_read.TensorInfo, w: np.ndarray, pairs: sensitivity.Pai
     rows, scale = sensitivity.sample_rows(pairs, w.shape[0], settings["rows"], settings["seed"])
     sub = w[rows]
     costs = {}
-    for ty in candidates(t.ne[0], imat is not None, types):
+    for ty in candidates(t.ne[0], imat is not None, types, settings["full"]):
         err2 = (ggml_quants.roundtrip(ty, sub, imat) - sub).astype(np.float64) ** 2
         costs[ty] = sensitivity.weighted_error(pairs, rows, scale, err2)
     return {"ne": list(t.ne), "types": costs}
@@ -241,15 +257,20 @@ def plan(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, source: gguf_read
     t0 = time.time()
     target = target_bytes(recipe, source, imatrix)
     mats = {t.name: t for t in allocatable(source)}
-    smallest = {n: _options(t, {"types": {c: 0.0 for c in candidates(t.ne[0], imatrix is not None,
-                                                                      _types_option(recipe))}})
+
+    def smallest(full: bool) -> dict[str, list[allocate.Option]]:
+        return {n: _options(t, {c: 0.0 for c in candidates(t.ne[0], imatrix is not None, _types_option(recipe), full)})
                 for n, t in mats.items()}  # fmt: skip
+
     fixed = source.path.stat().st_size - sum(t.n_bytes for t in mats.values())
-    budget = allocate.check_target(target, fixed, smallest, source.path.stat().st_size, "F16 GGUF")
+    # the slow IQ2/IQ3 types only when the fast ones cannot get this small
+    full = _types_option(recipe) is None and target < fixed + allocate.bounds(smallest(False))[0]
+    budget = allocate.check_target(target, fixed, smallest(full), source.path.stat().st_size, "F16 GGUF")
     t1 = time.time()
-    table = sensitivity_table(ckpt, recipe, calib, source, imatrix, threads)
+    table = sensitivity_table(ckpt, recipe, calib, source, imatrix, threads, full)
     t2 = time.time()
-    sol = allocate.solve({n: _options(mats[n], table["tensors"][n]) for n in mats}, budget)
+    costs = probes.calibrated(table)
+    sol = allocate.solve({n: _options(mats[n], costs[n]) for n in mats}, budget)
     progress.info(
         f"auto: {len(mats)} tensors, estimated KLD {sol.cost:.4g}, {(fixed + sol.bytes) / 2**20:.2f} MiB"
     )
@@ -261,18 +282,19 @@ def plan(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, source: gguf_read
     return Plan(target, fixed, sol, table, secs)
 
 
-def _options(t: gguf_read.TensorInfo, row: dict[str, Any]) -> list[allocate.Option]:
+def _options(t: gguf_read.TensorInfo, costs: dict[str, float]) -> list[allocate.Option]:
     n_rows = int(np.prod(t.ne[1:]))
     return [allocate.Option(ty, n_rows * ggml_quants.info(ty).row_bytes(t.ne[0]), float(cost))
-            for ty, cost in row["types"].items()]  # fmt: skip
+            for ty, cost in costs.items()]  # fmt: skip
 
 
-def estimate(table: dict[str, Any], types: dict[str, str]) -> float | None:
-    """The estimated KLD of any typing of the tensors (e.g. a stock file type), None if a type was
-    not measured."""
+def estimate(table: dict[str, Any], types: dict[str, str], calibrate: bool = True) -> float | None:
+    """The estimated KLD of any typing of the tensors (e.g. a stock file type), scaled by the probes
+    unless `calibrate` is False; None if a type was not measured."""
     total = 0.0
-    for name, row in table["tensors"].items():
-        cost = row["types"].get(types.get(name, ""))
+    costs = probes.calibrated(table) if calibrate else {n: r["types"] for n, r in table["tensors"].items()}
+    for name, row in costs.items():
+        cost = row.get(types.get(name, ""))
         if cost is None:
             return None
         total += cost
@@ -334,6 +356,11 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
     got = f"{m['kld']:.4g} ± {m['kld_err']:.2g} on {m['tokens']} calibration tokens" if m else "not measured"
     lines = [f"auto: target {record['target_bytes']:,} bytes, got {size:,} ({100 * record.get('size_error', 0):+.3f}%)",
              f"auto: KLD estimated {record['estimated_kld']:.4g}, measured {got}"]  # fmt: skip
+    for k, pts in ((record.get("probes") or {}).get("kinds") or {}).items():
+        ratios = ", ".join(
+            f"{p['type']} {p['ratio']:.3g}" if p.get("ratio") else f"{p['type']} -" for p in pts
+        )
+        lines.append(f"auto: probe real/estimated KLD, {k}: {ratios}")
     tensors = record.get("tensors") or record.get("layers") or {}
     for name, t in tensors.items():
         lines.append(f"  {name:<40} {t['type']:<8} est. KLD {t['estimated_kld']:.3g}")
