@@ -1,7 +1,8 @@
 """Where a checkpoint's calibration set, variants and reports live when no --out names a place.
 
 `orlik train` writes `runs/<model>/fp16/`, so a checkpoint folder named `fp16` shares its parent
-with its outputs: `runs/<model>/{calib,variants,reports}`. Any other checkpoint folder M gets a
+with its outputs: `runs/<model>/{calib,variants,reports}`. (`make demo` pretrains into
+`runs/<model>/base/` and tunes that with SFT into `fp16/`: the chat model is the one quantized.) Any other checkpoint folder M gets a
 work folder beside it, `M-orlik/{calib,variants,reports}`: orlik never writes into a user's model
 directory, and two models in one parent folder never share a `variants/`.
 """

@@ -315,3 +315,36 @@ def test_grpo_cli_runs_and_reports_rewards(
     assert 0 <= summary["mean_reward_before"] <= 2 and 0 <= summary["mean_reward_after"] <= 2
     rep = json.loads((out / "training.json").read_text())
     assert sum("reward" in row for row in rep["log"]) == 2
+
+
+def test_serve_answers_a_chat_on_the_sft_checkpoint_with_the_sft_template(sft_run: Path) -> None:
+    """`orlik serve` on the SFT checkpoint (in process, the FP16 transformers runtime): a chat completion
+    is a 200 with an assistant reply, and the prompt the server generates from is, token for token,
+    the prefix SFT trained the first answer on (its template rendering up to the assistant turn)."""
+    from starlette.testclient import TestClient
+
+    from orlik.checkpoint import Checkpoint
+    from orlik.serving import server
+    from orlik.training import configs
+
+    assert (sft_run / "chat_template.jinja").read_text() == configs.chat_template("llama")
+    enc = chats.encode_chat(Checkpoint.open(sft_run).load_tokenizer(), CONVERSATION[:3], 256)
+    first = next(i for i, lab in enumerate(enc["labels"]) if lab != chats.IGNORE)
+    trained_prompt = enc["input_ids"][:first]
+    app = server.build([f"sft={sft_run}"], parallel=1, threads=1)
+    try:
+        with TestClient(app) as client:
+            served = client.post("/tokenize", json={"model": "sft", "messages": CONVERSATION[:2]})
+            assert served.status_code == 200 and served.json()["tokens"] == trained_prompt
+            r = client.post("/v1/chat/completions", json={"model": "sft", "messages": CONVERSATION[:2],
+                                                          "max_tokens": 8, "temperature": 0})  # fmt: skip
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["choices"][0]["message"]["role"] == "assistant"
+            assert isinstance(body["choices"][0]["message"]["content"], str)
+            assert body["usage"]["prompt_tokens"] == len(trained_prompt)
+            assert 1 <= body["usage"]["completion_tokens"] <= 8
+            card = client.get("/v1/models/sft").json()
+            assert Path(card["chat_template"]).resolve() == (sft_run / "chat_template.jinja").resolve()
+    finally:
+        app.state.orlik.registry.close()
