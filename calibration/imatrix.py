@@ -11,7 +11,6 @@ import errno
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,19 +120,23 @@ def compute(
     check_writable(out.parent)
     wanted = {"calibration_sha256": text.sha256, "lang": lang, "chunk_size": chunk, "max_chunks": max_chunks,
               "base_hash": ckpt.hash}  # fmt: skip
+    # A killed run's half-written imatrix and card, and its scratch directory, if any.
+    owner.clean_stale_files(out)
+    owner.clean_stale_files(out, "work")
     if not force and (card := _reusable(out, wanted)) is not None:
         progress.info(f"imatrix: {out} is up to date (calibration {text.sha256[:12]}, lang {lang})")
         return card
 
     f16 = f16_gguf(ckpt)
     started = time.time()
-    owner.clean_stale_files(out)  # a killed run's half-written imatrix and card, if any
     tmp_im = owner.partial_name(out)
     try:
-        with tempfile.TemporaryDirectory(prefix="orlik-imatrix-") as td:
-            txt = Path(td) / f"calibration-{lang}.txt"
+        # The text and llama-imatrix's raw output live beside `out`, not in /tmp: a kill -9 leaves
+        # them in a marked directory that the next run removes (above).
+        with owner.work_dir(out) as td:
+            txt = td / f"calibration-{lang}.txt"
             txt.write_text("\n\n".join(text.texts), encoding="utf-8")
-            raw = Path(td) / "imatrix-raw.gguf"
+            raw = td / "imatrix-raw.gguf"
             run = _run_imatrix(f16, txt, raw, chunk=chunk, max_chunks=max_chunks, threads=threads)
             _annotate(raw, tmp_im, text, ckpt.hash)
         im = gguf_read.check_imatrix(tmp_im, f16)

@@ -48,11 +48,12 @@ def f16_gguf(ckpt: Checkpoint, *, outtype: str | None = None, force: bool = Fals
     final = cached_path(ckpt, outtype)
     stamp = final.with_suffix(".json")
     build = llamacpp.build_info()
+    if final.parent.is_dir():  # a killed run's half-written conversion, if any (even when cached)
+        owner.clean_stale_files(final)
     if not force and final.is_file() and _stamp_matches(stamp, build, final):
         return final
     converter = llamacpp.converter()
     check_writable(final.parent)
-    owner.clean_stale_files(final)  # a killed run's half-written conversion, if any
     tmp = owner.partial_name(final)
     cmd = [sys.executable, str(converter), str(ckpt.path), "--outtype", outtype, "--outfile", str(tmp)]
     progress.info(f"gguf: converting {ckpt.path} to {outtype.upper()} with convert_hf_to_gguf.py")

@@ -4,19 +4,20 @@ the writer's process recorded in it, and the refusal to replace or delete anythi
 A directory is orlik's when it holds `.orlik` (every directory `atomic_dir` writes) or one of the
 caller's own marks (variant.json for a variant, training.json for a pretrained checkpoint), which
 also covers outputs of orlik versions older than the mark. Leftovers of a killed run
-(`X.partial`, `X.old`, `.X.partial-<pid>` files) are removed only when they are marked as orlik's
+(`X.partial`, `X.old`, `.X.partial-<pid>` files, `.X.work-<pid>` scratch directories) are removed only when they are marked as orlik's
 and the process that wrote them is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import socket
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,11 +166,26 @@ def partial_name(final: Path, tag: str = "partial") -> Path:
     return final.with_name(f".{final.name}.{tag}-{os.getpid()}.{host_tag()}")
 
 
+@contextlib.contextmanager
+def work_dir(final: Path, tag: str = "work") -> Iterator[Path]:
+    """A scratch directory `.NAME.<tag>-<pid>.<host>` beside `final`, marked as orlik's and removed
+    afterwards. Unlike one under /tmp, what a kill -9 leaves of it is found and removed by the next
+    `clean_stale_files(final, tag)` (its mark and its PID say whose it is)."""
+    d = partial_name(final, tag)
+    d.mkdir()
+    try:
+        write_marker(d, "scratch", "partial")
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def clean_stale_files(final: Path, tag: str = "partial") -> list[Path]:
-    """Delete `.NAME.<tag>-<pid>[.<host>]...` files beside `final` whose writer on this machine is gone.
+    """Delete `.NAME.<tag>-<pid>[.<host>]...` entries beside `final` whose writer on this machine is gone.
 
     The pattern is orlik's own mark for temporary files; files of live writers, of other machines
-    and anything not matching it exactly are left alone."""
+    and anything not matching it exactly are left alone. A directory under such a name is removed
+    only when it also carries orlik's mark (a `work_dir`), never through a symlink."""
     final = Path(final)
     pat = re.compile(rf"^\.{re.escape(final.name)}\.{re.escape(tag)}-(\d+)(?:\.([0-9a-f]{{8}}))?(?:\..*)?$")
     removed = []
@@ -181,8 +197,15 @@ def clean_stale_files(final: Path, tag: str = "partial") -> list[Path]:
         m = pat.match(p.name)
         if not m or (m.group(2) and m.group(2) != host_tag()):
             continue
-        if pid_alive(int(m.group(1))) or (p.is_dir() and not p.is_symlink()):
+        if pid_alive(int(m.group(1))):
             continue
-        p.unlink(missing_ok=True)
-        removed.append(p)
+        if p.is_dir() and not p.is_symlink():
+            if read_marker(p) is None:
+                continue  # not orlik's scratch directory: someone else's, kept
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):  # a read-only shared cache: left for its owner
+                p.unlink(missing_ok=True)
+        if not os.path.lexists(p):
+            removed.append(p)
     return removed

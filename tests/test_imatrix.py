@@ -81,6 +81,31 @@ def test_language_filter(tiny_checkpoint: Path, tiny_calibration: Path, tmp_path
     assert "lang:pl" in im.datasets[0]
 
 
+def test_scratch_space_is_beside_the_output_and_a_killed_runs_is_removed(
+    tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import tempfile
+
+    from orlik import owner
+
+    tmp = tmp_path / "tmp"  # nothing may land in the system temp dir, where a kill -9 would leak it
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    out = tmp_path / "im" / "imatrix-en.gguf"
+    out.parent.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = out.with_name(f".{out.name}.work-{gone.pid}.{owner.host_tag()}")  # as a kill -9 leaves it
+    stale.mkdir()
+    owner.write_marker(stale, "scratch", "partial")
+    (stale / "imatrix-raw.gguf").write_bytes(b"half")
+    (out.parent / f".{out.name}.partial-{gone.pid}.{owner.host_tag()}").write_bytes(b"half")
+    imatrix.compute(tiny_checkpoint, tiny_calibration, lang="en", chunk=64, max_chunks=2, out=out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["imatrix-en.card.json", "imatrix-en.gguf"]
+    assert list(tmp.iterdir()) == []
+
+
 def test_legacy_dat_imatrix_reads_the_same(tiny_imatrix: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
     dat = tmp_path / "imatrix.dat"
     f16 = f16_gguf(Checkpoint.open(tiny_checkpoint))

@@ -18,8 +18,6 @@ from orlik import owner
 from orlik.manifest import Variant
 
 psutil = pytest.importorskip("psutil")
-# Not yet run to completion: the session fixture timed out on the overloaded shared machine.
-pytestmark = pytest.mark.slow
 RECIPE = "Q8_0"
 
 
@@ -35,9 +33,13 @@ def _cmd(ckpt: Path, out: Path) -> list[str]:
 
 
 def quantize(ckpt: Path, out: Path, cache: Path) -> dict[str, str]:
+    """The sha256 of each file of the variant built, less llama-quantize's log (it records the paths
+    and timings of its own run, so it differs between any two runs; it must be there all the same)."""
     proc = subprocess.run(_cmd(ckpt, out), env=_env(cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return Variant.load(out / RECIPE).files
+    files = dict(Variant.load(out / RECIPE).files)
+    assert files.pop("llama-quantize.log", None) is not None and "model.gguf" in files, files
+    return files
 
 
 def leftovers(*roots: Path) -> list[Path]:
@@ -103,7 +105,12 @@ def kill_when(cmd: list[str], env: dict[str, str], ready: Callable[[list[psutil.
 
 
 @pytest.mark.parametrize(
-    "point", ["quantizing", pytest.param("converting", marks=pytest.mark.slow), "between-renames"]
+    "point",
+    [
+        "quantizing",
+        pytest.param("converting", marks=pytest.mark.slow),
+        pytest.param("between-renames", marks=pytest.mark.slow),
+    ],
 )
 def test_kill_9_mid_variant_then_rerun_gives_the_clean_variant(
     point: str, clean_hashes: dict[str, str], tiny_checkpoint: Path, tmp_path: Path
@@ -131,3 +138,36 @@ def test_kill_9_mid_variant_then_rerun_gives_the_clean_variant(
     assert quantize(tiny_checkpoint, out, cache) == clean_hashes
     assert leftovers(out, cache) == []
     assert sorted(p.name for p in out.iterdir()) == [RECIPE]
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_imatrix_step_then_rerun_leaves_nothing_behind(
+    tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path
+) -> None:
+    """SIGKILL while llama-imatrix runs: its text and raw output are in a marked scratch directory
+    beside the imatrix (not in /tmp), which the rerun removes; the rerun's imatrix is whole."""
+    calib, cache, tmp = tmp_path / "calib", tmp_path / "cache", tmp_path / "tmp"
+    calib.mkdir()
+    tmp.mkdir()
+    (calib / "calibration.jsonl").write_bytes((tiny_calibration / "calibration.jsonl").read_bytes())
+    cmd = [sys.executable, "-m", "orlik", "-q", "calibrate", "imatrix", str(tiny_checkpoint), "--calib", str(calib),
+           "--chunk", "64", "--chunks", "4"]  # fmt: skip
+    env = {**_env(cache), "TMPDIR": str(tmp)}  # a file written to the temp dir would show here
+
+    def temp_files() -> list[Path]:  # (torch leaves an empty torchinductor_<user> folder there)
+        return [p for p in tmp.rglob("*") if not p.is_dir()]
+
+    def imatrix_running(kids: list[psutil.Process]) -> bool:  # computing (not `--version`)
+        return any(Path(c[0]).name == "llama-imatrix" and "-o" in c for c in map(_cmdline, kids) if c)
+
+    kill_when(cmd, env, imatrix_running)
+    left = [p for p in calib.iterdir() if p.name.startswith(".imatrix.gguf.work-")]
+    assert len(left) == 1 and (left[0] / owner.MARKER).is_file() and temp_files() == []
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in calib.iterdir()) == [
+        "calibration.jsonl",
+        "imatrix.card.json",
+        "imatrix.gguf",
+    ]
+    assert leftovers(calib, cache) == [] and temp_files() == []

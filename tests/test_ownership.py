@@ -177,10 +177,84 @@ def test_stale_temporary_files_are_removed_by_their_pattern_and_pid_only(tmp_pat
     assert not list(tmp_path.glob(".card.json.tmp-*"))
 
 
+def test_a_scratch_directory_left_by_kill_9_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    """owner.work_dir (the imatrix step's scratch space): a SIGKILLed writer leaves it marked; the
+    next clean_stale_files removes it, but not a live writer's nor an unmarked one of the same name."""
+    import signal
+    import sys
+
+    final = tmp_path / "imatrix.gguf"
+    code = ("import sys, time; from pathlib import Path; from orlik import owner\n"
+            "with owner.work_dir(Path(sys.argv[1])) as d:\n"
+            "    (d / 'calibration.txt').write_text('x' * 4096); print(d, flush=True); time.sleep(60)")  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-c", code, str(final)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    left = Path(child.stdout.readline().strip())
+    live = subprocess.Popen([sys.executable, "-c", code, str(final)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout is not None
+        busy = Path(live.stdout.readline().strip())
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        assert owner.read_marker(left) is not None and (left / "calibration.txt").is_file()
+        users = tmp_path / f".imatrix.gguf.work-{dead_pid()}.{owner.host_tag()}"
+        user_folder(users)  # the pattern alone, without orlik's mark, is not enough
+        kept = snapshot(users)
+        assert owner.clean_stale_files(final, "work") == [left]
+        assert not left.exists() and busy.is_dir() and snapshot(users) == kept
+    finally:
+        live.kill()
+        live.wait()
+        child.stdout.close()
+        if live.stdout is not None:
+            live.stdout.close()
+    # A normal exit removes it at once.
+    with owner.work_dir(final) as d:
+        assert owner.read_marker(d) is not None
+    assert not d.exists()
+
+
 # ---------------------------------------------------------------- every verb with --out
 @pytest.fixture
 def precious(tmp_path: Path) -> Path:
     return user_folder(tmp_path / "precious")
+
+
+def test_quantize_refuses_a_user_folder_under_out_before_any_work(
+    tmp_path: Path, precious: Path, tiny_checkpoint: Path, gguf_cache: Path, orlik_cli: Callable[..., Any]
+) -> None:
+    root = tmp_path / "variants"
+    # ROOT/Q8_0 is the user's own folder: no variant.json, no mark.
+    mine = user_folder(root / "Q8_0", outside=precious)
+
+    def converted() -> dict[str, Any]:  # the cache less its remembered input hashes
+        return {k: v for k, v in snapshot(gguf_cache).items() if not k.startswith("sha256")}
+
+    before, cached = snapshot(tmp_path), converted()
+    res = orlik_cli("quantize", tiny_checkpoint, "--recipe", "Q4_K_M", "--recipe", "Q8_0", "--out", root)
+    assert res.code == 2
+    assert re.search(rf"{re.escape(str(mine))} is a directory that orlik did not make.*--force",
+                     one_error_line(res.err))  # fmt: skip
+    # Nothing was built, not even the first recipe, and nothing was converted.
+    assert snapshot(tmp_path) == before and converted() == cached
+
+
+@pytest.mark.slow  # a full quantize; atomic_dir's own symlink test above runs by default
+def test_quantize_force_replaces_a_symlink_never_its_target(
+    tmp_path: Path, precious: Path, tiny_checkpoint: Path, gguf_cache: Path, orlik_cli: Callable[..., Any]
+) -> None:
+    root = tmp_path / "variants"
+    root.mkdir()
+    (root / "Q8_0").symlink_to(precious, target_is_directory=True)
+    kept = snapshot(precious)
+    res = orlik_cli("quantize", tiny_checkpoint, "--recipe", "Q8_0", "--out", root)
+    assert res.code == 2 and "is a symlink that orlik did not make" in one_error_line(res.err)
+    res = orlik_cli("quantize", tiny_checkpoint, "--recipe", "Q8_0", "--out", root, "--force")
+    assert res.code == 0, res.err
+    v = root / "Q8_0"
+    assert not v.is_symlink() and (v / "variant.json").is_file() and (v / owner.MARKER).is_file()
+    assert snapshot(precious) == kept
+    assert sorted(p.name for p in root.iterdir()) == ["Q8_0"]
 
 
 def test_train_tokenizer_refuses_a_user_folder(
