@@ -149,9 +149,13 @@ class Run:
         self._items: deque[Any] = deque()
         self._lock = threading.Lock()
         self._signalled = False
-        self._wake = asyncio.Event()
         self._ready: deque[Any] = deque()
         self._last_sent = 0.0
+        # One bare future per wait and one deadline timer per run (not asyncio.wait_for's task and
+        # timer per wait): the wait happens once per token when the model is slower than the loop.
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
 
     def put(self, item: Any) -> None:
         """Worker side: an Event, None (done) or the exception that ended the generation."""
@@ -160,9 +164,20 @@ class Run:
             if self._signalled:
                 return
             self._signalled = True
-        self.loop.call_soon_threadsafe(self._wake.set)
+        self.loop.call_soon_threadsafe(self._wakeup)
+
+    def _wakeup(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _expire(self) -> None:
+        self._expired = True
+        self._wakeup()
 
     async def _fill(self) -> None:
+        # No wake-up is lost: the worker signals whenever it appends after the drain below (which
+        # resets _signalled under the lock), and the signal runs on this loop after the await.
         while not self._ready:
             with self._lock:
                 self._ready.extend(self._items)
@@ -170,18 +185,21 @@ class Run:
                 self._signalled = False
             if self._ready:
                 break
-            self._wake.clear()
-            left = self.deadline - time.monotonic()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(left, 0.001))
-            except asyncio.TimeoutError:
+            if self._expired or time.monotonic() >= self.deadline:
                 self.cancel.set()
-                raise RequestTimeout(
-                    f"the request ran past the server's {self.timeout:g} s timeout"
-                ) from None
+                raise RequestTimeout(f"the request ran past the server's {self.timeout:g} s timeout")
+            if self._timer is None:
+                self._timer = self.loop.call_later(max(self.deadline - time.monotonic(), 0.001), self._expire)
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
     def _take(self) -> Event | None:
         item = self._ready.popleft()
+        if (item is None or isinstance(item, BaseException)) and self._timer is not None:
+            self._timer.cancel()  # the generation has ended
         if isinstance(item, BaseException):
             raise item
         if item is not None and self.first_token_at is None:
