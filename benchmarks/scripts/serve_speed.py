@@ -62,6 +62,8 @@ def orlik_request(base: str, n: int, seed: int) -> tuple[str, dict[str, Any], An
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
 
     def count(d: dict[str, Any]) -> tuple[int, int | None]:
+        if "error" in d:
+            raise RuntimeError(f"orlik streamed an error: {d['error']}")
         if d.get("usage"):
             return 0, int(d["usage"]["completion_tokens"])
         return (1 if d["choices"] and d["choices"][0]["text"] else 0), None
@@ -223,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     auth = {"Authorization": f"Bearer {direct.key}"}
     res: dict[str, Any] = {"gguf": str(gguf), "threads": a.threads, "tokens": a.tokens, "streams": a.streams,
                            "repeats": a.repeats, "llama_server_command": " ".join(direct.command())}  # fmt: skip
-    args = ["--parallel", str(a.streams), "--threads", str(a.threads)]
+    # No request timeout: on a loaded machine 4 streams can run past the default 120 s.
+    args = ["--parallel", str(a.streams), "--threads", str(a.threads), "--timeout", "3600"]
     try:
         with contextlib.ExitStack() as stack:
             base = None
