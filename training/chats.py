@@ -8,7 +8,6 @@ A chat record is `{"messages": [{"role": ..., "content": ...}, ...]}` with an op
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +21,9 @@ IGNORE = -100  # the label of a token that carries no loss
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, record) for every non-blank line; a line that is not a JSON object is an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path} does not exist")
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise InputError(f"{path}:{n}: a record must be a JSON object")
-        out.append((n, rec))
+    """(line number, record) for every non-blank line (orlik.corpus's reader: a line that is not a
+    JSON object, or a file that is not UTF-8, is a one-line error); a file with no record is one too."""
+    out = corpus.read_jsonl_lines(Path(path))
     if not out:
         raise InputError(f"{path} holds no records")
     return out

@@ -20,10 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from orlik import owner
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError
-from orlik.fsutil import check_writable
 from orlik.training import chats, engine
 from orlik.training.defaults import DPO_DEFAULTS
 
@@ -110,17 +108,12 @@ def run(
     import math
 
     out = Path(out)
-    check_writable(out.parent)
-    work = out.with_name(out.name + ".work")
-    owner.check_replaceable(out, force=force, marks=(engine.TRAINING_JSON,))
-    owner.check_replaceable(work, force=force, marks=(engine.RUN_JSON,))
+    work = engine.claim_out(out, force=force)
     if beta <= 0 or lam < 0:
         raise InputError("beta must be positive and lambda non-negative")
     if min(batch_size, max_len) <= 0 or lr <= 0 or epochs <= 0 or (steps is not None and steps <= 0):
         raise InputError("steps, epochs, batch size, max length and learning rate must be positive")
-    ckpt = Checkpoint.open(checkpoint)
-    if not ckpt.chat_template:
-        raise InputError(f"{ckpt.path} has no chat template (chat_template.jinja or tokenizer_config.json)")
+    ckpt = engine.open_chat_checkpoint(checkpoint)
     pairs, held = chats.load_preferences(data), chats.load_preferences(eval_data, split="heldout")
     engine.set_threads(threads)
     steps = steps or max(1, math.ceil(epochs * len(pairs) / batch_size))

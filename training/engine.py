@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from orlik import owner, progress
-from orlik.fsutil import atomic_dir, atomic_write_text
+from orlik.checkpoint import Checkpoint
+from orlik.errors import InputError
+from orlik.fsutil import atomic_dir, atomic_write_text, check_writable
 
 TRAINING_JSON = "training.json"  # written last into every checkpoint orlik trains: its mark too
 RUN_JSON = "orlik-run.json"  # in <out>.work: the settings its engine checkpoints were made with
@@ -58,6 +60,26 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads or per_rank)
 
 
+def claim_out(out: Path, *, force: bool, work_marks: tuple[str, ...] = (RUN_JSON,)) -> Path:
+    """Check, before any training, that `out` and its engine-checkpoint folder `<out>.work` may be
+    written: the parent is writable and whatever orlik would replace there is orlik's (or --force).
+    Returns the work folder."""
+    out = Path(out)
+    check_writable(out.parent)
+    work = out.with_name(out.name + ".work")
+    owner.check_replaceable(out, force=force, marks=(TRAINING_JSON,))
+    owner.check_replaceable(work, force=force, marks=work_marks)
+    return work
+
+
+def open_chat_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint a post-training verb starts from; it needs a chat template to render chats."""
+    ckpt = Checkpoint.open(path)
+    if not ckpt.chat_template:
+        raise InputError(f"{ckpt.path} has no chat template (chat_template.jinja or tokenizer_config.json)")
+    return ckpt
+
+
 def training_args(
     work: Path, *, seed: int, steps: int, batch_size: int, lr: float, cls: Any = None, **kw: Any
 ) -> Any:
@@ -69,8 +91,6 @@ def training_args(
 
     _, n = world()
     if batch_size % n:
-        from orlik.errors import InputError
-
         raise InputError(f"batch size {batch_size} does not split evenly over {n} processes")
     defaults: dict[str, Any] = dict(
         output_dir=str(work),

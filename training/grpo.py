@@ -16,10 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from orlik import owner
-from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError
-from orlik.fsutil import check_writable
 from orlik.training import chats, engine
 from orlik.training.defaults import GRPO_DEFAULTS
 
@@ -128,10 +125,7 @@ def run(
     """GRPO of `checkpoint` on the one-word Polish task (or `data`) into FP16 `out`; reports the mean
     reward on the task's prompts before and after, over the same seeded samples."""
     out = Path(out)
-    check_writable(out.parent)
-    work = out.with_name(out.name + ".work")
-    owner.check_replaceable(out, force=force, marks=(engine.TRAINING_JSON,))
-    owner.check_replaceable(work, force=force, marks=(engine.RUN_JSON,))
+    work = engine.claim_out(out, force=force)
     if (
         min(steps, generations, prompts_per_step, max_completion) <= 0
         or lr <= 0
@@ -140,9 +134,7 @@ def run(
     ):
         raise InputError("steps, prompts per step, completion length and learning rate must be positive, "
                          "generations at least 2 (GRPO compares them) and beta non-negative")  # fmt: skip
-    ckpt = Checkpoint.open(checkpoint)
-    if not ckpt.chat_template:
-        raise InputError(f"{ckpt.path} has no chat template (chat_template.jinja or tokenizer_config.json)")
+    ckpt = engine.open_chat_checkpoint(checkpoint)
     rows = load_task(data)
     engine.set_threads(threads)
     tok, model = ckpt.load_tokenizer(), ckpt.load_model()

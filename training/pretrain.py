@@ -16,7 +16,7 @@ import numpy as np
 from orlik import corpus, owner, progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, UnknownNameError
-from orlik.fsutil import atomic_dir, atomic_write_text, check_writable
+from orlik.fsutil import atomic_dir, atomic_write_text
 from orlik.training import configs, engine, evaluate, tokenizer
 
 TRAINING_JSON = engine.TRAINING_JSON  # written last into every checkpoint orlik trains: its mark too
@@ -108,11 +108,8 @@ def run(
     if size not in configs.SIZES:
         raise UnknownNameError("size", size, list(configs.SIZES))
     out = Path(out)
-    check_writable(out.parent)
-    work = out.with_name(out.name + ".work")
     # What orlik would replace must be orlik's (or --force), checked before hours of training.
-    owner.check_replaceable(out, force=force, marks=(TRAINING_JSON,))
-    owner.check_replaceable(work, force=force, marks=(WORK_MARK, engine.RUN_JSON))
+    work = engine.claim_out(out, force=force, work_marks=(WORK_MARK, engine.RUN_JSON))
     if tokenizer_dir is None and not (out.parent / "tokenizer" / "tokenizer.model").is_file():
         owner.check_replaceable(out.parent / "tokenizer", force=force)
     root = Path(corpus_dir or corpus.DATA_DIR)

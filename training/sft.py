@@ -16,10 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from orlik import owner
-from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError
-from orlik.fsutil import check_writable
 from orlik.training import chats, engine
 from orlik.training.defaults import SFT_DEFAULTS
 
@@ -176,10 +173,7 @@ def run(
     Reports the held-out chats' assistant-token loss before and after (`eval_data`, default the
     built-in held-out chats). `batch_size` is the global batch in chats."""
     out = Path(out)
-    check_writable(out.parent)
-    work = out.with_name(out.name + ".work")
-    owner.check_replaceable(out, force=force, marks=(engine.TRAINING_JSON,))
-    owner.check_replaceable(work, force=force, marks=(engine.RUN_JSON,))
+    work = engine.claim_out(out, force=force)
     if (
         min(batch_size, max_len, alr_baseline) <= 0
         or lr <= 0
@@ -189,9 +183,7 @@ def run(
         raise InputError(
             "steps, epochs, batch size, max length, ALR baseline and learning rate must be positive"
         )
-    ckpt = Checkpoint.open(checkpoint)
-    if not ckpt.chat_template:
-        raise InputError(f"{ckpt.path} has no chat template (chat_template.jinja or tokenizer_config.json)")
+    ckpt = engine.open_chat_checkpoint(checkpoint)
     train_chats, held_chats = chats.load_chats(data), chats.load_chats(eval_data, split="heldout")
     engine.set_threads(threads)
     tok = ckpt.load_tokenizer()

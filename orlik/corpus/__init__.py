@@ -50,15 +50,20 @@ def parse_jsonl(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield i, rec
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Parse a UTF-8 JSONL file (see parse_jsonl)."""
+def read_jsonl_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each record of a UTF-8 JSONL file (see parse_jsonl)."""
     if not path.is_file():
         raise InputError(f"{path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{path} is not UTF-8: {e}") from None
-    return [rec for _, rec in parse_jsonl(text, path)]
+    return list(parse_jsonl(text, path))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects of a UTF-8 JSONL file (see parse_jsonl)."""
+    return [rec for _, rec in read_jsonl_lines(path)]
 
 
 def _check(rec: dict[str, Any], where: str, fields: Iterable[str]) -> None:
