@@ -15,7 +15,8 @@ from orlik.errors import InputError
 from orlik.quantize import allocate
 
 pytestmark = pytest.mark.usefixtures("gguf_cache")
-FAST = ("--option", "sens_tokens=512", "--option", "sens_seq_len=256", "--option", "measure_tokens=512")
+FAST = ("--option", "sens_tokens=512", "--option", "sens_seq_len=256", "--option", "measure_tokens=512",
+        "--option", "probe_tokens=512")  # fmt: skip
 
 
 def _random_tensors(rng: np.random.Generator, n: int) -> dict[str, list[allocate.Option]]:
@@ -61,7 +62,8 @@ def auto_variant(
 ):
     out = tmp_path_factory.mktemp("auto-variants")
     r = orlik_cli("--json", "quantize", tiny_checkpoint, "--recipe", "auto", "--target-bpw", "4.0",
-                  "--recipe", "Q3_K_M-imat", "--recipe", "auto-like-Q3_K_M", "--calib", tiny_calibration,
+                  "--recipe", "Q3_K_M-imat", "--recipe", "auto-like-Q3_K_M", "--recipe", "auto-2.5bpw",
+                  "--calib", tiny_calibration,
                   "--out", out, *FAST)  # fmt: skip
     assert r.code == 0, r.err
     return out
@@ -87,6 +89,51 @@ def test_auto_lands_within_one_percent(auto_variant: Path, orlik_cli) -> None:
     assert m["kld"] is None or m["kld"] >= 0  # None only when llama-perplexity's logger lost its output
     r = orlik_cli("inspect", like.path)
     assert r.code == 0 and "KLD estimated" in r.out and "blk.0.ffn_down.weight" in r.out
+    assert "probe real/estimated KLD, ffn_down: Q2_K" in r.out
+    # The probe-calibrated estimate is what was allocated; the Fisher one and the probes are kept.
+    a = like.extra["auto"]
+    assert a["estimated_kld_fisher"] > 0 and {"token_embd", "ffn_down"} <= set(a["probes"]["kinds"])
+
+
+def test_slow_iq_types_only_below_what_the_fast_ones_reach(auto_variant: Path) -> None:
+    from orlik.manifest import Variant
+    from orlik.quantize.backends import gguf_auto
+
+    fast = Variant.load(auto_variant / "auto-like-Q3_K_M").extra["auto"]["tensors"]
+    assert all(t["type"] in gguf_auto.FAST_256 for t in fast.values())
+    low = Variant.load(auto_variant / "auto-2.5bpw")  # below every tensor at Q2_K: IQ2 types join
+    assert abs(low.bpw / 2.5 - 1) < 0.01
+    assert any(t["type"].startswith("IQ") for t in low.extra["auto"]["tensors"].values())
+
+
+def test_probe_ratio_scales_its_kind_and_moves_the_bytes() -> None:
+    from orlik.quantize import ggml_quants, probes
+
+    types = ("Q2_K", "Q4_K", "Q6_K", "Q8_0")
+    raw = {t: 2.0 ** (-2 * ggml_quants.info(t).bpw) for t in types}  # the same Fisher estimate for both kinds
+    names = [f"blk.{i}.{k}.weight" for i in range(3) for k in ("attn_q", "ffn_down")]
+
+    def point(ty: str, ratio: float) -> dict:
+        return {"type": ty, "bpw": ggml_quants.info(ty).bpw, "ratio": ratio}
+
+    table = {"tensors": {n: {"ne": [256, 256], "types": raw} for n in names},
+             "probes": {"kinds": {"ffn_down": [point("Q2_K", 40.0), point("Q6_K", 10.0)],
+                                  "attn_q": [point("Q2_K", 1.0), point("Q6_K", 1.0)]}}}  # fmt: skip
+    costs = probes.calibrated(table)
+    down, q = costs["blk.0.ffn_down.weight"], costs["blk.0.attn_q.weight"]
+    assert down["Q2_K"] == pytest.approx(40 * raw["Q2_K"]) and down["Q8_0"] == pytest.approx(10 * raw["Q8_0"])
+    assert 10 * raw["Q4_K"] < down["Q4_K"] < 40 * raw["Q4_K"] and q["Q4_K"] == pytest.approx(raw["Q4_K"])
+
+    def solve(c: dict) -> dict[str, str]:
+        opts = {n: [allocate.Option(t, 256 * ggml_quants.info(t).row_bytes(256), c[n][t]) for t in types]
+                for n in names}  # fmt: skip
+        return allocate.solve(opts, 6 * 256 * ggml_quants.info("Q4_K").row_bytes(256)).kinds()
+
+    even = solve({n: raw for n in names})
+    assert len({even[n] for n in names}) == 1  # equal estimates: one type for all
+    moved = solve(costs)
+    bits = {n: ggml_quants.info(moved[n]).bpw for n in names}
+    assert min(bits[n] for n in names if "ffn_down" in n) > max(bits[n] for n in names if "attn_q" in n)
 
 
 def test_targets_out_of_range_are_one_line_exit_2(tiny_checkpoint: Path, tiny_calibration: Path,
@@ -161,7 +208,7 @@ def test_sensitivity_cache_follows_the_calibration_set(
     source = gguf_read.summarize(f16_gguf(ckpt))
     recipe = Recipe.from_name("auto-4.0bpw")
     recipe = Recipe.from_dict({**recipe.to_dict(), "options": {**recipe.options, "sens_tokens": 512,
-                                                               "sens_seq_len": 256}})  # fmt: skip
+                                                               "sens_seq_len": 256, "probe_tokens": 512}})  # fmt: skip
 
     def table(calib_dir: Path) -> dict:
         calib = run.calibration_for(calib_dir, tiny_imatrix)
@@ -178,6 +225,16 @@ def test_sensitivity_cache_follows_the_calibration_set(
     a = first["tensors"]["blk.0.attn_q.weight"]["types"]["Q4_K"]
     b = again["tensors"]["blk.0.attn_q.weight"]["types"]["Q4_K"]
     assert a != b  # different text, different Fisher weights
+    # The direct probes are cached with the table and redone on the new text: for every kind, real
+    # KLD grows as the probe type shrinks.
+    assert table(tiny_calibration)["probes"] == first["probes"]
+    for kinds in (first["probes"]["kinds"], again["probes"]["kinds"]):
+        assert set(kinds) == {"token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output",
+                              "ffn_gate", "ffn_up", "ffn_down"}  # fmt: skip
+        for pts in kinds.values():
+            real = {p["type"]: p["real"] for p in pts}
+            assert real["Q2_K"] > real["Q4_K"] > real["Q6_K"] > 0
+    assert first["probes"]["kinds"]["ffn_down"] != again["probes"]["kinds"]["ffn_down"]
 
 
 def test_mlx_auto_hits_its_bpw(
