@@ -290,3 +290,78 @@ def test_log_tail_of_a_dead_child_reaches_orlik_log(serving_gguf: Path, caplog: 
         assert "was killed by SIGKILL" in caplog.text and "llama" in caplog.text.lower()
     finally:
         server.stop(report=False)
+
+
+def test_a_request_on_a_child_already_replaced_by_the_restart_is_503(
+    serving_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the chaos benchmark found: the child dies, the restart stops its LlamaServer (and
+    starts a new one) before a request on the old runtime sees the failure. That request saw
+    'Connection refused' or a cut stream with no process left to ask, and answered 500; the exit
+    status is now kept, so it is a 503 backend_died like any request on a dead child."""
+    from orlik.serving.faults import BackendDied
+    from orlik.serving.runtimes.base import Sampling, open_source
+    from orlik.serving.runtimes.llamaserver import LlamaServerRuntime
+
+    rt = LlamaServerRuntime.load(open_source(serving_gguf), parallel=1, threads=1, n_ctx=64)
+    try:
+        assert rt.server.proc is not None
+        os.kill(rt.server.proc.pid, signal.SIGKILL)
+        rt.server.proc.wait(timeout=10)
+        # What the registry's restart does to the dead runtime. While stop() still reports the
+        # death (reading the child's log), a failing request must already see the exit status.
+        seen, tail = [], rt.server.log_tail
+        monkeypatch.setattr(rt.server, "log_tail", lambda *a: seen.append(rt.server.exit_code()) or tail(*a))
+        rt.server.stop()
+        assert seen == [-signal.SIGKILL]
+        with pytest.raises(BackendDied, match=r"ended mid-request \(exit status -9\)"):
+            list(rt.generate([1, 2, 3], Sampling(max_tokens=4)))
+        with pytest.raises(BackendDied):
+            rt.tokenize("hej")
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize(("script", "error"), [("kill -9 $$", "BackendDied"), ("exit 3", "ToolError")])
+def test_a_child_killed_while_starting_is_503_but_one_that_fails_is_500(
+    script: str, error: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child killed from outside while it loads (OOM killer, kill -9: the chaos benchmark's killer
+    hits restarts too) is worth a retry (503); one that exits by itself has a real problem (500)."""
+    from orlik.errors import ToolError
+    from orlik.serving.faults import BackendDied
+    from orlik.serving.runtimes.llamaserver_child import LlamaServer
+
+    monkeypatch.setattr(LlamaServer, "command", lambda self: ["sh", "-c", script])
+    server = LlamaServer(tmp_path / "model.gguf", parallel=1, threads=1, ctx_per_slot=64)
+    with pytest.raises(ToolError) as got:
+        server.start(timeout=30)
+    assert type(got.value) is {"BackendDied": BackendDied, "ToolError": ToolError}[error], got.value
+    assert server.proc is None and not server.alive()
+
+
+def test_child_logs_left_by_a_killed_orlik_are_removed_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child's log names the orlik process that owns it; a kill -9 of orlik leaves the log in the
+    temp dir, and the next child's log removes it (only logs of dead PIDs, on this host)."""
+    import subprocess
+    import tempfile
+
+    from orlik import owner
+    from orlik.serving.runtimes.llamaserver_child import new_log
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = owner.host_tag()
+    stale = tmp_path / f".orlik-llama-server.log.child-{gone.pid}.{host}.k3x9.log"
+    kept = [tmp_path / f".orlik-llama-server.log.child-{os.getppid()}.{host}.a1b2.log",  # a live orlik's
+            tmp_path / f".orlik-llama-server.log.child-{gone.pid}.0badc0de.c3d4.log",  # another host's
+            tmp_path / "orlik-llama-server-abc.log"]  # fmt: skip
+    for p in [stale, *kept]:
+        p.write_text("llama-server log\n")
+    fd, path = new_log()
+    os.close(fd)
+    assert path.parent == tmp_path and path.name.startswith(f".orlik-llama-server.log.child-{os.getpid()}.")
+    assert not stale.exists() and all(p.exists() for p in kept)

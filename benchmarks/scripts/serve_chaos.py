@@ -34,30 +34,37 @@ def _child(server_pid: int) -> psutil.Process | None:
     return kids[0] if kids else None
 
 
-def one_request(c: httpx.Client, url: str, i: int, max_tokens: int) -> tuple[str, float | None]:
-    """One request, streamed or not; (outcome, time it ended) where outcome is a status or
-    'stream:<error code>' for an error reported inside a 200 stream, or 'hung'."""
+def one_request(c: httpx.Client, url: str, i: int, max_tokens: int) -> tuple[str, float | None, str]:
+    """One request, streamed or not; (outcome, time it ended, error message) where outcome is a
+    status or 'stream:<error code>' for an error reported inside a 200 stream, or 'hung'."""
     body = {"model": "m", "messages": [{"role": "user", "content": f"Opowiedz historię numer {i}."}],
             "max_tokens": max_tokens, "temperature": 0.8, "seed": i, "stream": i % 2 == 0}  # fmt: skip
     try:
         if not body["stream"]:
             r = c.post(f"{url}/v1/chat/completions", json=body)
-            return str(r.status_code), time.monotonic()
+            return str(r.status_code), time.monotonic(), _message(r.text) if r.status_code != 200 else ""
         with c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
-                r.read()
-                return str(r.status_code), time.monotonic()
-            outcome, done = "stream:no_done", False
+                return str(r.status_code), time.monotonic(), _message(r.read().decode("utf-8", "replace"))
+            outcome, done, msg = "stream:no_done", False, ""
             for line in r.iter_lines():
                 if line == "data: [DONE]":
                     done = True
                 elif line.startswith("data: ") and '"error"' in line:
                     outcome = "stream:" + str(json.loads(line[6:])["error"].get("code"))
-            return ("200" if outcome == "stream:no_done" and done else outcome), time.monotonic()
+                    msg = _message(line[6:])
+            return ("200" if outcome == "stream:no_done" and done else outcome), time.monotonic(), msg
     except httpx.TimeoutException:
-        return "hung", None
+        return "hung", None, ""
     except httpx.HTTPError as e:
-        return f"transport:{type(e).__name__}", time.monotonic()
+        return f"transport:{type(e).__name__}", time.monotonic(), str(e)
+
+
+def _message(text: str) -> str:
+    try:
+        return str(json.loads(text)["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return text[:300]
 
 
 def run_chaos(url: str, server_pid: int, a: argparse.Namespace) -> dict[str, Any]:
@@ -65,7 +72,7 @@ def run_chaos(url: str, server_pid: int, a: argparse.Namespace) -> dict[str, Any
     stop_at = time.monotonic() + a.duration
     counter = iter(range(a.requests))
     lock = threading.Lock()
-    outcomes: list[tuple[str, float | None]] = []
+    outcomes: list[tuple[str, float | None, str]] = []
     kills: list[float] = []
     load_done = threading.Event()
 
@@ -110,9 +117,10 @@ def _recovery(kills: list[float], oks: list[float]) -> list[float]:
     return out
 
 
-def _report(url: str, outcomes: list[tuple[str, float | None]], kills: list[float], wall: float,
+def _report(url: str, outcomes: list[tuple[str, float | None, str]], kills: list[float], wall: float,
             client_timeout: float) -> dict[str, Any]:  # fmt: skip
-    counts = Counter(o for o, _ in outcomes)
+    counts = Counter(o for o, _, _ in outcomes)
+    messages = Counter(f"{o}: {m}" for o, _, m in outcomes if o != "200")
     t_end = time.monotonic()
     deadline = t_end + 120
     while time.monotonic() < deadline:  # the last kill's restart, at most two minutes
@@ -122,11 +130,12 @@ def _report(url: str, outcomes: list[tuple[str, float | None]], kills: list[floa
         time.sleep(0.1)
     after = httpx.post(f"{url}/v1/chat/completions", timeout=120,
                        json={"model": "m", "messages": [{"role": "user", "content": "hej"}], "max_tokens": 4})  # fmt: skip
-    rec = _recovery(kills, [t for o, t in outcomes if o == "200" and t is not None])
+    rec = _recovery(kills, [t for o, t, _ in outcomes if o == "200" and t is not None])
     health = h.json()
     return {
         "requests_sent": len(outcomes), "wall_s": round(wall, 1), "kills": len(kills),
         "statuses": dict(sorted(counts.items())), "hangs": counts.get("hung", 0),
+        "errors": dict(messages.most_common()),
         "client_timeout_s": client_timeout,
         "recovery_to_next_200_s": {"median": statistics.median(rec) if rec else None,
                                    "max": max(rec) if rec else None, "all": rec},

@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orlik import owner
 from orlik.errors import ToolError
+from orlik.serving.faults import BackendDied
 
 log = logging.getLogger("orlik.serving")
 
@@ -32,6 +34,18 @@ STALL_TIMEOUT = 30.0
 _PR_SET_PDEATHSIG = 1
 _live: set[LlamaServer] = set()
 _live_lock = threading.Lock()
+
+
+def new_log() -> tuple[int, Path]:
+    """A fresh log file for a child: `.orlik-llama-server.log.child-<orlik pid>.<host>.XXXX.log` in
+    the temp dir. The name marks it as this orlik process's, so logs that a kill -9 of an earlier
+    orlik left behind (their PID gone) are removed here; other files are never touched."""
+    base = Path(tempfile.gettempdir()) / "orlik-llama-server.log"
+    owner.clean_stale_files(base, "child")
+    fd, name = tempfile.mkstemp(
+        prefix=owner.partial_name(base, "child").name + ".", suffix=".log", dir=base.parent
+    )
+    return fd, Path(name)
 
 
 def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -74,6 +88,7 @@ class LlamaServer:
         self.port = 0
         self.log_path: Path | None = None
         self.stalled: str | None = None  # why the stall watch killed it
+        self.returncode: int | None = None  # the exit status of the last child, once stopped
 
     @property
     def url(self) -> str:
@@ -97,8 +112,7 @@ class LlamaServer:
 
         for attempt in range(3):  # a free port can be taken between probing and binding
             self.port = free_port()
-            fd, logfile = tempfile.mkstemp(prefix="orlik-llama-server-", suffix=".log")
-            self.log_path = Path(logfile)
+            fd, self.log_path = new_log()
             env = {**os.environ, "LLAMA_API_KEY": self.key}
             with os.fdopen(fd, "wb") as logf:
                 self.proc = subprocess.Popen(
@@ -118,10 +132,13 @@ class LlamaServer:
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.1)
-            tail = self.log_tail()
+            tail, code = self.log_tail(), self.proc.poll()
             self.stop(report=False)
             if "bind" in tail.lower() and attempt < 2:
                 continue
+            if code is not None and code < 0:  # killed from outside (OOM killer, kill -9) while loading
+                raise BackendDied(f"llama-server for {self.gguf.name} {_exit_text(code)} while starting; "
+                                  "retry shortly")  # fmt: skip
             raise ToolError(f"llama-server did not become healthy for {self.gguf.name}: {tail}")
 
     def log_tail(self, lines: int = 3, sep: str = " | ") -> str:
@@ -136,8 +153,8 @@ class LlamaServer:
     def exit_code(self, wait: float = 0.0) -> int | None:
         """The child's exit status once it has ended (waiting up to `wait` s), else None."""
         proc = self.proc
-        if proc is None:
-            return None
+        if proc is None:  # stopped meanwhile (a restart replaced it): its status was kept
+            return self.returncode
         try:
             return proc.wait(timeout=wait) if wait > 0 else proc.poll()
         except subprocess.TimeoutExpired:
@@ -151,7 +168,10 @@ class LlamaServer:
             proc.kill()
 
     def stop(self, report: bool = True) -> None:
-        proc, self.proc = self.proc, None
+        proc = self.proc
+        if proc is not None and proc.poll() is not None:
+            self.returncode = proc.returncode  # before proc goes: a request failing now reads it
+        self.proc = None
         if proc is not None and proc.poll() is not None and report:
             # It ended without being asked to: say why, with its own last words, before they go.
             why = self.stalled or "not stopped by orlik"
@@ -164,6 +184,8 @@ class LlamaServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+        if proc is not None:
+            self.returncode = proc.returncode
         with _live_lock:
             _live.discard(self)
         if self.log_path is not None:
