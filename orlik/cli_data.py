@@ -88,11 +88,12 @@ def quality() -> None:
 @click.option("--high-cutoff", default=0.9, show_default=True, help="p(HIGH) needed for HIGH in the report.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=2, show_default=True)
-def quality_train(out: Path, rounds: int, high_cutoff: float, seed: int, threads: int) -> None:
+@click.option("--force", is_flag=True, help="Replace --out even if orlik did not make it.")
+def quality_train(out: Path, rounds: int, high_cutoff: float, seed: int, threads: int, force: bool) -> None:
     """Fit on the labelled set derived from the corpus; report held-out accuracy and top features."""
     from orlik.training.data import quality as q
 
-    r = q.train(out, seed=seed, cutoff=high_cutoff, threads=threads, rounds=rounds)
+    r = q.train(out, seed=seed, cutoff=high_cutoff, threads=threads, rounds=rounds, force=force)
     emit({k: r[k] for k in ("out", "accuracy", "accuracy_with_cutoff", "confusion", "features", "seconds")}
          | {"top_features": [n for n, _ in r["top_features"][:8]]})  # fmt: skip
 

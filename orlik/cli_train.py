@@ -192,8 +192,9 @@ def train_grpo(steps: int | None, **kw: Any) -> None:
 )
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="Cast inputs to this dtype first (default: keep theirs).")  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace --out even if orlik did not make it.")
 def train_merge(models: tuple[Path, ...], out: Path, config: Path | None, weights: str | None,
-                normalize: bool, dtype: str | None) -> None:  # fmt: skip
+                normalize: bool, dtype: str | None, force: bool) -> None:  # fmt: skip
     """Linear merge of checkpoints of one shape, streamed tensor by tensor (mergekit's arithmetic)."""
     from orlik.errors import InputError
     from orlik.training import merge
@@ -208,16 +209,17 @@ def train_merge(models: tuple[Path, ...], out: Path, config: Path | None, weight
         except ValueError:
             raise InputError(f"--weights {weights!r} is not a comma-separated list of numbers") from None
         plan = merge.plan_from_args(list(models), w, normalize=normalize, dtype=dtype)
-    emit(merge.run(plan, out))
+    emit(merge.run(plan, out, force=force))
 
 
 @train.command("upscale")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--layers", required=True, help="Inclusive source layer ranges, e.g. 0-23,8-31 (32 -> 48).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Deeper FP16 checkpoint dir.")
-def train_upscale(checkpoint: Path, layers: str, out: Path) -> None:
+@click.option("--force", is_flag=True, help="Replace --out even if orlik did not make it.")
+def train_upscale(checkpoint: Path, layers: str, out: Path, force: bool) -> None:
     """Depth up-scaling: stack layer ranges of CHECKPOINT into a deeper checkpoint (SOLAR style)."""
     from orlik.training import upscale
 
-    summary = upscale.run(checkpoint, layers, out)
+    summary = upscale.run(checkpoint, layers, out, force=force)
     emit({k: v for k, v in summary.items() if k != "layer_map"})

@@ -331,3 +331,37 @@ def test_calibrate_build_rewrites_its_three_files_and_touches_nothing_else(
     assert {k: after[k] for k in keep} == keep  # same bytes, same inodes, the link still a link
     assert sorted(after) == sorted([*keep, "calibration.jsonl", "card.json", "card.md", owner.MARKER])
     assert not [p for p in tmp_path.rglob("*") if "partial" in p.name]
+
+
+@pytest.mark.parametrize("verb", ["merge", "upscale", "quality"])
+def test_merge_upscale_and_quality_refuse_a_user_folder_and_take_force(
+    verb: str, tmp_path: Path, precious: Path, tokenizer_dir: Path, orlik_cli: Callable[..., Any]
+) -> None:
+    """The verbs whose error names --force have it; without it the user's folder is untouched."""
+    from data_helpers import random_checkpoint
+
+    out = user_folder(tmp_path / "out", outside=precious)
+    if verb == "quality":  # refused before the (slow) fit, so no model is trained here
+        args: tuple[Any, ...] = ("data", "quality", "train", "--out", out, "--rounds", "1")
+    else:
+        src = random_checkpoint(tokenizer_dir, tmp_path / "src", seed=0)
+        args = (
+            ("train", "merge", src, src)
+            if verb == "merge"
+            else ("train", "upscale", src, "--layers", "0-1,1-2")
+        )
+        args = (*args, "--out", out)
+    kept = snapshot(precious)
+    before = snapshot(tmp_path)
+    res = orlik_cli(*args)
+    assert res.code == 2
+    assert re.search(
+        rf"{re.escape(str(out))} is a directory that orlik did not make.*--force", one_error_line(res.err)
+    )
+    assert snapshot(tmp_path) == before
+    if verb == "quality":
+        return
+    res = orlik_cli(*args, "--force")
+    assert res.code == 0, res.err
+    assert (out / "config.json").is_file() and not (out / "notes").exists()
+    assert snapshot(precious) == kept  # the link inside the replaced folder was not followed

@@ -185,7 +185,7 @@ def linear(tensors: list[torch.Tensor], weights: list[float], normalize: bool) -
     return result.to(first.dtype)
 
 
-def run(plan: MergePlan, out: Path) -> dict[str, Any]:
+def run(plan: MergePlan, out: Path, force: bool = False) -> dict[str, Any]:
     import torch
 
     inputs = _open_inputs(plan)
@@ -211,7 +211,7 @@ def run(plan: MergePlan, out: Path) -> dict[str, Any]:
             bar.advance(1)
 
     first = inputs.ckpts[0]
-    with atomic_dir(Path(out)) as tmp, tensorio.TensorReader() as reader:
+    with atomic_dir(Path(out), force=force) as tmp, tensorio.TensorReader() as reader:
         with progress.bar("merge", total=len(names)) as bar:
             files = tensorio.write_checkpoint_weights(tmp, out_tensors, produce(reader, bar))
         cfg = dict(first.config)
