@@ -8,7 +8,8 @@
 # Environment: ORLIK (the orlik command, default .venv/bin/orlik), STEPS, BATCH, SEQ, LR, THREADS,
 # EVERY (steps between resumable states), STOP_AFTER (see train below). Training resumes from
 # OUT/fp16.work if it is interrupted with the same settings. docs/real-model.md has the figures of
-# the build at /work/models/real-100m (STOP_AFTER=40 on a 2-core machine shared by 8 jobs).
+# the builds at /work/models/real-100m (STOP_AFTER=40) and real-100m-v2 (STEPS=200 LR=1.5e-3
+# STOP_AFTER=100), both on a 2-core machine shared with other jobs.
 set -euo pipefail
 
 OUT=${1:-/work/models/real-100m}
@@ -30,9 +31,14 @@ pretrain() {  # $1: --steps
     --checkpoint-every "$EVERY"
 }
 
-state_step() {
-  python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["step"])' "$OUT/fp16.work/state/meta.json" \
-    2>/dev/null || echo 0
+state_step() {  # the newest complete engine checkpoint (transformers' checkpoint-N) in fp16.work
+  local n=0 d
+  for d in "$OUT"/fp16.work/checkpoint-*; do
+    [ -f "$d/trainer_state.json" ] || continue
+    d=${d##*-}
+    [ "$d" -gt "$n" ] && n=$d
+  done
+  echo "$n"
 }
 
 train() {
@@ -48,16 +54,17 @@ train() {
   pretrain "$STEPS" &
   local pid=$!
   while kill -0 "$pid" 2>/dev/null && [ "$(state_step)" -lt "$STOP_AFTER" ]; do sleep 10; done
+  sleep 20  # the checkpoint's last files
   kill $(pgrep -P "$pid") "$pid" 2>/dev/null || true  # the background function's shell and its orlik
   wait "$pid" || true
   local done_steps
   done_steps=$(state_step)
-  python3 - "$OUT/fp16.work/state/meta.json" "$done_steps" <<'PY'
+  python3 - "$OUT/fp16.work/orlik-run.json" "$done_steps" <<'PY'
 import json, sys
 path, steps = sys.argv[1], int(sys.argv[2])
-meta = json.load(open(path))
-meta["args"]["steps"] = steps  # the resumed run's settings must match the state's to resume it
-json.dump(meta, open(path, "w"))
+run = json.load(open(path))
+run["steps"] = steps  # the resumed run's settings must match the checkpoint's, or orlik starts afresh
+json.dump(run, open(path, "w"), indent=1)
 PY
   pretrain "$done_steps"
 }
