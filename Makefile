@@ -67,6 +67,8 @@ $(VENV_GPTQ)/.installed: $(VENV)/.installed pyproject.toml
 
 # What `make test` skips without GPTQModel: quantize -> reload in a fresh process -> KLD bound for
 # GPTQ and AWQ (slow-marked there), their error checks, and group sizes on a 320-wide model.
+# Known failure (2026-12-03): the AWQ group-128 case on the 320-wide model ends pytest with exit 1
+# and no summary, right after GPTQModel loads; the other five pass. So .ci/run does not call this.
 GPTQ_TESTS := tests/test_backend_gptq.py tests/test_backend_awq.py tests/test_group_sizes.py
 test-gptq: llamacpp $(VENV_GPTQ)/.installed
 	$(VENV_GPTQ)/bin/python -m pytest -q -p no:cacheprovider $(GPTQ_TESTS) \
