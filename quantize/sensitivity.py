@@ -11,6 +11,7 @@ dW for each candidate type on a sample of rows.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,24 @@ class Fisher:
     tokens: int
     seconds: float
     tied: dict[str, str] = field(default_factory=dict)  # tied output head -> the embedding it reuses
+
+
+def base_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """The sensitivity pass's settings from a recipe's options: calibration tokens, window length,
+    the fraction of rows whose error is measured, and the seed (each auto backend adds its own)."""
+    return {"tokens": int(options.get("sens_tokens", 4096)), "seq_len": int(options.get("sens_seq_len", 512)),
+            "rows": float(options.get("sens_rows", 1 / 16)), "seed": int(options.get("seed", 0))}  # fmt: skip
+
+
+def read_cached(path: Path) -> dict[str, Any] | None:
+    """A cached sensitivity table, or None when there is none or it cannot be read (then it is
+    recomputed and rewritten)."""
+    if not path.is_file():
+        return None
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return None
 
 
 def _token_windows(ckpt: Checkpoint, texts: list[str], tokens: int, seq_len: int) -> list[list[int]]:

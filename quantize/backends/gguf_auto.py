@@ -178,17 +178,11 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, sour
     """{"tensors": {gguf name: {"ne": [...], "types": {type: estimated KLD}}}, "probes", "tokens",
     "seconds"}, computed once per checkpoint, calibration set, imatrix and settings, then cached."""
     o = recipe.options
-    settings = {"tokens": int(o.get("sens_tokens", 4096)), "seq_len": int(o.get("sens_seq_len", 512)),
-                "rows": float(o.get("sens_rows", 1 / 16)), "seed": int(o.get("seed", 0)),
-                "types": list(_types_option(recipe) or ()), "full": full,
+    settings = {**sensitivity.base_settings(o), "types": list(_types_option(recipe) or ()), "full": full,
                 "probe_tokens": int(o.get("probe_tokens", 1024)), "probe_types": list(probes.PROBE_TYPES)}  # fmt: skip
     path = cache_root() / "sensitivity" / f"{_cache_key(ckpt, calib, imatrix, settings)}.json"
-    if path.is_file():
-        try:
-            table = json.loads(path.read_text(encoding="utf-8"))
-            return {**table, "cached": True, "cache": str(path)}
-        except (OSError, ValueError):
-            pass
+    if (table := sensitivity.read_cached(path)) is not None:
+        return {**table, "cached": True, "cache": str(path)}
     t0 = time.time()
     texts = common.calibration_texts(calib, recipe, None)
     fis = sensitivity.fisher(ckpt, texts, tokens=settings["tokens"], seq_len=settings["seq_len"],

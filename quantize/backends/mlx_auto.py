@@ -86,16 +86,12 @@ def _costs(w: np.ndarray, pairs: sensitivity.Pairs, rows: np.ndarray, scale: np.
 def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, threads: int) -> dict[str, Any]:
     """{"layers": {path: {kind: estimated KLD}}, "tokens", ...}, cached per checkpoint and calibration."""
     o = recipe.options
-    settings = {"tokens": int(o.get("sens_tokens", 4096)), "seq_len": int(o.get("sens_seq_len", 512)),
-                "rows": float(o.get("sens_rows", 1 / 16)), "seed": int(o.get("seed", 0))}  # fmt: skip
+    settings = sensitivity.base_settings(o)
     key = sha256_bytes(json.dumps({"method": METHOD, "format": "mlx", "checkpoint": ckpt.hash,
                                    "calibration": calib.hash, **settings}, sort_keys=True).encode())  # fmt: skip
     path = cache_root() / "sensitivity" / f"mlx-{key}.json"
-    if path.is_file():
-        try:
-            return {**json.loads(path.read_text(encoding="utf-8")), "cached": True}
-        except (OSError, ValueError):
-            pass
+    if (table := sensitivity.read_cached(path)) is not None:
+        return {**table, "cached": True}
     t0 = time.time()
     texts = common.calibration_texts(calib, recipe, None)
     fis = sensitivity.fisher(ckpt, texts, tokens=settings["tokens"], seq_len=settings["seq_len"],
