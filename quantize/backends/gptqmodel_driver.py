@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,15 +153,12 @@ def _float(v: str | None) -> float | None:
 
 def _normalize(out: Path, ckpt: Checkpoint) -> None:
     """Drop run-dependent values, and keep the checkpoint's own generation config and template."""
-    for name in _CONFIGS:
-        p = out / name
-        if not p.is_file():
-            continue
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-        q = cfg.get("quantization_config", cfg)
+
+    def drop_volatile(q: dict[str, Any]) -> None:
         for key in _VOLATILE_META:
             (q.get("meta") or {}).pop(key, None)
-        p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    _edit_quant_configs(out, drop_volatile)
     # GPTQModel rewrites sampling defaults into generation_config.json; the user's are the truth.
     for name in ("generation_config.json", "chat_template.jinja"):
         if (ckpt.path / name).is_file():
@@ -207,14 +205,22 @@ def write_loader_keys(out: Path, plan: groups.GroupPlan, fmt: str, ckpt: Checkpo
     if not kept:
         return
     quantized = sorted({block_kind(n) for n in groups.widths(ckpt)} - set(kept))
+
+    def name_kept(q: dict[str, Any]) -> None:
+        if fmt == "awq":
+            q["modules_to_not_convert"] = sorted({*(q.get("modules_to_not_convert") or []), *kept})
+        else:
+            q["modules_in_block_to_quantize"] = [quantized]
+
+    _edit_quant_configs(out, name_kept)
+
+
+def _edit_quant_configs(out: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Apply `edit` to the quantization config in each of GPTQModel's written config files."""
     for name in _CONFIGS:
         p = out / name
         if not p.is_file():
             continue
         cfg = json.loads(p.read_text(encoding="utf-8"))
-        q = cfg.get("quantization_config", cfg)
-        if fmt == "awq":
-            q["modules_to_not_convert"] = sorted({*(q.get("modules_to_not_convert") or []), *kept})
-        else:
-            q["modules_in_block_to_quantize"] = [quantized]
+        edit(cfg.get("quantization_config", cfg))
         p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
