@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import click
 
 from orlik.cli_common import emit
-from orlik.training.defaults import DPO_DEFAULTS, GRPO_DEFAULTS, SFT_DEFAULTS
+from orlik.training.defaults import (
+    DPO_DEFAULTS,
+    DPO_TRAIN,
+    GRPO_DEFAULTS,
+    GRPO_TRAIN,
+    SFT_DEFAULTS,
+    SFT_TRAIN,
+    RunOptions,
+    TrainArgs,
+)
 
 FORCE_HELP = "Replace --out even if orlik did not make it (pretrain: also the tokenizer dir it trains)."
 
@@ -109,6 +119,14 @@ def _post_training_options(f: Any) -> Any:
     return f
 
 
+def _shared(kw: dict[str, Any], train: TrainArgs) -> dict[str, Any]:
+    """Move the options sft, dpo and grpo share out of `kw` into their TrainArgs (a verb's own defaults
+    where an option is unset) and RunOptions."""
+    given = {f.name: kw.pop(f.name) for f in fields(TrainArgs) if f.name in kw}
+    opts = RunOptions(**{f.name: kw.pop(f.name) for f in fields(RunOptions)})
+    return {**kw, "train": replace(train, **{k: v for k, v in given.items() if v is not None}), "opts": opts}
+
+
 def _emit_main(summary: dict[str, Any]) -> None:
     """Under torchrun every process returns; only the main one prints."""
     if "rank" not in summary:
@@ -136,7 +154,7 @@ def train_sft(**kw: Any) -> None:
     """SFT on chats: loss on assistant tokens only, WICEL sample weights, ALR (Bielik 7B v0.1)."""
     from orlik.training import sft
 
-    _emit_main(sft.run(**kw))
+    _emit_main(sft.run(**_shared(kw, SFT_TRAIN)))
 
 
 @train.command("dpo")
@@ -159,7 +177,7 @@ def train_dpo(**kw: Any) -> None:
     """DPO-Positive (Pal and others, 2024) on preference pairs, inside TRL's DPOTrainer."""
     from orlik.training import dpo
 
-    _emit_main(dpo.run(**kw))
+    _emit_main(dpo.run(**_shared(kw, DPO_TRAIN)))
 
 
 @train.command("grpo")
@@ -174,11 +192,11 @@ def train_dpo(**kw: Any) -> None:
 @click.option("--prompts-per-step", default=GRPO_DEFAULTS["prompts_per_step"], show_default=True)
 @click.option("--max-completion", default=GRPO_DEFAULTS["max_completion"], show_default=True, help="Tokens.")
 @click.option("--beta", default=GRPO_DEFAULTS["beta"], show_default=True, type=float, help="KL coefficient.")
-def train_grpo(steps: int | None, **kw: Any) -> None:
+def train_grpo(**kw: Any) -> None:
     """GRPO with a verifiable reward (TRL's GRPOTrainer): one-word Polish answers, format + correctness."""
     from orlik.training import grpo
 
-    _emit_main(grpo.run(steps=steps or GRPO_DEFAULTS["steps"], **kw))
+    _emit_main(grpo.run(**_shared(kw, GRPO_TRAIN)))
 
 
 @train.command("merge")

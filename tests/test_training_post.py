@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from orlik.training import chats, dpo, grpo, sft
+from orlik.training.defaults import SFT_TRAIN, RunOptions
 
 CONVERSATION = [
     {"role": "system", "content": "Odpowiadaj krótko."},
@@ -237,6 +239,7 @@ def test_grpo_reward_is_format_plus_answer() -> None:
 # ---------------------------------------------------------------- real runs on the tiny model
 # The 20-step family checkpoint and short chats keep these runs to about a minute on 2 idle cores.
 SFT_RUN = dict(steps=12, batch_size=4, max_len=256)
+SFT_TRAIN_ARGS = replace(SFT_TRAIN, **SFT_RUN)
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +250,7 @@ def base(family_checkpoint: Callable[[str], Path]) -> Path:
 @pytest.fixture(scope="module")
 def sft_run(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sft") / "fp16"
-    sft.run(base, out, threads=1, checkpoint_every=1000, **SFT_RUN)  # type: ignore[arg-type]
+    sft.run(base, out, train=SFT_TRAIN_ARGS, opts=RunOptions(threads=1, checkpoint_every=1000))
     return out
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError
 from orlik.training import chats, engine
-from orlik.training.defaults import DPO_DEFAULTS
+from orlik.training.defaults import DPO_DEFAULTS, DPO_TRAIN, RunOptions, TrainArgs
 
 DEFAULTS = DPO_DEFAULTS
 
@@ -93,36 +93,28 @@ def run(
     eval_data: Path | None = None,
     beta: float = DEFAULTS["beta"],
     lam: float = DEFAULTS["lam"],
-    steps: int | None = None,
-    epochs: float = DEFAULTS["epochs"],
-    batch_size: int = DEFAULTS["batch_size"],
-    lr: float = DEFAULTS["lr"],
-    max_len: int = DEFAULTS["max_len"],
-    seed: int = DEFAULTS["seed"],
-    threads: int | None = None,
-    checkpoint_every: int = 100,
-    resume: bool = True,
-    force: bool = False,
+    train: TrainArgs = DPO_TRAIN,
+    opts: RunOptions = RunOptions(),
 ) -> dict[str, Any]:
     """DPO-P of `checkpoint` on preference pairs (default: the built-in ones) into FP16 `out`."""
     import math
 
     out = Path(out)
-    work = engine.claim_out(out, force=force)
+    work = engine.claim_out(out, force=opts.force)
     if beta <= 0 or lam < 0:
         raise InputError("beta must be positive and lambda non-negative")
-    if min(batch_size, max_len) <= 0 or lr <= 0 or epochs <= 0 or (steps is not None and steps <= 0):
+    if not train.positive():
         raise InputError("steps, epochs, batch size, max length and learning rate must be positive")
     ckpt = engine.open_chat_checkpoint(checkpoint)
     pairs, held = chats.load_preferences(data), chats.load_preferences(eval_data, split="heldout")
-    engine.set_threads(threads)
-    steps = steps or max(1, math.ceil(epochs * len(pairs) / batch_size))
+    engine.set_threads(opts.threads)
+    steps = train.steps or max(1, math.ceil(train.epochs * len(pairs) / train.batch_size))
     settings = dict(verb="dpo", checkpoint=ckpt.hash, data=str(data), beta=beta, lam=lam, steps=steps,
-                    batch_size=batch_size, lr=lr, max_len=max_len, seed=seed, pairs=len(pairs))  # fmt: skip
-    trainer, bar = _trainer(
-        ckpt, work, settings, ordered(pairs, seed, steps, batch_size), held, checkpoint_every
-    )
-    trainer.train(resume_from_checkpoint=engine.resume_point(work, settings, resume))
+                    batch_size=train.batch_size, lr=train.lr, max_len=train.max_len, seed=train.seed,
+                    pairs=len(pairs))  # fmt: skip
+    rows = ordered(pairs, train.seed, steps, train.batch_size)
+    trainer, bar = _trainer(ckpt, work, settings, rows, held, opts.checkpoint_every)
+    trainer.train(resume_from_checkpoint=engine.resume_point(work, settings, opts.resume))
     metrics = trainer.evaluate()
     if not engine.is_main():
         return {"rank": engine.world()[0]}
@@ -142,7 +134,7 @@ def run(
     }
     report = {**summary, "args": settings, "losses": bar.losses(), "log": bar.rows}
     trainer.model.eval()
-    engine.export_from(ckpt.path, trainer.model, out, report, force=force)
+    engine.export_from(ckpt.path, trainer.model, out, report, force=opts.force)
     engine.finish(work)
     return summary
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from orlik.errors import InputError
 from orlik.training import chats, engine
-from orlik.training.defaults import GRPO_DEFAULTS
+from orlik.training.defaults import GRPO_DEFAULTS, GRPO_TRAIN, RunOptions, TrainArgs
 
 DEFAULTS = GRPO_DEFAULTS
 INSTRUCTION = "Odpowiedz jednym słowem."
@@ -110,22 +110,19 @@ def run(
     checkpoint: Path,
     out: Path,
     data: Path | None = None,
-    steps: int = DEFAULTS["steps"],
-    lr: float = DEFAULTS["lr"],
     generations: int = DEFAULTS["generations"],
     prompts_per_step: int = DEFAULTS["prompts_per_step"],
     max_completion: int = DEFAULTS["max_completion"],
     beta: float = DEFAULTS["beta"],
-    seed: int = DEFAULTS["seed"],
-    threads: int | None = None,
-    checkpoint_every: int = 100,
-    resume: bool = True,
-    force: bool = False,
+    train: TrainArgs = GRPO_TRAIN,
+    opts: RunOptions = RunOptions(),
 ) -> dict[str, Any]:
     """GRPO of `checkpoint` on the one-word Polish task (or `data`) into FP16 `out`; reports the mean
     reward on the task's prompts before and after, over the same seeded samples."""
     out = Path(out)
-    work = engine.claim_out(out, force=force)
+    work = engine.claim_out(out, force=opts.force)
+    steps = DEFAULTS["steps"] if train.steps is None else train.steps
+    lr, seed = train.lr, train.seed
     if (
         min(steps, generations, prompts_per_step, max_completion) <= 0
         or lr <= 0
@@ -136,15 +133,15 @@ def run(
                          "generations at least 2 (GRPO compares them) and beta non-negative")  # fmt: skip
     ckpt = engine.open_chat_checkpoint(checkpoint)
     rows = load_task(data)
-    engine.set_threads(threads)
+    engine.set_threads(opts.threads)
     tok, model = ckpt.load_tokenizer(), ckpt.load_model()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     before = mean_reward(model, tok, rows, 4, max_completion, seed) if engine.is_main() else None
     settings = dict(verb="grpo", checkpoint=ckpt.hash, data=str(data), steps=steps, lr=lr, generations=generations,
                     prompts_per_step=prompts_per_step, max_completion=max_completion, beta=beta, seed=seed)  # fmt: skip
-    trainer, bar = _trainer(model, tok, work, settings, rows, checkpoint_every)
-    trainer.train(resume_from_checkpoint=engine.resume_point(work, settings, resume))
+    trainer, bar = _trainer(model, tok, work, settings, rows, opts.checkpoint_every)
+    trainer.train(resume_from_checkpoint=engine.resume_point(work, settings, opts.resume))
     if not engine.is_main():
         return {"rank": engine.world()[0]}
     after = mean_reward(model, tok, rows, 4, max_completion, seed)
@@ -160,7 +157,9 @@ def run(
         "last_step_reward": rewards[-1] if rewards else None,
         "train_seconds": round(bar.seconds, 1),
     }
-    engine.export_from(ckpt.path, model, out, {**summary, "args": settings, "log": bar.rows}, force=force)
+    engine.export_from(
+        ckpt.path, model, out, {**summary, "args": settings, "log": bar.rows}, force=opts.force
+    )
     engine.finish(work)
     return summary
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from orlik.errors import InputError
 from orlik.training import chats, engine
-from orlik.training.defaults import SFT_DEFAULTS
+from orlik.training.defaults import SFT_DEFAULTS, SFT_TRAIN, RunOptions, TrainArgs
 
 DEFAULTS = SFT_DEFAULTS
 
@@ -156,52 +156,36 @@ def run(
     out: Path,
     data: Path | None = None,
     eval_data: Path | None = None,
-    steps: int | None = None,
-    epochs: float = DEFAULTS["epochs"],
-    batch_size: int = DEFAULTS["batch_size"],
-    lr: float = DEFAULTS["lr"],
-    max_len: int = DEFAULTS["max_len"],
+    train: TrainArgs = SFT_TRAIN,
     alr_baseline: int = DEFAULTS["alr_baseline"],
-    seed: int = DEFAULTS["seed"],
-    threads: int | None = None,
-    checkpoint_every: int = 100,
-    resume: bool = True,
-    force: bool = False,
+    opts: RunOptions = RunOptions(),
 ) -> dict[str, Any]:
     """SFT of `checkpoint` on chat JSONL `data` (default: the built-in Polish chats) into FP16 `out`.
 
     Reports the held-out chats' assistant-token loss before and after (`eval_data`, default the
-    built-in held-out chats). `batch_size` is the global batch in chats."""
+    built-in held-out chats). `train.batch_size` is the global batch in chats."""
     out = Path(out)
-    work = engine.claim_out(out, force=force)
-    if (
-        min(batch_size, max_len, alr_baseline) <= 0
-        or lr <= 0
-        or epochs <= 0
-        or (steps is not None and steps <= 0)
-    ):
+    work = engine.claim_out(out, force=opts.force)
+    if not train.positive() or alr_baseline <= 0:
         raise InputError(
             "steps, epochs, batch size, max length, ALR baseline and learning rate must be positive"
         )
     ckpt = engine.open_chat_checkpoint(checkpoint)
     train_chats, held_chats = chats.load_chats(data), chats.load_chats(eval_data, split="heldout")
-    engine.set_threads(threads)
+    engine.set_threads(opts.threads)
     tok = ckpt.load_tokenizer()
-    train_ex, held_ex = encode(tok, train_chats, max_len), encode(tok, held_chats, max_len)
+    train_ex, held_ex = encode(tok, train_chats, train.max_len), encode(tok, held_chats, train.max_len)
     if not train_ex:
-        raise InputError(f"no chat keeps an assistant token within --max-len {max_len}")
-    steps = steps or max(1, math.ceil(epochs * len(train_ex) / batch_size))
-    targs = engine.training_args(
-        work, seed=seed, steps=steps, batch_size=batch_size, lr=lr, adam_beta1=0.9, adam_beta2=0.95,
-        weight_decay=DEFAULTS["weight_decay"], max_grad_norm=1.0, lr_scheduler_type="cosine",
-        warmup_steps=min(DEFAULTS["warmup"], max(1, steps // 10)), save_steps=checkpoint_every,
-        include_num_input_tokens_seen="non_padding",
-    )  # fmt: skip
+        raise InputError(f"no chat keeps an assistant token within --max-len {train.max_len}")
+    steps = train.steps or max(1, math.ceil(train.epochs * len(train_ex) / train.batch_size))
+    settings = dict(verb="sft", checkpoint=ckpt.hash, data=str(data), steps=steps, batch_size=train.batch_size,
+                    lr=train.lr, max_len=train.max_len, alr_baseline=alr_baseline, seed=train.seed,
+                    chats=len(train_ex))  # fmt: skip
+    targs = _training_args(work, settings, opts)
     model = ckpt.load_model()
     before = assistant_loss(model, held_ex) if engine.is_main() else None
-    settings = dict(verb="sft", checkpoint=ckpt.hash, data=str(data), steps=steps, batch_size=batch_size, lr=lr,
-                    max_len=max_len, alr_baseline=alr_baseline, seed=seed, chats=len(train_ex))  # fmt: skip
-    bar, alr_rows = _train(model, tok, targs, StepChats(train_ex, seed, steps, batch_size), settings, resume)
+    data_steps = StepChats(train_ex, train.seed, steps, train.batch_size)
+    bar, alr_rows = _train(model, tok, targs, data_steps, settings, opts.resume)
     if not engine.is_main():
         return {"rank": engine.world()[0]}
     after = assistant_loss(model, held_ex)
@@ -218,9 +202,19 @@ def run(
         "tokens_per_second": round(bar.tokens_per_second, 1) if bar.tokens_per_second else None,
     }
     report = {**summary, "args": settings, "losses": bar.losses(), "alr": alr_rows}
-    engine.export_from(ckpt.path, model, out, report, force=force)
+    engine.export_from(ckpt.path, model, out, report, force=opts.force)
     engine.finish(work)
     return summary
+
+
+def _training_args(work: Path, s: dict[str, Any], opts: RunOptions) -> Any:
+    """Bielik's optimiser settings for `s` (the run's settings) on transformers' Trainer."""
+    return engine.training_args(
+        work, seed=s["seed"], steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], adam_beta1=0.9,
+        adam_beta2=0.95, weight_decay=DEFAULTS["weight_decay"], max_grad_norm=1.0, lr_scheduler_type="cosine",
+        warmup_steps=min(DEFAULTS["warmup"], max(1, s["steps"] // 10)), save_steps=opts.checkpoint_every,
+        include_num_input_tokens_seen="non_padding",
+    )  # fmt: skip
 
 
 def _train(model: Any, tok: Any, targs: Any, data: StepChats, settings: dict[str, Any],
