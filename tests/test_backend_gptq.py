@@ -110,3 +110,36 @@ def backend_for_or_skip(fmt: str) -> Backend:
         return backend_for(fmt)
     except MissingDependencyError as e:
         pytest.skip(str(e))
+
+
+_HARD_STOP = r"""
+import sys
+from pathlib import Path
+from gptqmodel.utils import threadx
+from orlik.quantize.backends.gptqmodel_driver import _hard_stop_said
+
+with _hard_stop_said("gptq-w4g128", Path(sys.argv[1])):
+    try:
+        raise RuntimeError("The size of tensor a (320) must match the size of tensor b (768)\nmore detail")
+    except RuntimeError as exc:
+        threadx._DeviceWorker._abort_process(None, exc)
+print("not reached")
+"""
+
+
+def test_gptqmodel_hard_stop_errors_in_one_line(tmp_path: Path) -> None:
+    """GPTQModel's worker threads end the process with os._exit(1) on any error; orlik's guard turns
+    its terminal traceback into one line naming the error and the log, and keeps the traceback."""
+    import subprocess
+
+    pytest.importorskip("gptqmodel", reason='GPTQModel is not installed (make test-gptq, or "orlik[gptq]")')
+    log = tmp_path / "gptq-w4g128.log"
+    p = subprocess.run(
+        [sys.executable, "-c", _HARD_STOP, str(log)], capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 1 and "not reached" not in p.stdout
+    assert p.stderr.splitlines()[-1] == (
+        "orlik: error: gptq-w4g128: GPTQModel stopped the process: The size of tensor a (320) must match the "
+        f"size of tensor b (768) (details: {log})"
+    )
+    assert "Traceback" not in p.stderr and "more detail" in log.read_text(encoding="utf-8")

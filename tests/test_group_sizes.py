@@ -165,6 +165,27 @@ def test_variant_that_does_not_run_is_not_kept(
     assert list(tmp_path.iterdir()) == []  # neither the variant nor its partial directory
 
 
+def _check_scales_folded_into_fp16_up_proj(variant: Path, ckpt: Path) -> None:
+    """AWQ scales down_proj's input channels by s and folds 1/s into the op producing that input:
+    up_proj, which stays FP16 here. Its saved rows must be the original rows, each times one factor,
+    and not all factors 1 (GPTQModel paired down_proj with the 320-wide norm and stopped the process)."""
+    import torch
+    from safetensors import safe_open
+
+    key = "model.layers.{}.mlp.up_proj.weight"
+    with (
+        safe_open(str(variant / "model.safetensors"), "pt") as f,
+        safe_open(str(ckpt / "model.safetensors"), "pt") as g,
+    ):
+        for layer in range(2):
+            new, old = f.get_tensor(key.format(layer)).float(), g.get_tensor(key.format(layer)).float()
+            ok = old.abs() > 1e-3  # ratios of tiny FP16 weights are mostly rounding
+            ratio = torch.where(ok, new / torch.where(ok, old, torch.ones_like(old)), torch.nan)
+            per_row = ratio.nanmedian(dim=1).values
+            assert torch.nanmean(((ratio - per_row[:, None]) / per_row[:, None]).abs()) < 5e-3
+            assert (per_row - 1).abs().median() > 1e-2
+
+
 @pytest.mark.parametrize("recipe", ["gptq-w4g128", "awq-w4g128"])
 def test_gptqmodel_group_128_on_width_320(
     recipe: str, narrow: Path, narrow_calib: Path, tmp_path: Path, orlik_cli: Any
@@ -180,6 +201,7 @@ def test_gptqmodel_group_128_on_width_320(
     q = json.loads((v.path / "config.json").read_text())["quantization_config"]
     if recipe.startswith("awq"):
         assert {"self_attn.q_proj", "mlp.up_proj"} <= set(q["modules_to_not_convert"])
+        _check_scales_folded_into_fp16_up_proj(v.path, narrow)
     else:
         assert q["modules_in_block_to_quantize"] == [["mlp.down_proj"]]
     from safetensors import safe_open

@@ -8,13 +8,15 @@ transformers, GPTQModel itself and vLLM load.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +89,36 @@ def run(
     What GPTQModel and tokenicer print goes to `<variants>/<name>.log`, named on the terminal."""
     log = out.parent / f"{recipe.name}.log"
     progress.info(f"{recipe.name}: GPTQModel's own output goes to {log}")
-    with library_log(log):
+    with library_log(log), _hard_stop_said(recipe.name, log):
         return _run(ckpt, recipe, calib, out, qcfg, backend, pack=pack, samples=samples)
+
+
+@contextlib.contextmanager
+def _hard_stop_said(name: str, log: Path) -> Iterator[None]:
+    """GPTQModel ends the whole process (traceback on stderr, os._exit(1)) when a task fails in one
+    of its worker threads, so no exception reaches orlik. Within the block such a stop still ends
+    the process with exit 1, but the traceback goes to the log and the terminal gets one line,
+    naming the error and the log."""
+    from gptqmodel.utils import threadx
+
+    worker = threadx._DeviceWorker
+    original = worker.__dict__["_abort_process"]
+
+    def abort(self: Any, exc: BaseException) -> None:
+        with contextlib.suppress(Exception), open(log, "a", encoding="utf-8") as f:
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=f)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        with contextlib.suppress(Exception):
+            os.write(
+                2, f"orlik: error: {name}: GPTQModel stopped the process: {first} (details: {log})\n".encode()
+            )
+        os._exit(1)
+
+    worker._abort_process = abort
+    try:
+        yield
+    finally:
+        worker._abort_process = original
 
 
 def _run(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path, qcfg: Any, backend: Any, *, pack: bool,
