@@ -56,7 +56,10 @@ if [ "${ALL:-0}" = 1 ]; then extra=(--set 'quantize.recipes=["bielik-table8", "a
 read -r -a more <<< "${PIPELINE_ARGS:-}"  # split on spaces, no globbing of [...] values
 $ORLIK pipeline scripts/demo.toml --set model="$dir/fp16" ${extra[@]+"${extra[@]}"} ${more[@]+"${more[@]}"}
 echo "recommendation for a 32 MiB memory budget at 2k context:"
-$ORLIK recommend --memory 32MiB --ctx 2048 --reports "$dir/reports" || true
+pick=$($ORLIK --json recommend --memory 32MiB --ctx 2048 --reports "$dir/reports" 2>/dev/null \
+  | $PY -c 'import json, sys; r = json.load(sys.stdin); print(r["why"]); print(r["pick"] or "")' || true)
+printf '%s\n' "$pick" | head -n 1
+pick=$(printf '%s\n' "$pick" | sed -n 2p)
 
 if [ "${ALL:-0}" = 1 ]; then
   step "8 Polish task accuracy through the endpoint (lm-eval): FP16, Q4_K_M and HQQ 4-bit"
@@ -68,10 +71,11 @@ echo
 echo "demo finished in $(( $(date +%s) - start )) s; outputs in $dir/"
 
 # How to use what the demo built (kept last, so it is what the terminal shows at the end).
+# the recommended variant when there is one (a GGUF, served by llama-server), else the FP16 model
 serve_target="$dir/fp16"
-for v in "$dir"/variants/*/; do
-  if [ -f "$v/variant.json" ] && grep -q '"format": "gguf"' "$v/variant.json"; then serve_target="${v%/}"; break; fi
-done
+if [ -n "${pick:-}" ] && [ "$pick" != FP16 ] && [ -f "$dir/variants/$pick/variant.json" ]; then
+  serve_target="$dir/variants/$pick"
+fi
 printf '\n\033[1m== try it\033[0m\n'
 echo "serve it (OpenAI-compatible API at http://127.0.0.1:8080/v1, web chat at http://127.0.0.1:8080/):"
 echo "  $ORLIK serve demo=$serve_target"
