@@ -42,9 +42,7 @@ def import_floor(fmt: str) -> int:
     mods = ("orlik.cli", *LIBRARIES[fmt])
     code = "import importlib, psutil\n" + "".join(f"importlib.import_module({m!r})\n" for m in mods)
     code += "print(psutil.Process().memory_info().rss)"
-    env = dict(
-        os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", str(usable_cores()))
-    )
+    env = dict(os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", str(usable_cores())))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return int(out.stdout.strip().splitlines()[-1])
 
