@@ -112,6 +112,24 @@ def pareto(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 6), dpi=130)
     imat = [bool(v.get("imatrix_hash")) for v in quants]
     auto = [is_auto(v) for v in quants]
+    _points(ax, quants, pts, text, imat, auto)
+    front = _fronts(ax, pts, auto)
+    labels = [ax.annotate(v["name"], pts[i], textcoords="offset points", xytext=(6, -6), va="top", fontsize=8.5,
+                          fontweight="bold" if i in front else "normal") for i, v in enumerate(quants)]  # fmt: skip
+    if fp16:
+        ax.axvline(fp16["bytes"] / div, color=COLOURS["fp16"], ls="--", lw=1)
+        ax.annotate("FP16 (KLD 0)", (fp16["bytes"] / div, floor), textcoords="offset points", xytext=(-4, 4),
+                    rotation=90, ha="right", va="bottom", fontsize=8.5, color=COLOURS["fp16"])  # fmt: skip
+    _pareto_axes(ax, results, text, unit)
+    fig.tight_layout()
+    fig.canvas.draw()
+    _repel(fig, ax, labels, pts)
+    _save(fig, path)
+
+
+def _points(ax: Any, quants: list[dict[str, Any]], pts: list[tuple[float, float]], text: str, imat: list[bool],
+            auto: list[bool]) -> None:  # fmt: skip
+    """One error-bar series per format and kind."""
     # Marker: o plain, s with imatrix, * size-budgeted auto mix (types chosen per tensor by orlik).
     styles = (("plain", "o", 6.5, ""), ("imat", "s", 6.5, " + imatrix"), ("auto", "*", 11, " auto"))
     for fmt in dict.fromkeys(v["format"] for v in quants):
@@ -123,11 +141,15 @@ def pareto(results: dict[str, Any], path: Path) -> None:
                         yerr=[quants[i]["rows"][text]["kld_err"] for i in idx], fmt=marker,
                         ms=ms, capsize=3, color=COLOURS.get(fmt, "#17becf"), zorder=3,
                         label=fmt.upper() + tag)  # fmt: skip
+
+
+def _fronts(ax: Any, pts: list[tuple[float, float]], auto: list[bool]) -> list[int]:
+    """Draw the Pareto front (and the fixed recipes' own, when auto variants are among them); return it."""
     front = pareto_front(pts)
     if any(auto) and not all(auto):
         # The front of the fixed recipes alone, beside the one auto variants join: the gap is what
         # measuring each tensor buys at equal size.
-        stock = [i for i in range(len(quants)) if not auto[i]]
+        stock = [i for i in range(len(pts)) if not auto[i]]
         sf = [stock[j] for j in pareto_front([pts[i] for i in stock])]
         ax.plot([pts[i][0] for i in sf], [pts[i][1] for i in sf], "--", color="#8a8a8a", lw=1.1,
                 drawstyle="steps-post", zorder=1, label="Pareto front, fixed recipes")  # fmt: skip
@@ -136,12 +158,11 @@ def pareto(results: dict[str, Any], path: Path) -> None:
                 drawstyle="steps-post", zorder=2, label="Pareto front" + (", with auto" if any(auto) else ""))  # fmt: skip
         ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=170, facecolors="none",
                    edgecolors="#2a2a2a", linewidths=1.3, zorder=4)  # fmt: skip
-    labels = [ax.annotate(v["name"], pts[i], textcoords="offset points", xytext=(6, -6), va="top", fontsize=8.5,
-                          fontweight="bold" if i in front else "normal") for i, v in enumerate(quants)]  # fmt: skip
-    if fp16:
-        ax.axvline(fp16["bytes"] / div, color=COLOURS["fp16"], ls="--", lw=1)
-        ax.annotate("FP16 (KLD 0)", (fp16["bytes"] / div, floor), textcoords="offset points", xytext=(-4, 4),
-                    rotation=90, ha="right", va="bottom", fontsize=8.5, color=COLOURS["fp16"])  # fmt: skip
+    return front
+
+
+def _pareto_axes(ax: Any, results: dict[str, Any], text: str, unit: str) -> None:
+    """Log axes with plain tick labels, titles, grid and legend."""
     ax.set_xscale("log")
     ax.set_yscale("log")
     from matplotlib.ticker import FuncFormatter
@@ -157,10 +178,6 @@ def pareto(results: dict[str, Any], path: Path) -> None:
                  f"{tokens:,} scored tokens)\nlower-left is better; ringed points form the Pareto front", fontsize=10.5)  # fmt: skip
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(loc="upper right", fontsize=9)
-    fig.tight_layout()
-    fig.canvas.draw()
-    _repel(fig, ax, labels, pts)
-    _save(fig, path)
 
 
 def speed(results: dict[str, Any], path: Path) -> bool:

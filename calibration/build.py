@@ -82,25 +82,8 @@ def build(
         root, langs, files, ckpt, tokenizer, count, max_sample_tokens,
         include_corpus=include_corpus, include_chat=include_chat, include_parallel=include_parallel,
     )  # fmt: skip
-    if not candidates:
-        raise InputError(
-            "nothing to calibrate on: every source is off (--no-corpus/--no-chat/--no-parallel) "
-            "and no --file was given"
-        )
-
-    progress.info(f"calibrate: {len(candidates)} candidates; language id, held-out overlap, dedup")
     heldout = dedup.HeldoutIndex(heldout_texts(root))
-    pool, drops, examples, events = _filter(candidates, langs, heldout, near_dup_threshold)
-    if events["assigned"]:
-        notes.append(f"{events['assigned']} user samples without a 'lang' took the detected language")
-    if events["skipped"]:
-        notes.append(f"{events['skipped']} user samples in the other language were left out (--lang {lang})")
-    if not pool:
-        detail = ", ".join(f"{k} {v}" for k, v in drops.items()) or f"none in --lang {lang}"
-        raise InputError(
-            f"no calibration samples left after filtering ({len(candidates)} candidates; dropped: {detail})"
-        )
-
+    pool, drops, examples = _filtered(candidates, langs, heldout, near_dup_threshold, lang, notes)
     available = {lg: sum(s.tokens for s in pool if s.lang == lg) for lg in langs}
     _check_budget(available, targets, tokens, pl_ratio, lang)
     chosen = _choose(pool, targets, seed, count, notes)
@@ -116,6 +99,24 @@ def build(
     card["out"] = str(out)
     progress.info(f"calibrate: wrote {out / 'calibration.jsonl'} ({card['result']['tokens']} tokens)")
     return card
+
+
+def _filtered(candidates: list[Any], langs: tuple[str, ...], heldout: dedup.HeldoutIndex, threshold: float,
+              lang: str, notes: list[str]) -> tuple[list[Any], dict[str, int], dict[str, list[str]]]:  # fmt: skip
+    """The candidates that pass language id, the held-out overlap check and dedup (with the drops
+    and examples of each), noting in `notes` what happened to user samples; refuses an empty pool."""
+    progress.info(f"calibrate: {len(candidates)} candidates; language id, held-out overlap, dedup")
+    pool, drops, examples, events = _filter(candidates, langs, heldout, threshold)
+    if events["assigned"]:
+        notes.append(f"{events['assigned']} user samples without a 'lang' took the detected language")
+    if events["skipped"]:
+        notes.append(f"{events['skipped']} user samples in the other language were left out (--lang {lang})")
+    if not pool:
+        detail = ", ".join(f"{k} {v}" for k, v in drops.items()) or f"none in --lang {lang}"
+        raise InputError(
+            f"no calibration samples left after filtering ({len(candidates)} candidates; dropped: {detail})"
+        )
+    return pool, drops, examples
 
 
 def _check_budget(available: dict[str, int], targets: dict[str, int], tokens: int, pl_ratio: float,
@@ -174,7 +175,8 @@ def _gather(
     include_chat: bool,
     include_parallel: bool,
 ) -> tuple[list[Sample], list[dict[str, Any]], list[str]]:
-    """Every candidate sample, in a fixed order (user files first), with the card's source list."""
+    """Every candidate sample, in a fixed order (user files first), with the card's source list;
+    refuses when every source is off or empty."""
     notes: list[str] = []
     candidates, entries = user_samples(files, count, max_sample_tokens)
     sources: list[dict[str, Any]] = [{"kind": "user", **e} for e in entries]
@@ -201,6 +203,11 @@ def _gather(
                             "template": "the checkpoint's chat template"})  # fmt: skip
             if failed:
                 notes.append(f"{failed} chats could not be rendered by the checkpoint's chat template")
+    if not candidates:
+        raise InputError(
+            "nothing to calibrate on: every source is off (--no-corpus/--no-chat/--no-parallel) "
+            "and no --file was given"
+        )
     return candidates, sources, notes
 
 

@@ -87,9 +87,15 @@ def _share(n: int, total: int) -> str:
 
 
 def to_markdown(card: dict[str, Any]) -> str:
+    """card.md: what the set holds, where it came from, what was filtered out and why."""
+    lines = [*_summary_lines(card), *_source_lines(card), *_filter_lines(card), *_drop_lines(card)]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_lines(card: dict[str, Any]) -> list[str]:
     req, res = card["request"], card["result"]
     total = res["tokens"]
-    lines = [
+    return [
         "# Calibration set",
         "",
         f"`calibration.jsonl`: {res['samples']} samples, **{total} tokens** "
@@ -125,6 +131,10 @@ def to_markdown(card: dict[str, Any]) -> str:
         ),
         "",
     ]
+
+
+def _source_lines(card: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     for s in card["sources"]:
         desc = ", ".join(f"{k}={v}" for k, v in s.items() if k != "kind")
         lines.append(f"- {s['kind']}: {desc}")
@@ -133,12 +143,16 @@ def to_markdown(card: dict[str, Any]) -> str:
         "",
         "Tokens available after filtering: " + ", ".join(f"{k} {v}" for k, v in avail.items()) + ".",
         "",
-        "## Filters",
-        "",
     ]
+    return lines
+
+
+def _filter_lines(card: dict[str, Any]) -> list[str]:
     f = card["filters"]
     lid, near = f["langid"], f["near_duplicates"]
-    lines += [
+    return [
+        "## Filters",
+        "",
         f"- language id: {lid['method']} (lingua {lid['lingua_version']}). Accuracy on the held-out "
         f"corpus: {lid['paragraphs']['accuracy']:.4f} of {lid['paragraphs']['n']} paragraphs, "
         f"{lid['sentences']['accuracy']:.4f} of {lid['sentences']['n']} sentences.",
@@ -147,9 +161,11 @@ def to_markdown(card: dict[str, Any]) -> str:
         f"- held-out overlap: any shared word {f['heldout']['ngram']}-gram with the held-out split "
         f"({f['heldout']['ngrams']} n-grams) refuses a sample.",
         "",
-        "## Dropped candidates",
-        "",
     ]
+
+
+def _drop_lines(card: dict[str, Any]) -> list[str]:
+    lines = ["## Dropped candidates", ""]
     drops = card["drops"]
     if drops:
         lines += _table(
@@ -160,4 +176,4 @@ def to_markdown(card: dict[str, Any]) -> str:
         lines.append("None.")
     if card["notes"]:
         lines += ["", "## Notes", "", *(f"- {n}" for n in card["notes"])]
-    return "\n".join(lines) + "\n"
+    return lines

@@ -102,32 +102,9 @@ def run(
     if init is not None:
         init_ckpt = Checkpoint.open(init)
         arch, tokenizer_dir = init_ckpt.arch, tokenizer_dir or init_ckpt.path
-    # Bad input is reported before torch and transformers are imported: that takes seconds.
-    if arch not in configs.ARCHS:
-        raise UnknownNameError("architecture", arch, configs.ARCHS)
-    if size not in configs.SIZES:
-        raise UnknownNameError("size", size, list(configs.SIZES))
     out = Path(out)
-    # What orlik would replace must be orlik's (or --force), checked before hours of training.
-    work = engine.claim_out(out, force=force, work_marks=(WORK_MARK, engine.RUN_JSON))
-    if tokenizer_dir is None and not (out.parent / "tokenizer" / "tokenizer.model").is_file():
-        owner.check_replaceable(out.parent / "tokenizer", force=force)
-    root = Path(corpus_dir or corpus.DATA_DIR)
-    if not root.is_dir():
-        raise InputError(f"corpus directory {root} does not exist")
-    # Fail before training, not after it: the run ends with a held-out evaluation.
-    if not corpus.documents(split="heldout", root=root):
-        raise InputError(f"the corpus under {root} has no held-out documents to evaluate on")
-    if tokenizer_dir is not None and not any((Path(tokenizer_dir) / n).is_file() for n in tokenizer.HF_FILES):
-        raise InputError(f"{tokenizer_dir} holds no tokenizer ({' or '.join(tokenizer.HF_FILES)})")
-    d = DEFAULTS[size]
-    # `is None`, not `or`: an explicit 0 is an error to report, not a request for the default.
-    steps = d["steps"] if steps is None else steps
-    batch_size = d["batch_size"] if batch_size is None else batch_size
-    seq_len = d["seq_len"] if seq_len is None else seq_len
-    lr = d["lr"] if lr is None else lr
-    if min(steps, batch_size, seq_len) <= 0 or lr <= 0:
-        raise InputError("steps, batch size, sequence length and learning rate must be positive")
+    root, work = _check(out, arch, size, tokenizer_dir, corpus_dir, force)
+    steps, batch_size, seq_len, lr = _hyperparameters(size, steps, batch_size, seq_len, lr)
     engine.set_threads(threads)
     targs = engine.training_args(
         work, seed=seed, steps=steps, batch_size=batch_size, lr=lr, adam_beta1=0.9, adam_beta2=0.95,
@@ -150,34 +127,70 @@ def run(
     )
     if not engine.is_main():
         return {"rank": engine.world()[0], "final_loss": bar.losses()[-1] if bar.losses() else None}
+    summary = _summary(model, tok, root, bar, args)
+    report = {**summary, "args": args, "losses": bar.losses()}
+    _export(model, tok, tokenizer_dir, arch, out, summary, report, force)
+    engine.finish(work)
+    return summary
+
+
+def _check(out: Path, arch: str, size: str, tokenizer_dir: Path | None, corpus_dir: Path | None,
+           force: bool) -> tuple[Path, Path]:  # fmt: skip
+    """Refuse bad input before torch and transformers are imported (that takes seconds) and before
+    hours of training; claim `out`. Returns the corpus root and the engine's work dir."""
+    if arch not in configs.ARCHS:
+        raise UnknownNameError("architecture", arch, configs.ARCHS)
+    if size not in configs.SIZES:
+        raise UnknownNameError("size", size, list(configs.SIZES))
+    # What orlik would replace must be orlik's (or --force).
+    work = engine.claim_out(out, force=force, work_marks=(WORK_MARK, engine.RUN_JSON))
+    if tokenizer_dir is None and not (out.parent / "tokenizer" / "tokenizer.model").is_file():
+        owner.check_replaceable(out.parent / "tokenizer", force=force)
+    root = Path(corpus_dir or corpus.DATA_DIR)
+    if not root.is_dir():
+        raise InputError(f"corpus directory {root} does not exist")
+    # Fail before training, not after it: the run ends with a held-out evaluation.
+    if not corpus.documents(split="heldout", root=root):
+        raise InputError(f"the corpus under {root} has no held-out documents to evaluate on")
+    if tokenizer_dir is not None and not any((Path(tokenizer_dir) / n).is_file() for n in tokenizer.HF_FILES):
+        raise InputError(f"{tokenizer_dir} holds no tokenizer ({' or '.join(tokenizer.HF_FILES)})")
+    return root, work
+
+
+def _hyperparameters(size: str, steps: int | None, batch_size: int | None, seq_len: int | None,
+                     lr: float | None) -> tuple[int, int, int, float]:  # fmt: skip
+    """The size's defaults where a value is not given; all must be positive."""
+    d = DEFAULTS[size]
+    # `is None`, not `or`: an explicit 0 is an error to report, not a request for the default.
+    steps = d["steps"] if steps is None else steps
+    batch_size = d["batch_size"] if batch_size is None else batch_size
+    seq_len = d["seq_len"] if seq_len is None else seq_len
+    lr = d["lr"] if lr is None else lr
+    if min(steps, batch_size, seq_len) <= 0 or lr <= 0:
+        raise InputError("steps, batch size, sequence length and learning rate must be positive")
+    return steps, batch_size, seq_len, lr
+
+
+def _summary(
+    model: Any, tok: Any, root: Path, bar: engine.ProgressBar, args: dict[str, Any]
+) -> dict[str, Any]:
+    """The run's figures and the held-out perplexity of the trained model."""
     ppl = evaluate.heldout_report_for_model(
-        model, tok, root, ctx=min(seq_len, model.config.max_position_embeddings)
+        model, tok, root, ctx=min(args["seq_len"], model.config.max_position_embeddings)
     )
-    summary = {
-        "arch": arch,
-        "size": size,
+    return {
+        "arch": args["arch"],
+        "size": args["size"],
         "parameters": sum(p.numel() for p in model.parameters()),
-        "steps": steps,
+        "steps": args["steps"],
         "processes": engine.world()[1],
-        "train_tokens_per_epoch": len(stream),
-        "tokens_trained": steps * batch_size * seq_len,
+        "train_tokens_per_epoch": args["stream_tokens"],
+        "tokens_trained": args["steps"] * args["batch_size"] * args["seq_len"],
         "train_seconds": round(bar.seconds, 1),
         "tokens_per_second": round(bar.tokens_per_second, 1) if bar.tokens_per_second else None,
         "final_loss": bar.losses()[-1] if bar.losses() else None,
         "heldout": ppl,
     }
-    _export(
-        model,
-        tok,
-        tokenizer_dir,
-        arch,
-        out,
-        summary,
-        {**summary, "args": args, "losses": bar.losses()},
-        force,
-    )
-    engine.finish(work)
-    return summary
 
 
 def _tokenizer(tokenizer_dir: Path | None, out: Path, root: Path, force: bool) -> Path:

@@ -46,12 +46,7 @@ def perplexity(args: list[str]) -> str:
 
 
 def run(model: Path, work: Path, tokens: int, chunk: int, ctx: int) -> dict[str, Any]:
-    from orlik import corpus
-    from orlik.checkpoint import Checkpoint
-    from orlik.gguf_convert import f16_gguf
-
     work.mkdir(parents=True, exist_ok=True)
-    threads = str(usable_cores())
     # 1. Two calibration sets with the same token budget: English only, and the Polish-leaning mix.
     sets = {"en": ("en", work / "calib-en"), "pl-en": ("mixed", work / "calib-pl-en")}
     cards = {}
@@ -82,6 +77,28 @@ def run(model: Path, work: Path, tokens: int, chunk: int, ctx: int) -> dict[str,
         for t, row in zip(TYPES, res["variants"], strict=True):
             variants[(t, arm)] = Path(row["path"]) / "model.gguf"
     # 4. KLD on the Polish held-out text against the F16 logits.
+    rows = _kld_rows(model, work, variants, ctx)
+    return {
+        "model": str(model),
+        "heldout": "corpus.heldout_text('pl')",
+        "ctx": ctx,
+        "imatrix_chunk": chunk,
+        "imatrix_chunks": chunks,
+        "calibration_tokens": {a: c["result"]["tokens"] for a, c in cards.items()},
+        "calibration_tokens_by_lang": {a: c["result"]["tokens_by_lang"] for a, c in cards.items()},
+        "rows": rows,
+    }
+
+
+def _kld_rows(
+    model: Path, work: Path, variants: dict[tuple[str, str], Path], ctx: int
+) -> list[dict[str, Any]]:
+    """llama-perplexity's KLD of each variant against the F16 GGUF's logits on the Polish held-out text."""
+    from orlik import corpus
+    from orlik.checkpoint import Checkpoint
+    from orlik.gguf_convert import f16_gguf
+
+    threads = str(usable_cores())
     text = work / "heldout-pl.txt"
     text.write_text(corpus.heldout_text("pl"), encoding="utf-8")
     f16 = f16_gguf(Checkpoint.open(model))
@@ -98,16 +115,7 @@ def run(model: Path, work: Path, tokens: int, chunk: int, ctx: int) -> dict[str,
         rows.append({"type": t, "imatrix": arm, "kld": float(k.group(1)), "kld_se": float(k.group(2)),
                      "same_top_p": float(top.group(1)) if top else None,
                      "ppl": float(ppl.group(1)) if ppl else None})  # fmt: skip
-    return {
-        "model": str(model),
-        "heldout": "corpus.heldout_text('pl')",
-        "ctx": ctx,
-        "imatrix_chunk": chunk,
-        "imatrix_chunks": chunks,
-        "calibration_tokens": {a: c["result"]["tokens"] for a, c in cards.items()},
-        "calibration_tokens_by_lang": {a: c["result"]["tokens_by_lang"] for a, c in cards.items()},
-        "rows": rows,
-    }
+    return rows
 
 
 def table(res: dict[str, Any]) -> str:
