@@ -100,24 +100,8 @@ def compute(
 ) -> dict[str, Any]:
     """Compute (or reuse) the imatrix of `model` on the `lang` part of `calib`; returns its card."""
     ckpt = Checkpoint.open(model)
-    if chunk < 16:
-        raise InputError(f"--chunk {chunk} is too small; use at least 16 tokens (512 is usual)")
-    if max_chunks is not None and max_chunks < 1:
-        raise InputError("--chunks must be at least 1")
-    text = load_text(Path(calib), lang)
-    need = 2 * chunk
-    if text.tokens < need:
-        raise InputError(
-            f"{text.jsonl} has {text.tokens} tokens with lang {lang!r}; llama-imatrix needs at least "
-            f"2 x --chunk = {need}. Use a smaller --chunk or build a larger set (orlik calibrate build --tokens)"
-        )
-    calib_dir = text.jsonl.parent
-    out = Path(out) if out is not None else default_out(calib_dir, lang)
-    if out.is_dir():
-        raise OutputError(
-            f"--out {out} is a directory; give the imatrix file name (e.g. {out / 'imatrix.gguf'})"
-        )
-    check_writable(out.parent)
+    text = _check(calib, lang, chunk, max_chunks)
+    out = _out_file(out, text.jsonl.parent, lang)
     wanted = {"calibration_sha256": text.sha256, "lang": lang, "chunk_size": chunk, "max_chunks": max_chunks,
               "base_hash": ckpt.hash}  # fmt: skip
     # A killed run's half-written imatrix and card, and its scratch directory, if any.
@@ -126,7 +110,6 @@ def compute(
     if not force and (card := _reusable(out, wanted)) is not None:
         progress.info(f"imatrix: {out} is up to date (calibration {text.sha256[:12]}, lang {lang})")
         return card
-
     f16 = f16_gguf(ckpt)
     started = time.time()
     tmp_im = owner.partial_name(out)
@@ -147,24 +130,10 @@ def compute(
             "chunks": im.chunk_count,
             "tokens_processed": (im.chunk_count or 0) * chunk,
             "entries": len(im.entries),
-            "calibration": {
-                "path": str(text.jsonl),
-                "samples": len(text.texts),
-                "tokens": text.tokens,
-                "card_sha256": _card_hash(calib_dir),
-            },
-            "base": {"path": str(ckpt.path), "hash": ckpt.hash, "f16_gguf": str(f16)},
-            "perplexity_f16": run["ppl"],
-            "llama_cpp": llamacpp.build_info(),
-            "command": "llama-imatrix " + " ".join(run["args"]),
+            **_provenance(text, ckpt, f16, run),
             "seconds": round(time.time() - started, 1),
         }
-        card_tmp = card_path(tmp_im)
-        card_tmp.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        # The imatrix goes in first: a crash before the card lands leaves a card that does not
-        # match, so the next run recomputes instead of trusting it.
-        os.replace(tmp_im, out)
-        os.replace(card_tmp, card_path(out))
+        _install(tmp_im, out, card)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise OutputError(f"disk full while writing {out}; nothing was kept") from None
@@ -174,6 +143,59 @@ def compute(
         card_path(tmp_im).unlink(missing_ok=True)
     progress.info(f"imatrix: wrote {out} ({card['chunks']} chunks of {chunk} tokens, lang {lang})")
     return {**card, "path": str(out)}
+
+
+def _check(calib: str | Path, lang: str, chunk: int, max_chunks: int | None) -> CalibrationText:
+    """The `lang` part of `calib`, once the chunk settings are valid and it holds two chunks."""
+    if chunk < 16:
+        raise InputError(f"--chunk {chunk} is too small; use at least 16 tokens (512 is usual)")
+    if max_chunks is not None and max_chunks < 1:
+        raise InputError("--chunks must be at least 1")
+    text = load_text(Path(calib), lang)
+    need = 2 * chunk
+    if text.tokens < need:
+        raise InputError(
+            f"{text.jsonl} has {text.tokens} tokens with lang {lang!r}; llama-imatrix needs at least "
+            f"2 x --chunk = {need}. Use a smaller --chunk or build a larger set (orlik calibrate build --tokens)"
+        )
+    return text
+
+
+def _out_file(out: Path | None, calib_dir: Path, lang: str) -> Path:
+    """`out`, or the default beside the calibration set: a file name in a writable folder."""
+    out = Path(out) if out is not None else default_out(calib_dir, lang)
+    if out.is_dir():
+        raise OutputError(
+            f"--out {out} is a directory; give the imatrix file name (e.g. {out / 'imatrix.gguf'})"
+        )
+    check_writable(out.parent)
+    return out
+
+
+def _provenance(text: CalibrationText, ckpt: Checkpoint, f16: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """The card's record of where the imatrix came from: calibration set, base model, tool, command."""
+    return {
+        "calibration": {
+            "path": str(text.jsonl),
+            "samples": len(text.texts),
+            "tokens": text.tokens,
+            "card_sha256": _card_hash(text.jsonl.parent),
+        },
+        "base": {"path": str(ckpt.path), "hash": ckpt.hash, "f16_gguf": str(f16)},
+        "perplexity_f16": run["ppl"],
+        "llama_cpp": llamacpp.build_info(),
+        "command": "llama-imatrix " + " ".join(run["args"]),
+    }
+
+
+def _install(tmp_im: Path, out: Path, card: dict[str, Any]) -> None:
+    """Move the finished imatrix, then its card, into place."""
+    card_tmp = card_path(tmp_im)
+    card_tmp.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    # The imatrix goes in first: a crash before the card lands leaves a card that does not
+    # match, so the next run recomputes instead of trusting it.
+    os.replace(tmp_im, out)
+    os.replace(card_path(tmp_im), card_path(out))
 
 
 def _reusable(out: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
