@@ -96,3 +96,7 @@ def test_resumes_after_an_interrupted_step(
     assert r.code == 0 and json.loads(r.out)["steps"]["bench"]["status"] == "done"
     r = orlik_cli("--json", "pipeline", cfg, "--set", "bench.ctx=64")
     assert r.code == 0 and {v["status"] for v in json.loads(r.out)["steps"].values()} == {"skipped", "off"}
+    r = orlik_cli(
+        "pipeline", cfg, "--set", "bench.ctx=64"
+    )  # everything skipped: the kept table is still shown
+    assert r.code == 0 and "bench      skipped" in r.out and "Q4_K_M-imat" in r.out and "KLD" in r.out
