@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -40,6 +40,9 @@ from orlik.serving.schemas import (
     TokenizeResponse,
     error_responses,
 )
+
+if TYPE_CHECKING:
+    from orlik.serving.streamrun import StreamRun
 
 router = APIRouter()
 _STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
@@ -203,7 +206,7 @@ async def _respond(request: Request, st: ServerState, model: ServedModel, rt: Ru
     return JSONResponse(fmt.full(events, usage))
 
 
-async def _collect(request: Request, run: Run, first: Event | None) -> list[Event] | None:
+async def _collect(request: Request, run: Run | StreamRun, first: Event | None) -> list[Event] | None:
     """All events of a non-streaming request; None if the client disconnected meanwhile."""
 
     async def gather() -> list[Event]:
@@ -227,7 +230,7 @@ async def _collect(request: Request, run: Run, first: Event | None) -> list[Even
 
 
 def _account(
-    request: Request, st: ServerState, model: ServedModel, usage: dict[str, int], last: Event, run: Run
+    request: Request, st: ServerState, model: ServedModel, usage: dict[str, int], last: Event, run: Run | StreamRun
 ) -> None:
     usage["completion_tokens"] = last.completion_tokens
     usage["total_tokens"] = usage["prompt_tokens"] + last.completion_tokens
@@ -236,7 +239,7 @@ def _account(
         request.state.ttft = run.first_token_at - run.started
 
 
-async def _sse(request: Request, st: ServerState, model: ServedModel, run: Run, first: Event | None,
+async def _sse(request: Request, st: ServerState, model: ServedModel, run: Run | StreamRun, first: Event | None,
                fmt: ChatFormat | CompletionFormat, usage: dict[str, int], lease: _Lease) -> AsyncIterator[str]:  # fmt: skip
     try:
         for chunk in fmt.start():

@@ -15,12 +15,15 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orlik.errors import OrlikError
 from orlik.serving.faults import unless_gone
-from orlik.serving.runtimes.base import Runtime, Sampling
+from orlik.serving.runtimes.base import Runtime, Sampling, Token
 from orlik.serving.textstream import IncrementalDetokenizer, StopBuffer
+
+if TYPE_CHECKING:
+    from orlik.serving.streamrun import StreamRun
 
 
 @dataclass
@@ -63,64 +66,98 @@ def _piece(runtime: Runtime, tid: int) -> tuple[str, list[int]]:
     return b.decode("utf-8", errors="replace"), list(b)
 
 
-def events(runtime: Runtime, req: GenRequest, cancel: threading.Event) -> Iterator[Event]:
-    """Run one generation, yielding text that is safe to send; stops early when `cancel` is set."""
-    eos = runtime.eos_ids
-    detok: IncrementalDetokenizer | None = None
-    stops = StopBuffer(req.stop)
-    n, pos_in, pos_out = 0, 0, 0
-    # Logprobs wait with their token's text: (start, end) offsets into the generated text.
-    held: list[tuple[int, int, TokenLogprob]] = []
-    gen = runtime.generate(req.prompt, req.sampling)
-    finish = "stop"  # the runtime ended on its own: an EOS it did not yield, or a finished grammar
-    unsent = ""
+class Emitter:
+    """One generation's token-to-event logic (detokenization, stop holdback, logprobs, finish),
+    fed one token at a time, so a thread (events()) and the event loop (streamrun) share it.
 
-    def release(final: bool = False) -> list[TokenLogprob]:
-        nonlocal held
+    push() returns the event to send for a token, if any; after it, `done` means the generation is
+    over (a stop string: that event was the last), `ended` that the runtime's stream should end and
+    finish() gives the final event (EOS or max_tokens). finish() also ends a stream that the
+    runtime ended on its own.
+    """
+
+    def __init__(self, runtime: Runtime, req: GenRequest) -> None:
+        self.runtime, self.req = runtime, req
+        self.eos = runtime.eos_ids
+        self.detok: IncrementalDetokenizer | None = None
+        self.stops = StopBuffer(req.stop)
+        self.n, self.pos_in, self.pos_out = 0, 0, 0
+        # Logprobs wait with their token's text: (start, end) offsets into the generated text.
+        self.held: list[tuple[int, int, TokenLogprob]] = []
+        # "stop" when the runtime ends on its own: an EOS it did not yield, or a finished grammar.
+        self.finish_reason = "stop"
+        self.unsent = ""
+        self.done = self.ended = False
+
+    def _release(self, final: bool = False) -> list[TokenLogprob]:
         # Sent once all of the token's text is sent; at the end, every token that showed any text
         # (tokens wholly inside a cut-off stop string go with it).
-        ready = [h for h in held if h[1] <= pos_out or (final and h[0] < pos_out)]
-        held = [] if final else [h for h in held if h[1] > pos_out]
+        pos_out = self.pos_out
+        ready = [h for h in self.held if h[1] <= pos_out or (final and h[0] < pos_out)]
+        self.held = [] if final else [h for h in self.held if h[1] > pos_out]
         return [lp for _, _, lp in ready]
 
+    def push(self, tok: Token) -> Event | None:
+        req, runtime = self.req, self.runtime
+        if tok.id in self.eos:
+            self.ended = True
+            return None
+        self.n += 1
+        if tok.text is not None:
+            text = tok.text
+        else:
+            if self.detok is None:
+                self.detok = IncrementalDetokenizer(runtime.detokenize, req.prompt)
+            text = self.detok.push(tok.id)
+        start = self.pos_in
+        self.pos_in += len(text)
+        if req.logprobs is not None:
+            s, b = _piece(runtime, tok.id)
+            top = [(*_piece(runtime, i), lp) for i, lp in tok.top_logprobs[: req.logprobs]]
+            self.held.append((start, self.pos_in, TokenLogprob(s, b, float(tok.logprob or 0.0), top)))
+        out = self.stops.push(text)
+        self.pos_out += len(out)
+        if self.stops.stopped is not None:
+            self.done = True
+            return Event(out, self._release(final=True), "stop", self.n)
+        if self.n >= req.sampling.max_tokens:
+            self.finish_reason, self.unsent, self.ended = "length", out, True  # sent with finish()'s event
+            return None
+        if out or (self.held and self.held[0][1] <= self.pos_out):
+            return Event(out, self._release(), None, self.n)
+        return None
+
+    def finish(self) -> Event:
+        """The last event once the runtime's stream has ended (or push() said `ended`)."""
+        stops = self.stops
+        tail = stops.push(self.detok.flush() if self.detok is not None else "")
+        tail += stops.flush()
+        finish = "stop" if stops.stopped is not None else self.finish_reason
+        self.pos_out += len(tail)
+        if stops.stopped is None:
+            self.pos_out = self.pos_in  # everything generated was sent
+        self.done = True
+        return Event(self.unsent + tail, self._release(final=True), finish, self.n)
+
+
+def events(runtime: Runtime, req: GenRequest, cancel: threading.Event) -> Iterator[Event]:
+    """Run one generation, yielding text that is safe to send; stops early when `cancel` is set."""
+    em = Emitter(runtime, req)
+    gen = runtime.generate(req.prompt, req.sampling)
     try:
         for tok in gen:
             if cancel.is_set():
                 return
-            if tok.id in eos:
-                break
-            n += 1
-            if tok.text is not None:
-                text = tok.text
-            else:
-                if detok is None:
-                    detok = IncrementalDetokenizer(runtime.detokenize, req.prompt)
-                text = detok.push(tok.id)
-            start, pos_in = pos_in, pos_in + len(text)
-            if req.logprobs is not None:
-                s, b = _piece(runtime, tok.id)
-                top = [(*_piece(runtime, i), lp) for i, lp in tok.top_logprobs[: req.logprobs]]
-                held.append((start, pos_in, TokenLogprob(s, b, float(tok.logprob or 0.0), top)))
-            out = stops.push(text)
-            pos_out += len(out)
-            if stops.stopped is not None:
-                yield Event(out, release(final=True), "stop", n)
+            ev = em.push(tok)
+            if ev is not None:
+                yield ev
+            if em.done:
                 return
-            if n >= req.sampling.max_tokens:
-                finish, unsent = "length", out  # sent with the final event below
+            if em.ended:
                 break
-            if out or (held and held[0][1] <= pos_out):
-                yield Event(out, release(), None, n)
         if cancel.is_set():
             return
-        tail = stops.push(detok.flush() if detok is not None else "")
-        tail += stops.flush()
-        if stops.stopped is not None:
-            finish = "stop"
-        pos_out += len(tail)
-        if stops.stopped is None:
-            pos_out = pos_in  # everything generated was sent
-        yield Event(unsent + tail, release(final=True), finish, n)
+        yield em.finish()
     finally:
         gen.close()
 
@@ -296,16 +333,33 @@ class Scheduler:
                 self.waiting -= 1
 
     async def start(self, runtime: Runtime, sem: asyncio.Semaphore, req: GenRequest, deadline: float,
-                    gone: Gone | None = None) -> Run:  # fmt: skip
-        """Take a slot and start generating in a worker thread; the slot frees when the worker ends."""
+                    gone: Gone | None = None) -> Run | StreamRun:  # fmt: skip
+        """Take a slot and start generating: on this loop if the runtime offers a stream, else in a
+        worker thread; the slot frees when the generation ends."""
         await self.acquire(sem, deadline, gone)
-        loop = asyncio.get_running_loop()
-        run = Run(loop, deadline, self.timeout)
         self.running += 1
 
         def done() -> None:
             self.running -= 1
             sem.release()
+
+        try:
+            stream = runtime.stream(req.prompt, req.sampling)
+        except BaseException:
+            done()
+            raise
+        if stream is not None:  # read on this loop: no worker thread (serving/streamrun.py)
+            from orlik.serving.streamrun import StreamRun
+
+            srun = StreamRun(runtime, req, stream, deadline, self.timeout, done)
+            try:
+                await stream.start()
+            except BaseException:
+                srun.end()
+                raise
+            return srun
+        loop = asyncio.get_running_loop()
+        run = Run(loop, deadline, self.timeout)
 
         def work() -> None:
             try:

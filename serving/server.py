@@ -88,4 +88,20 @@ def serve(models: list[str], *, host: str = HOST, port: int = PORT, log_level: s
     names = ", ".join(app.state.orlik.registry.names())
     progress.info(f"orlik serving {names} at http://{host}:{port}/v1 (web chat at http://{host}:{port}/)")
     # timeout_graceful_shutdown: open streams get a moment to finish; the lifespan then stops children.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **uvicorn_impl())
+
+
+def uvicorn_impl() -> dict[str, str]:
+    """uvicorn's C event loop and HTTP parser (uvloop, httptools; pinned in orlik[serve]) where they
+    import, else asyncio's loop and h11: the C pair costs less CPU per streamed chunk."""
+    import importlib
+
+    impl = {}
+    for key, module, fallback in (("loop", "uvloop", "asyncio"), ("http", "httptools", "h11")):
+        try:
+            importlib.import_module(module)
+            impl[key] = module
+        except ImportError:
+            impl[key] = fallback
+    log.info("uvicorn loop=%s http=%s", impl["loop"], impl["http"])
+    return impl

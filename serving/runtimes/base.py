@@ -54,6 +54,33 @@ class Token:
     text: str | None = None
 
 
+class TokenStream(ABC):
+    """A generation read on the server's event loop itself, with no worker thread and no hand-off
+    per token: what a runtime whose tokens arrive over a socket (llama-server) offers through
+    Runtime.stream(). The caller takes tokens when it is ready to send, so a fast model's tokens
+    are parsed in bursts."""
+
+    ended: bool = False  # the runtime's own stream has ended (its final event was read)
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Connect and send the request."""
+
+    @abstractmethod
+    def take(self) -> list[Token]:
+        """The tokens received and not yet taken; never waits. Raises the runtime's error."""
+
+    @abstractmethod
+    async def wait(self, timeout: float | None = None) -> None:
+        """Until more has been received or the stream has ended; raises the runtime's error if it
+        failed (a dead child, say). Returns at once after close(). With `timeout` (seconds): until
+        then, or sooner if the stream ends; never raises (the next wait() does)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop generating for this request (idempotent; on the event loop's thread)."""
+
+
 class Runtime(ABC):
     """A loaded model. A module under serving/runtimes defines one as `RUNTIME` (see orlik.registry)."""
 
@@ -110,6 +137,11 @@ class Runtime(ABC):
     @abstractmethod
     def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
         """Stream sampled tokens after the prompt; stops at EOS or max_tokens."""
+
+    def stream(self, tokens: list[int], sampling: Sampling) -> TokenStream | None:
+        """The generation as a TokenStream read on the event loop, or None: the server then runs
+        generate() in a worker thread."""
+        return None
 
     def alive(self) -> bool:
         """False once a runtime that runs out of process (llama-server) has died; a server reloads it."""

@@ -23,6 +23,7 @@ from orlik.serving.faults import BackendDied, BackendStalled
 from orlik.serving.runtimes.base import Runtime, Sampling, Token
 from orlik.serving.runtimes.llamacpp import gguf_file
 from orlik.serving.runtimes.llamaserver_child import STALL_TIMEOUT, LlamaServer, StallWatch, free_port
+from orlik.serving.runtimes.llamaserver_stream import SSEStream, llama_error, parse_event
 
 __all__ = ["RUNTIME", "LlamaServer", "LlamaServerRuntime", "free_port", "gguf_file"]
 
@@ -86,7 +87,7 @@ class LlamaServerRuntime(Runtime):
             raise self._failure(e, "is unreachable") from None
         self.watch.last = time.monotonic()
         if r.status_code != 200:
-            raise _error(r.status_code, r.text)
+            raise llama_error(r.status_code, r.text)
         return r.json()
 
     @property
@@ -147,24 +148,36 @@ class LlamaServerRuntime(Runtime):
 
     def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
         for d in self._events(self.request_body(tokens, sampling)):
-            ids = d.get("tokens") or []
-            probs = d.get("completion_probabilities")
-            if probs or len(ids) != 1:
-                probs = probs or []
-                for i, tid in enumerate(ids):
-                    yield self._token(int(tid), d.get("content", "") if i == len(ids) - 1 else "", probs, i)
-            else:  # the per-token case: llama-server's own text delta, relayed as it is
-                yield Token(id=int(ids[0]), text=d.get("content", ""))
+            yield from self.tokens_of(d)
             if d.get("stop"):
                 return
 
-    def _events(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """llama-server's /completion stream, one parsed event at a time, until its final one.
+    def stream(self, tokens: list[int], sampling: Sampling) -> SSEStream | None:
+        # With logprobs a token's bytes may need a /detokenize call, which would block the loop:
+        # those requests run in a worker thread (generate()).
+        if sampling.logprobs is not None:
+            return None
+        return SSEStream(self, self.request_body(tokens, sampling))
 
-        Read with the standard library's http.client on a connection of its own: each read1()
-        returns what the child has sent (one event, or several when orlik is behind), which costs a
-        fraction of httpx's line iterator per token. Closing the generator closes the connection,
-        so llama-server stops generating for a client that left.
+    def tokens_of(self, d: dict[str, Any]) -> list[Token]:
+        """The tokens of one llama-server event."""
+        ids = d.get("tokens") or []
+        probs = d.get("completion_probabilities")
+        if probs or len(ids) != 1:
+            probs, last = probs or [], len(ids) - 1
+            return [
+                self._token(int(t), d.get("content", "") if i == last else "", probs, i)
+                for i, t in enumerate(ids)
+            ]
+        # The per-token case: llama-server's own text delta, relayed as it is.
+        return [Token(id=int(ids[0]), text=d.get("content", ""))]
+
+    def _events(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """llama-server's /completion stream, one parsed event at a time, until its final one
+        (the worker-thread path; the server reads it on its event loop, see SSEStream).
+
+        Read with the standard library's http.client on a connection of its own. Closing the
+        generator closes the connection, so llama-server stops generating for a client that left.
         """
         conn = http.client.HTTPConnection("127.0.0.1", self.server.port)
         watch = self.watch
@@ -172,21 +185,17 @@ class LlamaServerRuntime(Runtime):
             conn.request("POST", "/completion", json.dumps(body).encode(), self._headers)
             r = conn.getresponse()
             if r.status != 200:
-                raise _error(r.status, r.read().decode("utf-8", "replace"))
+                raise llama_error(r.status, r.read().decode("utf-8", "replace"))
             buf = b""
             while data := r.read1(65536):
                 watch.last = time.monotonic()  # a sign of life for the stall watch
                 *events, buf = (buf + data).split(b"\n\n")
                 for e in events:
-                    if e.startswith(b"data: "):
-                        d = json.loads(e[6:])
-                        if "error" in d:
-                            raise _error(int(d["error"].get("code", 500)), json.dumps(d))
+                    d = parse_event(e)
+                    if d is not None:
                         yield d
                         if d.get("stop"):
                             return
-                    elif e.startswith(b"error: "):
-                        raise _error(500, e[7:].decode("utf-8", "replace"))
             raise self._failure(EOFError("the stream ended before its final event"), "failed mid-request")
         except (http.client.HTTPException, OSError) as e:
             raise self._failure(e, "failed mid-request") from None
@@ -223,16 +232,6 @@ class LlamaServerRuntime(Runtime):
         with contextlib.suppress(Exception):
             self.client.close()
         self.server.stop()
-
-
-def _error(status: int, text: str) -> Exception:
-    try:
-        msg = json.loads(text)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        msg = text.strip()[:300]
-    if 400 <= status < 500:
-        return InputError(f"llama-server rejected the request: {msg}")
-    return ToolError(f"llama-server error {status}: {msg}")
 
 
 RUNTIME = LlamaServerRuntime
