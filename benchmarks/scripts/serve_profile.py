@@ -29,11 +29,14 @@ from orlik.benchmarks.serving_proc import orlik_serve_pid
 
 # First match from the leaf frame upwards wins.
 CATEGORIES = [
-    ("reading llama-server's stream", ("http/client.py", "httpcore/", "httpx/", "socket.py", "h11/_readers")),
+    (
+        "reading llama-server's stream",
+        ("http/client.py", "httpcore/", "httpx/", "socket.py", "h11/_readers", "llamaserver_stream.py"),
+    ),
     ("JSON decoding of llama-server events", ("json/decoder.py", "json/__init__.py:3")),
     ("chunk encoding", ("formats.py", "json/encoder.py")),
     ("stop-string holdback / detokenization", ("textstream.py",)),
-    ("orlik engine (events, Run queue)", ("engine.py", "llamaserver.py", "api.py")),
+    ("orlik engine (events, Run queue)", ("engine.py", "streamrun.py", "llamaserver.py", "api.py")),
     ("uvicorn/h11 response writing", ("uvicorn/", "h11/", "httptools")),
     ("Starlette/FastAPI response and middleware", ("starlette/", "fastapi/", "anyio/", "app.py")),
     ("asyncio event loop", ("asyncio/", "selectors.py", "uvloop")),
