@@ -71,8 +71,8 @@ class HQQBackend(Backend):
 
     def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
         import torch
-        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
         from hqq.core.quantize import HQQBackend as HqqKernels  # not this module's HQQBackend
+        from hqq.core.quantize import HQQLinear
         from safetensors.torch import save_file
 
         self.check(recipe, calib)
@@ -101,16 +101,9 @@ class HQQBackend(Backend):
                         continue
                     w = weights.take(f"{name}.weight")
                     bias = weights.take(f"{name}.bias") if f"{name}.bias" in weights else None
-                    qcfg = BaseQuantizeConfig(nbits=bits, group_size=g, axis=axis)
-                    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
-                    lin.weight = torch.nn.Parameter(w.to(torch.float16), requires_grad=False)
-                    if bias is not None:
-                        lin.bias = torch.nn.Parameter(bias.to(torch.float16), requires_grad=False)
-                    q = HQQLinear(lin, qcfg, compute_dtype=torch.float16, device="cpu", del_orig=True)
-                    # Copies, not the state dict's views: a view would keep HQQ's work buffers alive.
-                    for k, v in q.state_dict().items():
-                        tensors[f"{name}.{k}"] = v.detach().clone()
-                    del q, lin, w, bias
+                    for k, v in _hqq_linear(w, bias, bits, g, axis).items():
+                        tensors[f"{name}.{k}"] = v
+                    del w, bias
                     common.release_memory()
                     bar.advance()
             for k in weights.left():  # embeddings, norms, the output head: FP16, as the loader expects
@@ -121,14 +114,7 @@ class HQQBackend(Backend):
             tensors.pop("lm_head.weight", None)
         save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "quantizer": "hqq"})
         del tensors
-        config = json.loads((ckpt.path / "config.json").read_text(encoding="utf-8"))
-        config["quantization_config"] = quant_config(bits, group, axis)
-        (out / "config.json").write_text(
-            json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-        )
-        for name in _COPIED:
-            if (ckpt.path / name).is_file():
-                shutil.copyfile(ckpt.path / name, out / name)
+        _write_config(ckpt, out, bits, group, axis)
         return common.manifest(
             ckpt, recipe, calib, out, fmt="hqq", marker=".W_q",
             tools={"hqq": common.version("hqq"), "transformers": common.version("transformers"),
@@ -136,6 +122,31 @@ class HQQBackend(Backend):
             extra={"axis": axis, "packing": _packing(bits), "quantized_layers": len(targets) - len(gplan.kept),
                    "kept_fp16": list(SKIP), **gplan.record()},
         )  # fmt: skip
+
+
+def _hqq_linear(w: Any, bias: Any, bits: int, group: int, axis: int) -> dict[str, Any]:
+    """One linear layer through HQQ: its quantized state (W_q, scales, zeros, meta, bias)."""
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    qcfg = BaseQuantizeConfig(nbits=bits, group_size=group, axis=axis)
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+    lin.weight = torch.nn.Parameter(w.to(torch.float16), requires_grad=False)
+    if bias is not None:
+        lin.bias = torch.nn.Parameter(bias.to(torch.float16), requires_grad=False)
+    q = HQQLinear(lin, qcfg, compute_dtype=torch.float16, device="cpu", del_orig=True)
+    # Copies, not the state dict's views: a view would keep HQQ's work buffers alive.
+    return {k: v.detach().clone() for k, v in q.state_dict().items()}
+
+
+def _write_config(ckpt: Checkpoint, out: Path, bits: int, group: int, axis: int) -> None:
+    """The checkpoint's config.json with HQQ's quantization_config, and its generation/tokenizer files."""
+    config = json.loads((ckpt.path / "config.json").read_text(encoding="utf-8"))
+    config["quantization_config"] = quant_config(bits, group, axis)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    for name in _COPIED:
+        if (ckpt.path / name).is_file():
+            shutil.copyfile(ckpt.path / name, out / name)
 
 
 def _linear_layers(ckpt: Checkpoint) -> tuple[list[str], bool]:
