@@ -39,6 +39,7 @@ TOKENS = 60_000  # a set's default size, counted with the model's tokenizer
 PL_RATIO = 0.7  # Polish share of a mixed set's tokens
 MAX_SAMPLE_TOKENS = 512  # longer texts are cut into chunks of this many tokens
 _EXAMPLES = 5
+KIND = "calibration"  # what orlik's mark says made the folder
 _BATCH = 256
 
 
@@ -344,7 +345,7 @@ def _check_out(out: Path, force: bool) -> None:
         raise OutputError(f"output {out} exists and is not a directory")
     # Only the three output files are ever replaced, but a folder of the user's is not written
     # into unasked: it may hold a calibration.jsonl of their own.
-    owner.check_replaceable(out, force=force, marks=("card.json",))
+    owner.check_replaceable(out, force=force, marks=("card.json",), kind=KIND)
 
 
 def _write(out: Path, data: bytes, card: dict[str, Any]) -> None:
@@ -354,7 +355,7 @@ def _write(out: Path, data: bytes, card: dict[str, Any]) -> None:
     new = not out.exists() or (out.is_dir() and not any(out.iterdir()))
     check_writable(out)
     if new:
-        owner.write_marker(out, "calibration", "complete")
+        owner.write_marker(out, KIND, "complete")
     texts = {"calibration.jsonl": data, "card.md": cardmod.to_markdown(card).encode("utf-8"),
              "card.json": (json.dumps(card, indent=2, ensure_ascii=False) + "\n").encode("utf-8")}  # fmt: skip
     for name, payload in texts.items():

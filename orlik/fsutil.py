@@ -122,7 +122,7 @@ def atomic_dir(
     check_writable(final.parent)
     if os.path.lexists(final) and not replace:
         raise OutputError(f"{final} already exists")
-    owner.check_replaceable(final, force=force, marks=marks)
+    owner.check_replaceable(final, force=force, marks=marks, kind=kind)
     owner.clear_leftovers(final, force=force)
     partial, old = owner.leftovers(final)
     try:
@@ -133,7 +133,9 @@ def atomic_dir(
         if os.path.lexists(final):
             if not replace:
                 raise OutputError(f"{final} already exists")
-            owner.check_replaceable(final, force=force, marks=marks)  # it may have appeared meanwhile
+            owner.check_replaceable(
+                final, force=force, marks=marks, kind=kind
+            )  # it may have appeared meanwhile
             _swap(final, partial, old, kind)
         else:
             partial.rename(final)

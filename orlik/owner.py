@@ -25,6 +25,7 @@ from orlik.errors import OutputError
 
 MARKER = ".orlik"
 FORCE_HINT = "move it away, or pass --force to replace it"
+ANY_KIND = "output"  # the kind atomic_dir wrote before each verb named its own
 
 
 def _start_time(pid: int) -> str | None:
@@ -106,16 +107,26 @@ def _is_empty_dir(d: Path) -> bool:
     return not d.is_symlink() and d.is_dir() and not any(d.iterdir())
 
 
-def check_replaceable(final: Path, *, force: bool = False, marks: Iterable[str] = ()) -> None:
-    """Refuse, with one line, to replace `final` unless orlik made it (or it is absent or empty).
+def check_replaceable(
+    final: Path, *, force: bool = False, marks: Iterable[str] = (), kind: str | None = None
+) -> None:
+    """Refuse, with one line, to replace `final` unless orlik made it (or it is absent or empty) and,
+    when `kind` is given, made it as that kind: a verb replaces its own outputs, not another verb's
+    (a calibration set written over a variant, say). A mark without a kind, or with the old default
+    "output", counts as any kind.
 
     With `force` anything may be replaced, but a symlink only as a link: its target is never
     entered, so nothing outside the output root is touched.
     """
     final = Path(final)
-    if not os.path.lexists(final) or force or is_orlik_dir(final, marks) or _is_empty_dir(final):
+    if not os.path.lexists(final) or force or _is_empty_dir(final):
         return
     shown = str(final) if final.is_absolute() else f"{final} (= {final.resolve()})"
+    if is_orlik_dir(final, marks):
+        made = (read_marker(final) or {}).get("kind")
+        if kind in (None, ANY_KIND) or made in (None, kind, ANY_KIND):
+            return
+        raise OutputError(f"{shown} is orlik's {made} output, not a {kind}; {FORCE_HINT}")
     if final.is_symlink():
         raise OutputError(f"{shown} is a symlink that orlik did not make; {FORCE_HINT} (the link only)")
     what = "a directory" if final.is_dir() else "a file"

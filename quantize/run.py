@@ -183,7 +183,7 @@ def quantize_all(
     out_root = Path(out_root)
     check_writable(out_root)
     for r in plan:  # a folder of the user's in the way is refused before any work, too
-        owner.check_replaceable(out_root / r.name, force=force, marks=(MANIFEST,))
+        owner.check_replaceable(out_root / r.name, force=force, marks=(MANIFEST,), kind="variant")
     for r in plan:  # checks against the checkpoint's shapes (group sizes, imatrix fit)
         backends[r.format].prepare(ckpt, r, calib)
     outcomes: list[Outcome] = []

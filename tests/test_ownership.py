@@ -365,3 +365,45 @@ def test_merge_upscale_and_quality_refuse_a_user_folder_and_take_force(
     assert res.code == 0, res.err
     assert (out / "config.json").is_file() and not (out / "notes").exists()
     assert snapshot(precious) == kept  # the link inside the replaced folder was not followed
+
+
+def test_a_verb_replaces_only_its_own_kind_of_output(
+    tmp_path: Path, orlik_cli: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """orlik's mark names the kind of folder (variant, calibration, checkpoint, ...): one verb's output
+    is not replaced by another verb without --force, as a user folder is not; its own kind is."""
+    variant = tmp_path / "variants" / "Q4_K_M"
+    with atomic_dir(variant, kind="variant") as tmp:
+        (tmp / "model.gguf").write_bytes(b"GGUF" + bytes(64))
+    before = snapshot(tmp_path)
+    cases = [  # each refused before it opens the (missing) model: the other error would be that
+        ("calibrate", "build", tmp_path / "no-model", "--out", variant),
+        ("train", "sft", tmp_path / "no-model", "--out", variant),
+        ("train", "pretrain", "--out", variant, "--steps", "1"),
+        ("train", "tokenizer", "--out", variant, "--vocab-size", "400"),
+    ]
+    for args in cases:
+        res = orlik_cli(*args)
+        assert res.code == 2, args
+        kind = {"build": "calibration", "sft": "checkpoint", "pretrain": "checkpoint"}.get(
+            str(args[1]), "tokenizer"
+        )
+        assert re.search(rf"{re.escape(str(variant))} is orlik's variant output, not a {kind}.*--force",
+                         one_error_line(res.err)), args  # fmt: skip
+    assert snapshot(tmp_path) == before
+    # The same kind is replaced as before; a mark of the old default kind counts as any kind.
+    with atomic_dir(variant, kind="variant") as tmp:
+        (tmp / "model.gguf").write_bytes(b"GGUF" + bytes(32))
+    assert owner.read_marker(variant)["kind"] == "variant"  # type: ignore[index]
+    owner.write_marker(variant, owner.ANY_KIND, "complete")
+    owner.check_replaceable(variant, kind="calibration")
+    owner.write_marker(variant, "variant", "complete")
+    with pytest.raises(OutputError, match="is orlik's variant output, not a checkpoint"):
+        owner.check_replaceable(variant, kind="checkpoint")
+    owner.check_replaceable(variant, kind="checkpoint", force=True)
+    with (
+        pytest.raises(OutputError, match="is orlik's variant output, not a checkpoint"),
+        atomic_dir(variant, kind="checkpoint"),
+    ):
+        pass
+    assert (variant / "model.gguf").read_bytes() == b"GGUF" + bytes(32)

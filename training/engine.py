@@ -67,8 +67,8 @@ def claim_out(out: Path, *, force: bool, work_marks: tuple[str, ...] = (RUN_JSON
     out = Path(out)
     check_writable(out.parent)
     work = out.with_name(out.name + ".work")
-    owner.check_replaceable(out, force=force, marks=(TRAINING_JSON,))
-    owner.check_replaceable(work, force=force, marks=work_marks)
+    owner.check_replaceable(out, force=force, marks=(TRAINING_JSON,), kind="checkpoint")
+    owner.check_replaceable(work, force=force, marks=work_marks, kind="train-state")
     return work
 
 

@@ -211,7 +211,7 @@ def run(plan: MergePlan, out: Path, force: bool = False) -> dict[str, Any]:
             bar.advance(1)
 
     first = inputs.ckpts[0]
-    with atomic_dir(Path(out), force=force) as tmp, tensorio.TensorReader() as reader:
+    with atomic_dir(Path(out), force=force, kind="checkpoint") as tmp, tensorio.TensorReader() as reader:
         with progress.bar("merge", total=len(names)) as bar:
             files = tensorio.write_checkpoint_weights(tmp, out_tensors, produce(reader, bar))
         cfg = dict(first.config)

@@ -145,7 +145,7 @@ def _check(out: Path, arch: str, size: str, tokenizer_dir: Path | None, corpus_d
     # What orlik would replace must be orlik's (or --force).
     work = engine.claim_out(out, force=force, work_marks=(WORK_MARK, engine.RUN_JSON))
     if tokenizer_dir is None and not (out.parent / "tokenizer" / "tokenizer.model").is_file():
-        owner.check_replaceable(out.parent / "tokenizer", force=force)
+        owner.check_replaceable(out.parent / "tokenizer", force=force, kind="tokenizer")
     root = Path(corpus_dir or corpus.DATA_DIR)
     if not root.is_dir():
         raise InputError(f"corpus directory {root} does not exist")

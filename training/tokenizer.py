@@ -158,7 +158,7 @@ def build(
     An existing `out` is replaced only if orlik made it, or with `force`."""
     if vocab_size < 300:
         raise InputError("vocab size must be at least 300 (256 byte pieces + specials + merges)")
-    owner.check_replaceable(Path(out), force=force)  # before the training, not after it
+    owner.check_replaceable(Path(out), force=force, kind="tokenizer")  # before the training, not after it
     lines = training_lines(corpus_dir)
     model_bytes = train_spm(lines, vocab_size)
     rep = report(model_bytes, corpus_dir, vocab_size)

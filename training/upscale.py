@@ -107,7 +107,7 @@ def run(checkpoint: Path, layers: str, out: Path, force: bool = False) -> dict[s
             cfg[key] = [cfg[key][i] for i in src_of]
     if isinstance(cfg.get("max_window_layers"), int):  # qwen2: layers below this use full attention
         cfg["max_window_layers"] = min(cfg["max_window_layers"], len(src_of))
-    with atomic_dir(Path(out), force=force) as tmp, tensorio.TensorReader() as reader:
+    with atomic_dir(Path(out), force=force, kind="checkpoint") as tmp, tensorio.TensorReader() as reader:
         with progress.bar("upscale", total=len(planned)) as bar:
             files = tensorio.write_checkpoint_weights(tmp, out_tensors, produce(reader, bar))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")

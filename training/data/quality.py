@@ -59,7 +59,9 @@ def train(
     xgboost = _xgb()
     if rounds <= 0 or not 0.0 < cutoff <= 1.0:
         raise InputError("--rounds must be positive and --high-cutoff in (0, 1]")
-    owner.check_replaceable(Path(out), force=force)  # before the work, not only when writing
+    owner.check_replaceable(
+        Path(out), force=force, kind="quality-model"
+    )  # before the work, not only when writing
     t0 = time.perf_counter()
     tr, te = degrade.examples("train", seed), degrade.examples("heldout", seed)
     progress.info(f"quality: {len(stylometry.FEATURE_NAMES)} features of {len(tr) + len(te)} documents")
@@ -78,7 +80,7 @@ def train(
     report.update({"train_examples": len(tr), "heldout_examples": len(te), "features": len(stylometry.FEATURE_NAMES),
                    "pos_features": stylometry.pos_available(), "params": PARAMS, "rounds": rounds, "seed": seed,
                    "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
-    with atomic_dir(Path(out), force=force) as tmp:
+    with atomic_dir(Path(out), force=force, kind="quality-model") as tmp:
         booster.save_model(str(tmp / "model.json"))
         (tmp / "features.json").write_text(json.dumps(stylometry.FEATURE_NAMES) + "\n")
         _plot(report, tmp / "quality.png")
