@@ -111,7 +111,7 @@ def render(result: dict[str, Any], results: dict[str, Any], v: Variant, ckpt: Ch
              *(f"- {k}: {val}" for k, val in v.tools.items()),
              f"- calibration set sha256: `{v.calibration_hash}`" if v.calibration_hash else "- no calibration data",
              f"- importance matrix sha256: `{v.imatrix_hash}`" if v.imatrix_hash else "- no importance matrix",
-             *(f"- `{f}` sha256 `{h}`" for f, h in v.files.items()), ""]  # fmt: skip
+             *(f"- `{f}` sha256 `{h}`" for f, h in {**v.files, **v.logs}.items()), ""]  # fmt: skip
     card = calibration_card(v, ckpt)
     if card:
         body += ["## Calibration", "", card.strip(), ""]

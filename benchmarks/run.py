@@ -201,8 +201,8 @@ def variant_rows(plan: Plan, s: Scorer) -> list[dict[str, Any]]:
     out = []
     for v in sorted(plan.variants, key=lambda v: (-v.bytes, v.name)):
         out.append({"name": v.name, "format": v.format, "bytes": v.bytes, "bpw": v.bpw, "path": str(v.path),
-                    "runtime": s.runtimes[v.name], "recipe": v.recipe, "files": v.files, "tools": v.tools,
-                    "calibration_hash": v.calibration_hash, "imatrix_hash": v.imatrix_hash,
+                    "runtime": s.runtimes[v.name], "recipe": v.recipe, "files": v.files, "logs": v.logs,
+                    "tools": v.tools, "calibration_hash": v.calibration_hash, "imatrix_hash": v.imatrix_hash,
                     "rows": _rows(s.scores[v.name]), "token_mismatch": s.mismatch[v.name],
                     "eval_seconds": s.seconds[v.name] + sum(sc.seconds for sc in s.scores[v.name].values())})  # fmt: skip
     return out

@@ -31,6 +31,9 @@ class Variant:
     tools: dict[str, str] = field(default_factory=dict)
     calibration_hash: str | None = None
     imatrix_hash: str | None = None
+    # Files kept as a record of how the variant was made (llama-quantize's log), hashed like `files`
+    # but not part of the model, so not counted in `bytes`.
+    logs: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
@@ -49,6 +52,7 @@ class Variant:
         "tools": dict,
         "calibration_hash": (str, type(None)),
         "imatrix_hash": (str, type(None)),
+        "logs": dict,
         "extra": dict,
         "created": str,
         "schema_version": int,
@@ -73,7 +77,10 @@ class Variant:
                 raise ManifestError(f"{where}: field {k!r} has the wrong type ({type(d[k]).__name__})")
         if not d["files"] or not all(isinstance(v, str) and len(v) == 64 for v in d["files"].values()):
             raise ManifestError(f"{where}: 'files' must map each file to its sha256")
-        outside = [k for k in d["files"] if _escapes(k)]
+        if not all(isinstance(v, str) and len(v) == 64 for v in d.get("logs", {}).values()):
+            raise ManifestError(f"{where}: 'logs' must map each file to its sha256")
+        d = _with_logs(d)
+        outside = [k for k in {**d["files"], **d["logs"]} if _escapes(k)]
         if outside:
             raise ManifestError(
                 f"{where}: file name {outside[0]!r} is absolute or leaves the variant directory"
@@ -110,24 +117,22 @@ class Variant:
         """Files that are missing or whose sha256 differs; empty means the variant is intact."""
         base = Path(directory or self.path or ".")
         bad = []
-        for rel, digest in self.files.items():
+        for rel, digest in {**self.files, **self.logs}.items():
             p = base / rel
             if not p.is_file() or sha256_file(p) != digest:
                 bad.append(rel)
         return bad
 
     def check(self, *, hashes: bool = True, directory: Path | None = None) -> None:
-        """Raise ManifestError unless every file is present with the recorded total size and, with
-        `hashes`, its recorded sha256. The size check costs a stat per file; hashing reads them all."""
+        """Raise ManifestError unless every file (and log) is present, the files hold the recorded
+        `bytes` and, with `hashes`, each has its recorded sha256. The size check costs a stat per
+        file; hashing reads them all."""
         base = Path(directory or self.path or ".")
-        missing = [rel for rel in self.files if not (base / rel).is_file()]
+        missing = [rel for rel in {**self.files, **self.logs} if not (base / rel).is_file()]
         if missing:
             raise ManifestError(f"{base}: file(s) listed in {MANIFEST} are missing: {', '.join(missing)}")
         sizes = {rel: (base / rel).stat().st_size for rel in self.files}
-        weights = sum(n for rel, n in sizes.items() if rel.endswith(WEIGHT_SUFFIXES))
-        # `bytes` counts every file for directory formats and the model file alone for GGUF (its
-        # llama-quantize log is listed too): either total must match.
-        if self.bytes not in (sum(sizes.values()), weights):
+        if self.bytes != sum(sizes.values()):
             raise ManifestError(f"{base}: files hold {sum(sizes.values())} bytes, {MANIFEST} records {self.bytes} (truncated "
                                 "or replaced?); rebuild it with `orlik quantize`")  # fmt: skip
         bad = self.verify(base) if hashes else []
@@ -141,7 +146,15 @@ class Variant:
         return self.path / next(iter(self.files))
 
 
-WEIGHT_SUFFIXES = (".gguf", ".safetensors")
+def _with_logs(d: dict[str, Any]) -> dict[str, Any]:
+    """`d` with its `logs`. GGUF manifests written before `logs` existed (same schema version) list
+    llama-quantize's log under `files` while `bytes` counts the .gguf alone: read the log as a log."""
+    if "logs" in d:
+        return d
+    log = "llama-quantize.log"
+    if d["format"] != "gguf" or log not in d["files"] or len(d["files"]) < 2:
+        return {**d, "logs": {}}
+    return {**d, "files": {k: h for k, h in d["files"].items() if k != log}, "logs": {log: d["files"][log]}}
 
 
 def _escapes(name: str) -> bool:

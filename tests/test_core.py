@@ -309,3 +309,31 @@ def test_packed_calibration_blocks_are_equal_length(tokenizer_dir: Path) -> None
     assert len({len(b["input_ids"]) for b in loose}) > 1  # the unpacked samples vary in length
     with pytest.raises(OrlikError, match="fewer than one block"):
         calibration_batches(["krótko"], tok, recipe, pack=True)
+
+
+def test_logs_are_hashed_but_not_counted_and_old_gguf_manifests_still_read(
+    variant_dir: tuple[Path, Variant],
+) -> None:
+    """`bytes` counts `files` only; a log is checked like a file. A GGUF manifest written before `logs`
+    existed (its llama-quantize log under `files`, `bytes` the model file alone) reads as the same."""
+    d, v = variant_dir
+    (d / "llama-quantize.log").write_text("[ 1/ 1] token_embd.weight - [ 8, 8], type = f16\n")
+    v.files, v.logs = hash_files(d, ["model.gguf"]), hash_files(d, ["llama-quantize.log"])  # as GGUF writes
+    v.save(d)
+    Variant.load(d).check()
+    (d / "llama-quantize.log").write_text("edited\n")
+    with pytest.raises(ManifestError, match=r"differ from variant.json: llama-quantize.log"):
+        Variant.load(d).check()
+    v.save(d)
+    with pytest.raises(ManifestError, match=r"files hold 2052 bytes, variant.json records 2053"):
+        Variant.from_dict({**v.to_dict(), "bytes": 2053}).check(directory=d)
+    old = v.to_dict()
+    old.pop("logs")
+    old["files"] = {**old["files"], "llama-quantize.log": sha256_file(d / "llama-quantize.log")}
+    read = Variant.from_dict(old)
+    assert read.files == v.files and read.logs == {
+        "llama-quantize.log": sha256_file(d / "llama-quantize.log")
+    }
+    read.check(directory=d)
+    with pytest.raises(ManifestError, match="files hold 2052 bytes"):  # the old rule's other total is gone
+        Variant.from_dict({**old, "bytes": 2052 + len("edited\n")}).check(directory=d)

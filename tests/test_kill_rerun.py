@@ -33,13 +33,14 @@ def _cmd(ckpt: Path, out: Path) -> list[str]:
 
 
 def quantize(ckpt: Path, out: Path, cache: Path) -> dict[str, str]:
-    """The sha256 of each file of the variant built, less llama-quantize's log (it records the paths
-    and timings of its own run, so it differs between any two runs; it must be there all the same)."""
+    """The sha256 of each file of the variant built. llama-quantize's log is listed apart, under
+    `logs` (it records the paths and timings of its own run, so it differs between any two runs; it
+    must be there all the same)."""
     proc = subprocess.run(_cmd(ckpt, out), env=_env(cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    files = dict(Variant.load(out / RECIPE).files)
-    assert files.pop("llama-quantize.log", None) is not None and "model.gguf" in files, files
-    return files
+    v = Variant.load(out / RECIPE)
+    assert list(v.logs) == ["llama-quantize.log"] and list(v.files) == ["model.gguf"], (v.files, v.logs)
+    return dict(v.files)
 
 
 def leftovers(*roots: Path) -> list[Path]:
