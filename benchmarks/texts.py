@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orlik import corpus
 from orlik.errors import InputError
 
 NGRAM = 8  # words; long enough that shared phrases are copies, not common language
@@ -26,8 +27,6 @@ class EvalText:
 
 
 def heldout_texts() -> list[EvalText]:
-    from orlik import corpus
-
     out = []
     for lang in corpus.LANGS:
         text = corpus.heldout_text(lang)
@@ -43,12 +42,7 @@ def file_texts(paths: list[Path]) -> list[EvalText]:
     names: set[str] = set()
     for p in paths:
         p = Path(p)
-        if not p.is_file():
-            raise InputError(f"--text {p} does not exist")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"--text {p} is not UTF-8: {e}") from None
+        text = corpus.read_utf8(p, f"--text {p}")
         if not text.strip():
             raise InputError(f"--text {p} is empty")
         if text.endswith("\n"):  # as llama-perplexity -f reads a file, so both see the same tokens

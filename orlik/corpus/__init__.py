@@ -34,31 +34,42 @@ class Document:
     text: str
 
 
+def json_records(lines: Iterable[tuple[int, str]], path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON value) for each non-blank (line number, line); a line that is not
+    JSON is an InputError naming the file and line."""
+    for i, line in lines:
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{i}: invalid JSON: {e.msg}") from None
+
+
 def parse_jsonl(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; a bad line is an InputError naming the file
     and line. Lines end at "\n" only, not at every splitlines() boundary: a JSON string written with
     ensure_ascii=False may hold U+2028, U+0085 or a form feed, which are not record ends."""
-    for i, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{i}: invalid JSON: {e.msg}") from None
+    for i, rec in json_records(enumerate(text.split("\n"), 1), path):
         if not isinstance(rec, dict):
             raise InputError(f"{path}:{i}: expected a JSON object")
         yield i, rec
 
 
+def read_utf8(path: Path, name: str | None = None) -> str:
+    """The text of a UTF-8 file; a missing or undecodable one is an InputError naming it as `name`."""
+    name = name or str(path)
+    if not path.is_file():
+        raise InputError(f"{name} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{name} is not UTF-8: {e}") from None
+
+
 def read_jsonl_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each record of a UTF-8 JSONL file (see parse_jsonl)."""
-    if not path.is_file():
-        raise InputError(f"{path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not UTF-8: {e}") from None
-    return list(parse_jsonl(text, path))
+    return list(parse_jsonl(read_utf8(path), path))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from orlik import corpus
 from orlik.errors import InputError
 from orlik.fsutil import atomic_write_text, check_writable
 
@@ -55,13 +56,7 @@ def _lines(f: TextIO, path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _jsonl(lines: Iterator[tuple[int, str]], path: Path, field: str, chats: bool) -> Iterator[Doc]:
-    for n, line in lines:
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+    for n, rec in corpus.json_records(lines, path):
         if chats and isinstance(rec, dict) and isinstance(rec.get("messages"), list):
             said = [m.get("content") for m in rec["messages"] if isinstance(m, dict)]
             yield Doc("\n".join(x for x in said if isinstance(x, str)), rec, f"{path.name}:{n}")
