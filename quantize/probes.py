@@ -8,7 +8,9 @@ ffn_down) and each probe type, every matrix of that kind is quantized at once wi
 quantizer (same imatrix as llama-quantize), the FP32 model runs on calibration tokens, and the real
 mean per-token KLD against the unquantized model is set against the summed estimate of the same
 matrices. That ratio, interpolated in bits per weight between the probe types (held constant beyond
-them), scales each candidate's estimate of that kind before the allocation.
+them), scales each candidate's estimate of that kind before the allocation. The probes run on
+calibration windows disjoint from the Fisher pass's (sensitivity.split_windows), so the ratio is
+not fitted to the tokens the estimate was made on.
 """
 
 from __future__ import annotations
@@ -17,19 +19,23 @@ import itertools
 import math
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from orlik import progress
 from orlik.checkpoint import Checkpoint
-from orlik.quantize import ggml_quants, sensitivity
+from orlik.quantize import ggml_quants
 
 # Where the estimate goes wrong is at low bits: on a 112M llama the block matrices' real KLD at Q2_K was
-# 4-15x the estimate, at Q4_K and Q6_K 0.4-2.6x.
-PROBE_TYPES = ("Q2_K", "Q4_K", "Q6_K")
+# 4-15x the estimate, at Q4_K and Q6_K 0.4-2.6x. A Q6_K probe moved no allocation there (the ratio is
+# held at Q4_K's above it) and cost a third of the pass, so two probe types.
+PROBE_TYPES = ("Q2_K", "Q4_K")
 _BLOCK = re.compile(r"^blk\.\d+\.")
+_LAYER = re.compile(r"\.\d+\.")
 
 
 def kind(gguf_name: str) -> str:
@@ -37,60 +43,94 @@ def kind(gguf_name: str) -> str:
     return _BLOCK.sub("", gguf_name).removesuffix(".weight")
 
 
-def nearest(probe: str, measured: dict[str, float]) -> str:
+@dataclass(frozen=True)
+class Format:
+    """What the probes need to know of a format: a tensor's kind, an encoding's bits per weight,
+    the format's own quantize-dequantize, and the encodings to probe at."""
+
+    kind: Callable[[str], str]
+    bpw: Callable[[str], float]
+    roundtrip: Callable[[str, np.ndarray, np.ndarray | None], np.ndarray]
+    types: tuple[str, ...]
+
+
+GGUF = Format(kind, lambda t: ggml_quants.info(t).bpw, ggml_quants.roundtrip, PROBE_TYPES)
+
+
+def layer_kind(path: str) -> str:
+    """'model.layers.3.mlp.down_proj' -> 'model.layers.mlp.down_proj' (MLX / checkpoint paths)."""
+    return _LAYER.sub(".", path).removesuffix(".weight")
+
+
+def nearest(probe: str, measured: dict[str, float], fmt: Format = GGUF) -> str:
     """The probe type if the tensor has it as a candidate, else its candidate closest in bpw."""
     if probe in measured:
         return probe
-    want = ggml_quants.info(probe).bpw
-    return min(measured, key=lambda t: (abs(ggml_quants.info(t).bpw - want), -ggml_quants.info(t).bpw))
+    want = fmt.bpw(probe)
+    return min(measured, key=lambda t: (abs(fmt.bpw(t) - want), -fmt.bpw(t)))
 
 
-def measure(ckpt: Checkpoint, texts: list[str], names: dict[str, str], rows: dict[str, Any],
-            imat: dict[str, np.ndarray], *, tokens: int, seq_len: int, types: tuple[str, ...],
-            threads: int) -> dict[str, Any]:  # fmt: skip
+def measure(ckpt: Checkpoint, windows: list[list[int]], names: dict[str, str], costs: dict[str, dict[str, float]],
+            sizes: dict[str, int], imat: dict[str, np.ndarray], *, threads: int, fmt: Format = GGUF) -> dict[str, Any]:  # fmt: skip
     """{"tokens", "seconds", "kinds": {kind: [{"type", "bpw", "estimated", "real", "ratio"}]}} for the
-    GGUF tensors `names` (gguf name -> checkpoint parameter) whose estimates are `rows`."""
+    tensors `names` (format's name -> checkpoint parameter) whose estimates are `costs` and weight
+    counts `sizes`, measured on the token `windows` (sensitivity.split_windows: disjoint from the
+    Fisher pass's)."""
     import torch
 
     t0 = time.time()
     torch.set_num_threads(max(1, threads))
-    x = torch.tensor(sensitivity._token_windows(ckpt, texts, tokens, seq_len))
+    x = torch.tensor(windows)
     model = ckpt.load_model(torch.float32).eval()
     with torch.no_grad():
         base = torch.log_softmax(model(input_ids=x).logits.double(), -1)
     groups: dict[str, list[str]] = {}
     for g in names:
-        groups.setdefault(kind(g), []).append(g)
+        groups.setdefault(fmt.kind(g), []).append(g)
     out: dict[str, list[dict[str, Any]]] = {}
     for k, members in groups.items():
-        for probe in types:
-            chosen = {g: nearest(probe, rows[g]["types"]) for g in members}
-            est = sum(float(rows[g]["types"][chosen[g]]) for g in members)
-            real = _probe(model, x, base, {names[g]: (chosen[g], imat.get(g)) for g in members}, threads)
-            n = sum(int(np.prod(rows[g]["ne"])) for g in members)
-            bpw = sum(ggml_quants.info(chosen[g]).bpw * int(np.prod(rows[g]["ne"])) for g in members) / n
+        for probe in fmt.types:
+            chosen = {g: nearest(probe, costs[g], fmt) for g in members}
+            est = sum(float(costs[g][chosen[g]]) for g in members)
+            real = _probe(model, x, base, {names[g]: (chosen[g], imat.get(g)) for g in members}, threads, fmt)
+            bpw = sum(fmt.bpw(chosen[g]) * sizes[g] for g in members) / sum(sizes[g] for g in members)
             ratio = real / est if est > 0 and real > 0 else None
             out.setdefault(k, []).append({"type": probe, "bpw": round(bpw, 4), "estimated": est,
                                           "real": real, "ratio": ratio})  # fmt: skip
             progress.info(f"auto: probe {k} at {probe}: estimated {est:.3g}, real {real:.3g}")
     return {
         "tokens": int(x.numel()),
-        "types": list(types),
+        "types": list(fmt.types),
         "kinds": out,
         "seconds": round(time.time() - t0, 2),
     }
 
 
-def _probe(
-    model: Any, x: Any, base: Any, params: dict[str, tuple[str, np.ndarray | None]], threads: int
-) -> float:
+def used_rows(model: Any, name: str, x: Any) -> np.ndarray | None:
+    """The rows of parameter `name` that the probe can reach: for an input embedding that is not
+    also the output head, the token ids in `x` (ggml quantizes rows independently, so quantizing
+    only these is exact); None (all rows) for anything else."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if model.get_parameter(name) is not emb.weight or (head is not None and head.weight is emb.weight):
+        return None
+    return np.unique(x.numpy())
+
+
+def _probe(model: Any, x: Any, base: Any, params: dict[str, tuple[str, np.ndarray | None]], threads: int,
+           fmt: Format = GGUF) -> float:  # fmt: skip
     """Mean per-token KLD(FP32 || model with `params` quantized), the weights restored afterwards."""
     import torch
 
     def quantized(item: tuple[str, tuple[str, np.ndarray | None]]) -> tuple[str, np.ndarray]:
         name, (ty, im) = item
         w = model.get_parameter(name).detach().numpy()
-        return name, ggml_quants.roundtrip(ty, w.reshape(-1, w.shape[-1]), im).reshape(w.shape)
+        w2 = w.reshape(-1, w.shape[-1])
+        rows = used_rows(model, name, x)
+        if rows is None:
+            return name, fmt.roundtrip(ty, w2, im).reshape(w.shape)
+        q = w2.copy()
+        q[rows] = fmt.roundtrip(ty, np.ascontiguousarray(w2[rows]), im)
+        return name, q.reshape(w.shape)
 
     saved = {n: model.get_parameter(n).detach().clone() for n in params}
     try:
@@ -127,11 +167,16 @@ def factor(points: list[dict[str, Any]], bpw: float) -> float:
     return math.exp(pts[-1][1])
 
 
-def calibrated(table: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Each tensor's estimated KLD per candidate type, scaled by its kind's probe ratio."""
-    kinds = (table.get("probes") or {}).get("kinds", {})
+def scaled(costs: dict[str, dict[str, float]], probes: dict[str, Any] | None, fmt: Format = GGUF) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Each tensor's estimated KLD per candidate encoding, scaled by its kind's probe ratio."""
+    kinds = (probes or {}).get("kinds", {})
     out = {}
-    for name, row in table["tensors"].items():
-        pts = kinds.get(kind(name), [])
-        out[name] = {ty: float(c) * factor(pts, ggml_quants.info(ty).bpw) for ty, c in row["types"].items()}
+    for name, row in costs.items():
+        pts = kinds.get(fmt.kind(name), [])
+        out[name] = {ty: float(c) * factor(pts, fmt.bpw(ty)) for ty, c in row.items()}
     return out
+
+
+def calibrated(table: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """`scaled` for a GGUF sensitivity table."""
+    return scaled({n: r["types"] for n, r in table["tensors"].items()}, table.get("probes"))

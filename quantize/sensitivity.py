@@ -39,7 +39,7 @@ class Fisher:
 def base_settings(options: dict[str, Any]) -> dict[str, Any]:
     """The sensitivity pass's settings from a recipe's options: calibration tokens, window length,
     the fraction of rows whose error is measured, and the seed (each auto backend adds its own)."""
-    return {"tokens": int(options.get("sens_tokens", 4096)), "seq_len": int(options.get("sens_seq_len", 512)),
+    return {"tokens": int(options.get("sens_tokens", 2048)), "seq_len": int(options.get("sens_seq_len", 512)),
             "rows": float(options.get("sens_rows", 1 / 16)), "seed": int(options.get("seed", 0))}  # fmt: skip
 
 
@@ -68,16 +68,34 @@ def _token_windows(ckpt: Checkpoint, texts: list[str], tokens: int, seq_len: int
     return [ids[i * seq_len : (i + 1) * seq_len] for i in range(n)]
 
 
-def fisher(
-    ckpt: Checkpoint, texts: list[str], *, tokens: int, seq_len: int, seed: int, threads: int
-) -> Fisher:
-    """R and C of every linear layer and embedding of `ckpt` on up to `tokens` calibration tokens."""
+def split_windows(
+    ckpt: Checkpoint, texts: list[str], *, fisher_tokens: int, probe_tokens: int, seq_len: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Windows for the Fisher pass and, disjoint from them, for the direct KLD probes, both spread
+    evenly over the whole calibration set (not its first tokens), so the probes judge the estimate on
+    text it was not fitted to. Up to 64x the tokens needed are read; with a single window the probes
+    get none (the caller then skips them)."""
+    need = fisher_tokens // seq_len + probe_tokens // seq_len
+    every = _token_windows(ckpt, texts, max(64 * need, 1) * seq_len, seq_len)
+    n_probe = min(probe_tokens // seq_len, len(every) // 2)
+    n_fisher = min(max(1, fisher_tokens // seq_len), len(every) - n_probe)
+    picks = np.linspace(0, len(every) - 1, n_fisher + n_probe).round().astype(int)
+    # every k-th pick to the probes, the rest to the Fisher pass: both span the set
+    k = (n_fisher + n_probe) / max(n_probe, 1)
+    probe_at = {int(i * k + k / 2) for i in range(n_probe)}
+    fis = [every[p] for j, p in enumerate(picks) if j not in probe_at]
+    pro = [every[p] for j, p in enumerate(picks) if j in probe_at]
+    return fis, pro
+
+
+def fisher(ckpt: Checkpoint, windows: list[list[int]], *, seed: int, threads: int) -> Fisher:
+    """R and C of every linear layer and embedding of `ckpt` on the token windows."""
     import torch
 
     t0 = time.time()
     torch.set_num_threads(max(1, threads))
     gen = torch.Generator().manual_seed(seed)
-    windows = _token_windows(ckpt, texts, tokens, seq_len)
+    seq_len = len(windows[0])
     model = ckpt.load_model(torch.float32)
     for p in model.parameters():
         p.requires_grad_(False)

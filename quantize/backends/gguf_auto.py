@@ -29,7 +29,7 @@ from orlik.quantize.backends import Calibration, common
 from orlik.quantize.recipe import Recipe
 from orlik.sysinfo import usable_cores
 
-METHOD = "fisher-diag+kind-probes-v2"  # bump when the estimate changes, so cached tables are recomputed
+METHOD = "fisher-diag+kind-probes-v3"  # bump when the estimate changes, so cached tables are recomputed
 # Candidates for rows that are multiples of 256, and the 32-block types for other widths (llama-quantize
 # would silently turn a K-quant there into one of these, so the allocator chooses among them itself).
 TYPES_256 = ("IQ2_XXS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
@@ -179,14 +179,15 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, sour
     "seconds"}, computed once per checkpoint, calibration set, imatrix and settings, then cached."""
     o = recipe.options
     settings = {**sensitivity.base_settings(o), "types": list(_types_option(recipe) or ()), "full": full,
-                "probe_tokens": int(o.get("probe_tokens", 1024)), "probe_types": list(probes.PROBE_TYPES)}  # fmt: skip
+                "probe_tokens": int(o.get("probe_tokens", 512)), "probe_types": list(probes.PROBE_TYPES)}  # fmt: skip
     path = cache_root() / "sensitivity" / f"{_cache_key(ckpt, calib, imatrix, settings)}.json"
     if (table := sensitivity.read_cached(path)) is not None:
         return {**table, "cached": True, "cache": str(path)}
     t0 = time.time()
     texts = common.calibration_texts(calib, recipe, None)
-    fis = sensitivity.fisher(ckpt, texts, tokens=settings["tokens"], seq_len=settings["seq_len"],
-                             seed=settings["seed"], threads=threads)  # fmt: skip
+    fis_windows, probe_windows = sensitivity.split_windows(ckpt, texts, fisher_tokens=settings["tokens"],
+                                                           probe_tokens=settings["probe_tokens"], seq_len=settings["seq_len"])  # fmt: skip
+    fis = sensitivity.fisher(ckpt, fis_windows, seed=settings["seed"], threads=threads)
     names = _gguf_names(ckpt, source, list(fis.weights))
     imat = imatrix_values(imatrix) if imatrix else {}
     read = sensitivity.weight_reader(ckpt)
@@ -206,10 +207,10 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, sour
         rows = dict(pool.map(measure, jobs))
     table = {"method": METHOD, "tensors": rows, "tokens": fis.tokens,
              "seconds": {"fisher": round(fis.seconds, 2), "errors": round(time.time() - t0 - fis.seconds, 2)}}  # fmt: skip
-    if settings["probe_tokens"] > 0:
-        table["probes"] = probes.measure(ckpt, texts, {t.name: hf for t, hf in jobs}, rows, imat,
-                                         tokens=settings["probe_tokens"], seq_len=settings["seq_len"],
-                                         types=probes.PROBE_TYPES, threads=threads)  # fmt: skip
+    if probe_windows:
+        table["probes"] = probes.measure(ckpt, probe_windows, {t.name: hf for t, hf in jobs},
+                                         {n: r["types"] for n, r in rows.items()},
+                                         {n: int(np.prod(r["ne"])) for n, r in rows.items()}, imat, threads=threads)  # fmt: skip
         table["seconds"]["probes"] = table["probes"]["seconds"]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(table) + "\n")

@@ -1,6 +1,8 @@
 """`--recipe mlx-auto`: per-layer MLX bits and group size chosen by measured sensitivity under a bpw
 or size budget, with the allocator and Fisher sensitivity the GGUF auto recipe uses; MLX's own
 affine quantizer (mx.quantize) measures each candidate's error, mlx-lm's quant predicate applies it.
+The same direct KLD probes as GGUF (quantize/probes.py: every layer of a kind quantized at once with
+mx.quantize, real KLD on calibration windows disjoint from the Fisher pass's) calibrate the estimate.
 """
 
 from __future__ import annotations
@@ -17,15 +19,36 @@ from orlik import progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ToolError
 from orlik.fsutil import atomic_write_text, cache_root, sha256_bytes
-from orlik.quantize import allocate, sensitivity
+from orlik.quantize import allocate, probes, sensitivity
 from orlik.quantize.backends import Calibration, common
 from orlik.quantize.recipe import Recipe
 from orlik.sysinfo import usable_cores
 
-METHOD = "fisher-diag-v1"
+METHOD = "fisher-diag+kind-probes-v1"
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
 DEFAULT_GROUP = 32  # mlx-lm skips layers whose width its default group does not divide: take the finest
+
+
+PROBE_TYPES = ("2g64", "4g64")  # 2.5 and 4.5 bpw, as GGUF's Q2_K and Q4_K probes
+
+
+def bpw(encoding: str) -> float:
+    """'4g64' -> 4.5: the bits plus an FP16 scale and bias per group."""
+    bits, group = (int(v) for v in encoding.split("g"))
+    return bits + 32 / group
+
+
+def roundtrip(encoding: str, rows: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """mx.quantize then mx.dequantize, as mlx-lm stores an affine layer (no importance matrix)."""
+    import mlx.core as mx
+
+    bits, group = (int(v) for v in encoding.split("g"))
+    q = mx.dequantize(*mx.quantize(mx.array(rows), group_size=group, bits=bits), group_size=group, bits=bits)
+    return np.array(q, dtype=np.float32)
+
+
+FORMAT = probes.Format(probes.layer_kind, bpw, roundtrip, PROBE_TYPES)
 
 
 def option_bytes(rows: int, width: int, bits: int, group: int) -> int:
@@ -86,7 +109,7 @@ def _costs(w: np.ndarray, pairs: sensitivity.Pairs, rows: np.ndarray, scale: np.
 def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, threads: int) -> dict[str, Any]:
     """{"layers": {path: {kind: estimated KLD}}, "tokens", ...}, cached per checkpoint and calibration."""
     o = recipe.options
-    settings = sensitivity.base_settings(o)
+    settings = {**sensitivity.base_settings(o), "probe_tokens": int(o.get("probe_tokens", 512))}
     key = sha256_bytes(json.dumps({"method": METHOD, "format": "mlx", "checkpoint": ckpt.hash,
                                    "calibration": calib.hash, **settings}, sort_keys=True).encode())  # fmt: skip
     path = cache_root() / "sensitivity" / f"mlx-{key}.json"
@@ -94,8 +117,9 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, thre
         return {**table, "cached": True}
     t0 = time.time()
     texts = common.calibration_texts(calib, recipe, None)
-    fis = sensitivity.fisher(ckpt, texts, tokens=settings["tokens"], seq_len=settings["seq_len"],
-                             seed=settings["seed"], threads=threads)  # fmt: skip
+    windows, probe_windows = sensitivity.split_windows(ckpt, texts, fisher_tokens=settings["tokens"],
+                                                       probe_tokens=settings["probe_tokens"], seq_len=settings["seq_len"])  # fmt: skip
+    fis = sensitivity.fisher(ckpt, windows, seed=settings["seed"], threads=threads)
     read = sensitivity.weight_reader(ckpt)
     mats, _, _ = layers(ckpt)
 
@@ -109,6 +133,9 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, thre
     # One thread: MLX evaluates lazily on its own stream, and its CPU kernels are already parallel.
     table = {"method": METHOD, "layers": dict(map(measure, mats)), "tokens": fis.tokens,
              "seconds": round(time.time() - t0, 2)}  # fmt: skip
+    if probe_windows:  # one thread: MLX evaluates lazily on its own stream
+        table["probes"] = probes.measure(ckpt, probe_windows, {m.path: m.path + ".weight" for m in mats}, table["layers"],
+                                         {m.path: m.rows * m.width for m in mats}, {}, threads=1, fmt=FORMAT)  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(table) + "\n")
     return {**table, "cached": False}
@@ -133,11 +160,14 @@ def plan(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, threads: int) -> 
     }
     budget = allocate.check_target(target, fixed, zero, 2 * params, "FP16 checkpoint")
     table = sensitivity_table(ckpt, recipe, calib, threads)
-    sol = allocate.solve({p: opts(shapes[p], c) for p, c in table["layers"].items()}, budget)
+    costs = probes.scaled(table["layers"], table.get("probes"), FORMAT)
+    sol = allocate.solve({p: opts(shapes[p], c) for p, c in costs.items()}, budget)
+    fisher_only = sum(table["layers"][p][o.kind] for p, o in sol.choice.items())
     progress.info(
         f"mlx-auto: {len(mats)} layers, estimated KLD {sol.cost:.4g}, {8 * (fixed + sol.bytes) / params:.3f} bpw"
     )
     return {"method": METHOD, "target_bytes": target, "planned_bytes": fixed + sol.bytes, "estimated_kld": sol.cost,
+            "estimated_kld_fisher": fisher_only, "probes": table.get("probes"),
             "sensitivity_cached": table["cached"], "sensitivity_tokens": table["tokens"],
             "layers": {p: {"type": o.kind, "estimated_kld": o.cost} for p, o in sol.choice.items()}}  # fmt: skip
 
