@@ -40,13 +40,8 @@ named in CHANGES and can be turned off alone (an AWQ recipe option of the same n
 
 With 2-5 on and 1 off, the tiny model's AWQ weights are byte-identical to GPTQModel's (a slow test).
 
-One correction is always installed (`_scaling_into_kept`): when a module kind stays FP16 because the
-group size does not divide its width (orlik's `dynamic` skip rules), GPTQModel drops it from the
-chain of scaling groups and pairs the next quantized module with the norm before it, so on a
-320-wide llama with groups of 128 it scaled down_proj (768 inputs) against post_attention_layernorm
-(320) and stopped the process. AWQ folds a group's scales into the op that produces its input;
-that op may well stay FP16 (its weights are only rescaled), so the correction gives such a group
-the linear before it in the model's module order, when that linear's output width matches.
+One correction is always installed as well (`awq_chain`): a scaling group whose
+input comes from a module left FP16 for its width gets that module as the op its scales fold into.
 """
 
 from __future__ import annotations
@@ -54,6 +49,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from orlik.quantize.backends import awq_chain
 
 N_GRID = 20  # ratios step by 1/N_GRID ...
 MAX_SHRINK = 0.5  # ... down to (1 - MAX_SHRINK), exclusive: ten candidates
@@ -344,39 +341,6 @@ def _pack_module_releasing(self: Any, module: Any) -> None:
     linear.register_parameter("weight", torch.nn.Parameter(meta, requires_grad=False))
 
 
-def _out_width(op: Any) -> int | None:
-    """Rows of a linear's weight, or the length of a norm's: the width of what the op produces."""
-    w = getattr(op, "weight", None)
-    return int(w.shape[0]) if w is not None and getattr(w, "ndim", 0) >= 1 else None
-
-
-def _scaling_into_kept(self: Any, module: Any, input_feat: Any, module_kwargs: Any) -> list[dict[str, Any]]:
-    """Drop-in for BaseQModel.awq_get_modules_for_scaling: GPTQModel's scaling groups, each whose
-    `prev_op` cannot take its scales (output width differs from the group's input width) given the
-    linear just before it in the module order instead, if that one fits; see the module docstring."""
-    import torch
-    from gptqmodel.quantization.awq.utils.module import get_op_name
-
-    nodes = _ORIGINAL["awq_get_modules_for_scaling"](self, module, input_feat, module_kwargs)
-    order = [name.split(":")[0] for block in self.full_layer_modules(self.model.config, is_awq_quantize=True)
-             for name in block]  # fmt: skip
-    for node in nodes:
-        first = node["layers"][0]
-        width = int(first.weight.shape[1])
-        if _out_width(node["prev_op"]) == width:
-            continue
-        name = get_op_name(module, first)
-        if name not in order or order.index(name) == 0:
-            continue
-        try:
-            before = module.get_submodule(order[order.index(name) - 1])
-        except AttributeError:
-            continue
-        if isinstance(before, torch.nn.Linear) and _out_width(before) == width:
-            node["prev_op"] = before
-    return nodes
-
-
 _ORIGINAL: dict[str, Any] = {}
 
 
@@ -403,7 +367,11 @@ def installed(
           "exact_copy": exact_copy, "release_packed": release_packed}  # fmt: skip
     from gptqmodel.models.base import BaseQModel
 
-    fix = (BaseQModel, "awq_get_modules_for_scaling", _scaling_into_kept)
+    fix = (
+        BaseQModel,
+        "awq_get_modules_for_scaling",
+        awq_chain.wrap(BaseQModel.__dict__["awq_get_modules_for_scaling"]),
+    )
     saved = [(owner, name, owner.__dict__[name]) for patches in chosen.values() for owner, name, _ in patches]
     saved.append((fix[0], fix[1], BaseQModel.__dict__[fix[1]]))
     _ORIGINAL.update((name, fn) for _, name, fn in saved)
