@@ -51,6 +51,9 @@ class StreamRun:
         self._over = False  # no more events will come (the last is queued, or it failed)
         self._last_sent = 0.0
         self._sleep_first = False  # see next_merged
+        # A stop string is found only when a chunk is parsed: with stop strings, each token is
+        # parsed as it comes (and the finish goes out at once), as on the worker thread.
+        self._may_sleep_first = not req.stop
         self._on_end: Callable[[], None] | None = on_end  # frees the slot, once
         self._expired = False
         self._timer = self.loop.call_later(max(deadline - time.monotonic(), 0.001), self._expire)
@@ -144,7 +147,7 @@ class StreamRun:
         if interval > 0 and not self._sleep_first and self._ready[-1].finish_reason is None:
             wait = self._last_sent + interval - time.monotonic()
             if wait > 0:  # a token came within the interval: sleep the rest out, and first next time
-                self._sleep_first = True
+                self._sleep_first = self._may_sleep_first
                 await self.stream.wait(wait)
                 self._pull()
         self._last_sent = time.monotonic()
