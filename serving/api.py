@@ -142,7 +142,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         model.name, logprobs=gen.logprobs is not None, include_usage=include_usage, echo=echo
     )
     if body.echo and gen.logprobs is not None:  # prompt logprobs, as lm-eval's local-completions reads them
-        return await scoring.echo_completion(request, st, model, rt, gen, echo, include_usage, body.stream, t0)
+        return await scoring.echo_completion(
+            request, st, model, rt, gen, echo, include_usage, body.stream, t0
+        )
     return await _respond(request, st, model, rt, gen, fmt, body.stream, t0)
 
 
@@ -230,7 +232,12 @@ async def _collect(request: Request, run: Run | StreamRun, first: Event | None) 
 
 
 def _account(
-    request: Request, st: ServerState, model: ServedModel, usage: dict[str, int], last: Event, run: Run | StreamRun
+    request: Request,
+    st: ServerState,
+    model: ServedModel,
+    usage: dict[str, int],
+    last: Event,
+    run: Run | StreamRun,
 ) -> None:
     usage["completion_tokens"] = last.completion_tokens
     usage["total_tokens"] = usage["prompt_tokens"] + last.completion_tokens

@@ -173,6 +173,23 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, cors: lis
     app.include_router(scoring.router)  # /tokenizer_info, for lm-eval's remote tokenizer
     _publish_model_names(app, registry.names())
 
+    _add_error_handlers(app, scheduler)
+    _add_pages(app, registry, scheduler, metrics)
+
+    # Starlette runs the last added outermost: CORS, then metrics, then the key and body checks.
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body)
+    app.add_middleware(Observe, metrics=metrics)
+    if cors:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "X-API-Key"])  # fmt: skip
+    return app
+
+
+def _add_error_handlers(app: FastAPI, scheduler: Scheduler) -> None:
+    """Every error as OpenAI's error object: validation 400, Starlette's own, and OrlikError."""
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         msg, param = http_errors.validation_message(list(exc.errors()))
@@ -192,6 +209,10 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, cors: lis
     # handler, which also logs the traceback.
     app.add_exception_handler(OrlikError, _mapped)
     app.add_exception_handler(Exception, _mapped)
+
+
+def _add_pages(app: FastAPI, registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics) -> None:
+    """/health, /metrics and the web chat page."""
 
     @app.get(
         "/health", responses={503: {"description": "a loaded model's runtime has died or is restarting"}}
@@ -215,16 +236,6 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, cors: lis
     @app.get("/web/{name}", include_in_schema=False)
     async def web(name: str) -> Response:
         return _web_file(name)
-
-    # Starlette runs the last added outermost: CORS, then metrics, then the key and body checks.
-    app.add_middleware(Guard, api_key=api_key, max_body=max_body)
-    app.add_middleware(Observe, metrics=metrics)
-    if cors:
-        from starlette.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type", "X-API-Key"])  # fmt: skip
-    return app
 
 
 def _publish_model_names(app: FastAPI, names: list[str]) -> None:
