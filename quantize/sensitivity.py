@@ -38,9 +38,16 @@ class Fisher:
 
 def base_settings(options: dict[str, Any]) -> dict[str, Any]:
     """The sensitivity pass's settings from a recipe's options: calibration tokens, window length,
-    the fraction of rows whose error is measured, and the seed (each auto backend adds its own)."""
-    return {"tokens": int(options.get("sens_tokens", 2048)), "seq_len": int(options.get("sens_seq_len", 512)),
-            "rows": float(options.get("sens_rows", 1 / 16)), "seed": int(options.get("seed", 0))}  # fmt: skip
+    the fraction of rows whose error is measured, the probes' tokens and the seed (each auto backend
+    adds its own). The probes run on whole windows, so `probe_tokens` is 0 (no probes) or at least
+    one window; anything between is refused rather than silently probing nothing."""
+    settings = {"tokens": int(options.get("sens_tokens", 2048)), "seq_len": int(options.get("sens_seq_len", 512)),
+                "rows": float(options.get("sens_rows", 1 / 16)), "seed": int(options.get("seed", 0)),
+                "probe_tokens": int(options.get("probe_tokens", 512))}  # fmt: skip
+    if 0 < settings["probe_tokens"] < settings["seq_len"] or settings["probe_tokens"] < 0:
+        raise InputError(f"probe_tokens={settings['probe_tokens']} is not a whole window of sens_seq_len="
+                         f"{settings['seq_len']} tokens: use 0 (no KLD probes) or at least {settings['seq_len']}")  # fmt: skip
+    return settings
 
 
 def read_cached(path: Path) -> dict[str, Any] | None:

@@ -149,6 +149,13 @@ def test_targets_out_of_range_are_one_line_exit_2(tiny_checkpoint: Path, tiny_ca
         "quantize", tiny_checkpoint, "--recipe", "auto", "--calib", tiny_calibration, "--out", tmp_path
     )
     assert r.code == 2 and "needs a target" in r.err
+    # probes run on whole windows: a probe_tokens between 0 and one window would probe nothing
+    r = orlik_cli("quantize", tiny_checkpoint, "--recipe", "auto-like-Q3_K_M", "--calib", tiny_calibration,
+                  "--out", tmp_path, "--option", "probe_tokens=100", "--option", "sens_seq_len=128")  # fmt: skip
+    assert r.code == 2 and r.err.strip() == (
+        "orlik: error: probe_tokens=100 is not a whole window of sens_seq_len=128 tokens: "
+        "use 0 (no KLD probes) or at least 128"
+    ), r.err
     assert not any(tmp_path.iterdir())
 
 

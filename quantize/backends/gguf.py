@@ -136,6 +136,7 @@ class GGUFBackend(Backend):
             )
 
     def _check_auto(self, recipe: Recipe, calib: Calibration) -> None:
+        from orlik.quantize import sensitivity
         from orlik.quantize.backends import gguf_auto
 
         if not any(recipe.options.get(k) is not None for k in ("like", "target_size", "target_bpw")):
@@ -146,6 +147,7 @@ class GGUFBackend(Backend):
 
             parse_size(recipe.options["target_size"])
         gguf_auto._types_option(recipe)
+        sensitivity.base_settings(recipe.options)  # refuses probe_tokens that are not whole windows
         if calib.jsonl is None:
             raise InputError(
                 f"recipe {recipe.name} measures sensitivity on the calibration set; pass --calib DIR"

@@ -179,7 +179,7 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, sour
     "seconds"}, computed once per checkpoint, calibration set, imatrix and settings, then cached."""
     o = recipe.options
     settings = {**sensitivity.base_settings(o), "types": list(_types_option(recipe) or ()), "full": full,
-                "probe_tokens": int(o.get("probe_tokens", 512)), "probe_types": list(probes.PROBE_TYPES)}  # fmt: skip
+                "probe_types": list(probes.PROBE_TYPES)}  # fmt: skip
     path = cache_root() / "sensitivity" / f"{_cache_key(ckpt, calib, imatrix, settings)}.json"
     if (table := sensitivity.read_cached(path)) is not None:
         return {**table, "cached": True, "cache": str(path)}

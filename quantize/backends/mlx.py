@@ -119,6 +119,9 @@ class MLXBackend(Backend):
                     f"recipe {recipe.name} needs a target: --target-bpw BPW or --target-size SIZE"
                 )
             common.require_calibration(recipe, calib)
+            from orlik.quantize import sensitivity
+
+            sensitivity.base_settings(recipe.options)  # refuses probe_tokens that are not whole windows
             return
         bits, group = int(recipe.bits or 4), recipe.group_size or 64
         if bits not in BITS:

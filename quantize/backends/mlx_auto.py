@@ -109,7 +109,7 @@ def _costs(w: np.ndarray, pairs: sensitivity.Pairs, rows: np.ndarray, scale: np.
 def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, threads: int) -> dict[str, Any]:
     """{"layers": {path: {kind: estimated KLD}}, "tokens", ...}, cached per checkpoint and calibration."""
     o = recipe.options
-    settings = {**sensitivity.base_settings(o), "probe_tokens": int(o.get("probe_tokens", 512))}
+    settings = sensitivity.base_settings(o)
     key = sha256_bytes(json.dumps({"method": METHOD, "format": "mlx", "checkpoint": ckpt.hash,
                                    "calibration": calib.hash, **settings}, sort_keys=True).encode())  # fmt: skip
     path = cache_root() / "sensitivity" / f"mlx-{key}.json"
