@@ -216,7 +216,7 @@ def _build(
 ) -> Outcome:
     t0 = time.time()
     existed = target.exists()
-    reason = "--force" if force else _stale(target, r, ckpt, calib)
+    reason = "--force" if force else _stale(target, r, ckpt, calib) or backend.stale(Variant.load(target), r)
     if reason is None:
         owner.clear_leftovers(target, claim=False)  # a killed earlier run's, if any
         progress.info(f"quantize: {r.name} verified, skipped")

@@ -95,6 +95,30 @@ def test_auto_lands_within_one_percent(auto_variant: Path, orlik_cli) -> None:
     assert a["estimated_kld_fisher"] > 0 and {"token_embd", "ffn_down"} <= set(a["probes"]["kinds"])
 
 
+def test_a_mix_from_an_older_auto_method_is_rebuilt(
+    auto_variant: Path, tiny_checkpoint: Path, tiny_calibration: Path, tmp_path: Path, orlik_cli
+) -> None:
+    import shutil
+
+    shutil.copytree(auto_variant / "auto-like-Q3_K_M", tmp_path / "auto-like-Q3_K_M")
+    args = ("quantize", tiny_checkpoint, "--recipe", "auto-like-Q3_K_M", "--calib", tiny_calibration,
+            "--out", tmp_path, *FAST)  # fmt: skip
+    r = orlik_cli("--json", *args)
+    assert r.code == 0 and json.loads(r.out)["variants"][0]["status"] == "skipped", r.out
+    manifest = tmp_path / "auto-like-Q3_K_M" / "variant.json"
+    doc = json.loads(manifest.read_text(encoding="utf-8"))
+    now, doc["extra"]["auto"]["method"] = doc["extra"]["auto"]["method"], "fisher-diag+kind-probes-v2"
+    manifest.write_text(json.dumps(doc), encoding="utf-8")
+    r = orlik_cli("--json", *args)
+    row = json.loads(r.out)["variants"][0]
+    assert r.code == 0 and row["status"] == "rebuilt", r.out
+    assert (
+        row["reason"]
+        == f"its mix was chosen by auto method fisher-diag+kind-probes-v2, and orlik's is now {now}"
+    )
+    assert json.loads(manifest.read_text(encoding="utf-8"))["extra"]["auto"]["method"] == now
+
+
 def test_slow_iq_types_only_below_what_the_fast_ones_reach(auto_variant: Path) -> None:
     from orlik.manifest import Variant
     from orlik.quantize.backends import gguf_auto

@@ -54,6 +54,11 @@ class Backend(ABC):
         the first variant is built, so that a bad input fails the run before any output."""
         return None
 
+    def stale(self, variant: Variant, recipe: Recipe) -> str | None:
+        """Why an existing, verified variant of `recipe` is not what this backend builds now (e.g. it
+        came from an older method), or None; checked after the manifest, recipe and inputs match."""
+        return None
+
     @abstractmethod
     def quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
         """Write the variant's files into `out` (an empty staging dir) and return its manifest.

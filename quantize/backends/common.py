@@ -255,3 +255,9 @@ def _fp16_params_of(ckpt: Checkpoint, prefixes: set[str]) -> int:
                     c *= int(d)
                 n += c
     return n
+
+
+def auto_method_changed(variant: Variant, method: str) -> str | None:
+    """Why an auto variant is stale when its mix was chosen by another method than `method`."""
+    had = (variant.extra.get("auto") or {}).get("method")
+    return None if had == method else f"its mix was chosen by auto method {had}, and orlik's is now {method}"

@@ -18,7 +18,7 @@ from orlik.errors import InputError, MissingDependencyError, OutputError, ToolEr
 from orlik.fsutil import sha256_file
 from orlik.gguf_convert import f16_gguf
 from orlik.manifest import Variant
-from orlik.quantize.backends import Backend, Calibration
+from orlik.quantize.backends import Backend, Calibration, common
 from orlik.quantize.recipe import (
     GGUF_REQUIRES_IMATRIX,
     GGUF_TENSOR_TYPES,
@@ -134,6 +134,13 @@ class GGUFBackend(Backend):
             raise InputError(
                 f"override type(s) {', '.join(bad)} need an importance matrix; use {recipe.qtype}-imat"
             )
+
+    def stale(self, variant: Variant, recipe: Recipe) -> str | None:
+        if not recipe.options.get("auto"):
+            return None
+        from orlik.quantize.backends import gguf_auto
+
+        return common.auto_method_changed(variant, gguf_auto.METHOD)
 
     def _check_auto(self, recipe: Recipe, calib: Calibration) -> None:
         from orlik.quantize import sensitivity

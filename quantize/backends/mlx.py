@@ -112,6 +112,13 @@ class MLXBackend(Backend):
     def missing(cls) -> str | None:
         return common.missing_modules(("mlx", "mlx_lm"), "mlx")
 
+    def stale(self, variant: Variant, recipe: Recipe) -> str | None:
+        if not recipe.options.get("auto"):
+            return None
+        from orlik.quantize.backends import mlx_auto
+
+        return common.auto_method_changed(variant, mlx_auto.METHOD)
+
     def check(self, recipe: Recipe, calib: Calibration) -> None:
         if recipe.options.get("auto"):  # mlx-auto: bits and group per layer, chosen in mlx_auto.py
             if not any(recipe.options.get(k) is not None for k in ("target_size", "target_bpw")):
