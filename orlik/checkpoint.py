@@ -37,7 +37,11 @@ class Checkpoint:
         if not cfg_path.is_file():
             raise CheckpointError(f"{p} has no config.json; is it a Hugging Face model directory?")
         config = _read_json(cfg_path)
-        if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        if (
+            not isinstance(config, dict)
+            or not isinstance(config.get("model_type"), str)
+            or not config["model_type"].strip()
+        ):
             raise CheckpointError(f"{cfg_path} has no model_type")
         weights = _weight_files(p)
         for w in weights:

@@ -112,6 +112,8 @@ CASES = [
      r"cannot load the tokenizer in .*ckpt: "),
     ("config-unreadable", _unreadable_config, ["inspect", "{ckpt}"],
      r"cannot read .*config\.json: Permission denied"),
+    ("config-empty-model-type", _file("config.json", b'{"model_type": ""}'), ["inspect", "{ckpt}"],
+     r"config\.json has no model_type"),
 ]  # fmt: skip
 
 
