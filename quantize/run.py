@@ -216,7 +216,7 @@ def _build(
 ) -> Outcome:
     t0 = time.time()
     existed = target.exists()
-    reason = "--force" if force else _stale(target, r, ckpt, calib) or backend.stale(Variant.load(target), r)
+    reason = "--force" if force else _stale(target, r, ckpt, calib, backend)
     if reason is None:
         owner.clear_leftovers(target, claim=False)  # a killed earlier run's, if any
         progress.info(f"quantize: {r.name} verified, skipped")
@@ -256,7 +256,9 @@ def _resolve(recipes: Sequence[Recipe | str]) -> list[Recipe]:
     return list(seen.values())
 
 
-def _stale(target: Path, recipe: Recipe, ckpt: Checkpoint, calib: Calibration) -> str | None:
+def _stale(
+    target: Path, recipe: Recipe, ckpt: Checkpoint, calib: Calibration, backend: Backend
+) -> str | None:
     """Why the variant at `target` cannot be reused ("absent" if there is none); None if it can."""
     if not target.exists():
         return "absent"
@@ -282,4 +284,4 @@ def _stale(target: Path, recipe: Recipe, ckpt: Checkpoint, calib: Calibration) -
             return "it was calibrated, and no calibration set was given now"
         if now != v.calibration_hash:
             return "the calibration set changed"
-    return None
+    return backend.stale(v, recipe)

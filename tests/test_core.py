@@ -271,7 +271,7 @@ def test_calibrated_variant_is_rebuilt_when_the_calibration_set_changes(tmp_path
     from types import SimpleNamespace
 
     from orlik.quantize import run
-    from orlik.quantize.backends import Calibration
+    from orlik.quantize.backends import Calibration, backend_class
 
     recipe = Recipe.from_dict({"format": "gptq", "bits": 4, "group_size": 128})
     target = tmp_path / "v"
@@ -280,12 +280,13 @@ def test_calibrated_variant_is_rebuilt_when_the_calibration_set_changes(tmp_path
     Variant(name="v", format="gptq", recipe=recipe.to_dict(), base_hash="b" * 64,
             files=hash_files(target), bytes=7, bpw=4.25, calibration_hash="c" * 64).save(target)  # fmt: skip
     ckpt = SimpleNamespace(hash="b" * 64)
-    assert run._stale(target, recipe, ckpt, Calibration(hash="c" * 64)) is None
-    assert run._stale(target, recipe, ckpt, Calibration(hash="d" * 64)) == "the calibration set changed"
-    assert "no calibration set" in run._stale(target, recipe, ckpt, Calibration())
+    gptq = backend_class("gptq")()  # its stale() adds nothing: only the calibration decides here
+    assert run._stale(target, recipe, ckpt, Calibration(hash="c" * 64), gptq) is None
+    assert run._stale(target, recipe, ckpt, Calibration(hash="d" * 64), gptq) == "the calibration set changed"
+    assert "no calibration set" in run._stale(target, recipe, ckpt, Calibration(), gptq)
     calib = tmp_path / "calibration.jsonl"
     calib.write_text('{"text": "x"}\n')  # hashed when the card gave no hash
-    assert run._stale(target, recipe, ckpt, Calibration(jsonl=calib)) == "the calibration set changed"
+    assert run._stale(target, recipe, ckpt, Calibration(jsonl=calib), gptq) == "the calibration set changed"
 
 
 def test_packed_calibration_blocks_are_equal_length(tokenizer_dir: Path) -> None:
