@@ -7,6 +7,7 @@ type's error with these, so what it estimates is what llama-quantize will write.
 from __future__ import annotations
 
 import ctypes
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
@@ -79,8 +80,10 @@ def info(name: str) -> TypeInfo:
     return TypeInfo(name, int(t.blck_size), int(t.type_size))
 
 
-def roundtrip(name: str, rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    """`rows` (float32, [n, row_length]) quantized to type `name` by ggml and read back to float32."""
+def roundtrip(name: str, rows: np.ndarray, imatrix: np.ndarray | None, threads: int = 1) -> np.ndarray:
+    """`rows` (float32, [n, row_length]) quantized to type `name` by ggml and read back to float32;
+    with `threads` > 1 the rows are split between that many threads (ggml quantizes rows
+    independently, so the result is the same)."""
     if name == "F32":
         return rows.astype(np.float32)
     if name == "F16":
@@ -91,8 +94,15 @@ def roundtrip(name: str, rows: np.ndarray, imatrix: np.ndarray | None) -> np.nda
     ti = info(name)
     dst = np.empty(n * ti.row_bytes(k), dtype=np.uint8)
     imat = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-    lib.ggml_quantize_chunk(TYPE_IDS[name], src.ctypes.data, dst.ctypes.data, 0, n, k,
-                            None if imat is None else imat.ctypes.data)  # fmt: skip
+    bounds = np.linspace(0, n, max(1, min(threads, n // 64)) + 1).astype(int)
+
+    def chunk(i: int) -> None:  # ctypes releases the GIL for the call
+        lo, hi = int(bounds[i]), int(bounds[i + 1])
+        lib.ggml_quantize_chunk(TYPE_IDS[name], src.ctypes.data, dst.ctypes.data, lo * k, hi - lo, k,
+                                None if imat is None else imat.ctypes.data)  # fmt: skip
+
+    with ThreadPoolExecutor(len(bounds) - 1) as pool:
+        list(pool.map(chunk, range(len(bounds) - 1)))
     out = np.empty_like(src)
     to_float = _to_float_t(lib.ggml_get_type_traits(TYPE_IDS[name]).contents.to_float)
     to_float(dst.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n * k)

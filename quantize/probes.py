@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from orlik import progress
-from orlik.checkpoint import Checkpoint
 from orlik.quantize import ggml_quants
 
 # Where the estimate goes wrong is at low bits: on a 112M llama the block matrices' real KLD at Q2_K was
@@ -50,7 +49,7 @@ class Format:
 
     kind: Callable[[str], str]
     bpw: Callable[[str], float]
-    roundtrip: Callable[[str, np.ndarray, np.ndarray | None], np.ndarray]
+    roundtrip: Callable[..., np.ndarray]  # (encoding, rows, imatrix, threads) -> rows quantized and back
     types: tuple[str, ...]
 
 
@@ -70,33 +69,37 @@ def nearest(probe: str, measured: dict[str, float], fmt: Format = GGUF) -> str:
     return min(measured, key=lambda t: (abs(fmt.bpw(t) - want), -fmt.bpw(t)))
 
 
-def measure(ckpt: Checkpoint, windows: list[list[int]], names: dict[str, str], costs: dict[str, dict[str, float]],
+def measure(model: Any, windows: list[list[int]], names: dict[str, str], costs: dict[str, dict[str, float]],
             sizes: dict[str, int], imat: dict[str, np.ndarray], *, threads: int, fmt: Format = GGUF) -> dict[str, Any]:  # fmt: skip
-    """{"tokens", "seconds", "kinds": {kind: [{"type", "bpw", "estimated", "real", "ratio"}]}} for the
-    tensors `names` (format's name -> checkpoint parameter) whose estimates are `costs` and weight
-    counts `sizes`, measured on the token `windows` (sensitivity.split_windows: disjoint from the
-    Fisher pass's)."""
+    """{"tokens", "seconds", "kinds": {kind: [{"type", "bpw", "matrices", "estimated", "real", "ratio"}]}}
+    for the tensors `names` (format's name -> parameter of `model`, sensitivity.load_model) whose
+    estimates are `costs` and weight counts `sizes`, measured on the token `windows`
+    (sensitivity.split_windows: disjoint from the Fisher pass's).
+
+    A kind with at least as many matrices as probe types is split among them by layer, alternating
+    (with two types: even layers at the first, odd at the second), so each matrix is quantized once
+    and each ratio still spans the depth; a ratio compares the real KLD with the estimate of the
+    same matrices. An untied output head is probed on the final hidden states of the unquantized
+    run, its only input, when the model's logits are exactly the head applied to them."""
     import torch
 
     t0 = time.time()
-    torch.set_num_threads(max(1, threads))
     x = torch.tensor(windows)
-    model = ckpt.load_model(torch.float32).eval()
-    with torch.no_grad():
-        base = torch.log_softmax(model(input_ids=x).logits.double(), -1)
+    head = Head(model, x)
     groups: dict[str, list[str]] = {}
-    for g in names:
+    for g in sorted(names, key=_depth):
         groups.setdefault(fmt.kind(g), []).append(g)
     out: dict[str, list[dict[str, Any]]] = {}
     for k, members in groups.items():
-        for probe in fmt.types:
-            chosen = {g: nearest(probe, costs[g], fmt) for g in members}
-            est = sum(float(costs[g][chosen[g]]) for g in members)
-            real = _probe(model, x, base, {names[g]: (chosen[g], imat.get(g)) for g in members}, threads, fmt)
-            bpw = sum(fmt.bpw(chosen[g]) * sizes[g] for g in members) / sum(sizes[g] for g in members)
+        for j, probe in enumerate(fmt.types):
+            subset = members[j :: len(fmt.types)] if len(members) >= len(fmt.types) else members
+            chosen = {g: nearest(probe, costs[g], fmt) for g in subset}
+            est = sum(float(costs[g][chosen[g]]) for g in subset)
+            real = _probe(model, x, head, {names[g]: (chosen[g], imat.get(g)) for g in subset}, threads, fmt)
+            bpw = sum(fmt.bpw(chosen[g]) * sizes[g] for g in subset) / sum(sizes[g] for g in subset)
             ratio = real / est if est > 0 and real > 0 else None
-            out.setdefault(k, []).append({"type": probe, "bpw": round(bpw, 4), "estimated": est,
-                                          "real": real, "ratio": ratio})  # fmt: skip
+            out.setdefault(k, []).append({"type": probe, "bpw": round(bpw, 4), "matrices": len(subset),
+                                          "estimated": est, "real": real, "ratio": ratio})  # fmt: skip
             progress.info(f"auto: probe {k} at {probe}: estimated {est:.3g}, real {real:.3g}")
     return {
         "tokens": int(x.numel()),
@@ -104,6 +107,45 @@ def measure(ckpt: Checkpoint, windows: list[list[int]], names: dict[str, str], c
         "kinds": out,
         "seconds": round(time.time() - t0, 2),
     }
+
+
+def _depth(name: str) -> tuple[int, str]:
+    """Sort key: the first layer index in a tensor's name (blk.7..., model.layers.7...), then the name."""
+    m = re.search(r"\.(\d+)\.", f".{name}")
+    return (int(m.group(1)) if m else -1, name)
+
+
+class Head:
+    """The unquantized run's log-probs and, where its logits are exactly the output head applied to
+    the final hidden states, those states, so that a probe of the head alone is that one matmul."""
+
+    def __init__(self, model: Any, x: Any) -> None:
+        import torch
+
+        self.module = model.get_output_embeddings()
+        seen: list[Any] = []
+        hook = self.module.register_forward_hook(lambda m, a, o: seen.append(a[0])) if self.module else None
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=x).logits
+        finally:
+            if hook is not None:
+                hook.remove()
+        self.base = Reference(torch.log_softmax(logits.double(), -1))
+        self.hidden = None
+        if len(seen) == 1:
+            with torch.no_grad():
+                again = self.module(seen[0])
+            if again.shape == logits.shape and torch.equal(again, logits):
+                self.hidden = seen[0]
+        emb = model.get_input_embeddings()
+        self.untied = self.module is not None and self.module.weight is not emb.weight
+
+    def alone(self, model: Any, params: dict[str, Any]) -> bool:
+        """True when `params` is the untied head alone and its hidden states are known."""
+        if self.hidden is None or not self.untied or len(params) != 1:
+            return False
+        return model.get_parameter(next(iter(params))) is self.module.weight
 
 
 def used_rows(model: Any, name: str, x: Any) -> np.ndarray | None:
@@ -116,10 +158,12 @@ def used_rows(model: Any, name: str, x: Any) -> np.ndarray | None:
     return np.unique(x.numpy())
 
 
-def _probe(model: Any, x: Any, base: Any, params: dict[str, tuple[str, np.ndarray | None]], threads: int,
+def _probe(model: Any, x: Any, head: Head, params: dict[str, tuple[str, np.ndarray | None]], threads: int,
            fmt: Format = GGUF) -> float:  # fmt: skip
     """Mean per-token KLD(FP32 || model with `params` quantized), the weights restored afterwards."""
     import torch
+
+    inner = threads if len(params) == 1 else 1  # one matrix: its rows split between the threads
 
     def quantized(item: tuple[str, tuple[str, np.ndarray | None]]) -> tuple[str, np.ndarray]:
         name, (ty, im) = item
@@ -127,9 +171,9 @@ def _probe(model: Any, x: Any, base: Any, params: dict[str, tuple[str, np.ndarra
         w2 = w.reshape(-1, w.shape[-1])
         rows = used_rows(model, name, x)
         if rows is None:
-            return name, fmt.roundtrip(ty, w2, im).reshape(w.shape)
+            return name, fmt.roundtrip(ty, w2, im, inner).reshape(w.shape)
         q = w2.copy()
-        q[rows] = fmt.roundtrip(ty, np.ascontiguousarray(w2[rows]), im)
+        q[rows] = fmt.roundtrip(ty, np.ascontiguousarray(w2[rows]), im, inner)
         return name, q.reshape(w.shape)
 
     saved = {n: model.get_parameter(n).detach().clone() for n in params}
@@ -137,19 +181,31 @@ def _probe(model: Any, x: Any, base: Any, params: dict[str, tuple[str, np.ndarra
         with ThreadPoolExecutor(max(1, threads)) as pool:
             for name, q in pool.map(quantized, params.items()):
                 model.get_parameter(name).data.copy_(torch.from_numpy(q))
-        return mix_kld(model, x, base)
+        with torch.no_grad():
+            if head.alone(model, params):
+                return kld(head.base, head.module(head.hidden))
+            return kld(head.base, model(input_ids=x).logits)
     finally:
         for n, w in saved.items():
             model.get_parameter(n).data.copy_(w)
 
 
-def mix_kld(model: Any, x: Any, base: Any) -> float:
-    """Mean over tokens of KL(base || model) on input ids `x`, base given as float64 log-probs."""
+def kld(base: Any, logits: Any) -> float:
+    """Mean over tokens of KL(base || softmax(logits)), base given as float64 log-probs (or a
+    Reference). KL = sum p log p - sum p z + logsumexp(z) per token, all in float64."""
+    ref = base if isinstance(base, Reference) else Reference(base)
     import torch
 
-    with torch.no_grad():
-        logq = torch.log_softmax(model(input_ids=x).logits.double(), -1)
-        return float((base.exp() * (base - logq)).sum(-1).mean())
+    z = logits.double()
+    return float((ref.neg_entropy - (ref.p * z).sum(-1) + torch.logsumexp(z, -1)).mean())
+
+
+class Reference:
+    """The unquantized log-probs' probabilities and per-token sum p log p, computed once."""
+
+    def __init__(self, logp: Any) -> None:
+        self.p = logp.exp()
+        self.neg_entropy = (self.p * logp).sum(-1)
 
 
 def factor(points: list[dict[str, Any]], bpw: float) -> float:

@@ -34,19 +34,28 @@ class Fisher:
     tokens: int
     seconds: float
     tied: dict[str, str] = field(default_factory=dict)  # tied output head -> the embedding it reuses
+    dtype: str = "float32"  # of the pass's matmuls
 
 
 def base_settings(options: dict[str, Any]) -> dict[str, Any]:
     """The sensitivity pass's settings from a recipe's options: calibration tokens, window length,
-    the fraction of rows whose error is measured, the probes' tokens and the seed (each auto backend
-    adds its own). The probes run on whole windows, so `probe_tokens` is 0 (no probes) or at least
-    one window; anything between is refused rather than silently probing nothing."""
+    the fraction of rows whose error is measured, the probes' tokens and window length, the Fisher
+    pass's dtype and the seed (each auto backend adds its own). The probes run on whole windows of
+    `probe_seq_len` tokens (at most `sens_seq_len`), so `probe_tokens` is 0 (no probes) or at least
+    one such window; anything between is refused rather than silently probing nothing."""
     settings = {"tokens": int(options.get("sens_tokens", 2048)), "seq_len": int(options.get("sens_seq_len", 512)),
                 "rows": float(options.get("sens_rows", 1 / 16)), "seed": int(options.get("seed", 0)),
-                "probe_tokens": int(options.get("probe_tokens", 512))}  # fmt: skip
-    if 0 < settings["probe_tokens"] < settings["seq_len"] or settings["probe_tokens"] < 0:
-        raise InputError(f"probe_tokens={settings['probe_tokens']} is not a whole window of sens_seq_len="
-                         f"{settings['seq_len']} tokens: use 0 (no KLD probes) or at least {settings['seq_len']}")  # fmt: skip
+                "probe_tokens": int(options.get("probe_tokens", 256)),
+                "probe_seq_len": int(options.get("probe_seq_len", 256)),
+                "dtype": str(options.get("sens_dtype", "auto"))}  # fmt: skip
+    if settings["dtype"] not in ("auto", "float32", "bfloat16"):
+        raise InputError(f"sens_dtype={settings['dtype']}: use auto, float32 or bfloat16")
+    if settings["seq_len"] < 16 or settings["probe_seq_len"] < 16:
+        raise InputError("sens_seq_len and probe_seq_len must be at least 16 tokens")
+    settings["probe_seq_len"] = window = min(settings["probe_seq_len"], settings["seq_len"])
+    if 0 < settings["probe_tokens"] < window or settings["probe_tokens"] < 0:
+        raise InputError(f"probe_tokens={settings['probe_tokens']} is not a whole probe window of {window} tokens "
+                         f"(probe_seq_len, at most sens_seq_len): use 0 (no KLD probes) or at least {window}")  # fmt: skip
     return settings
 
 
@@ -76,36 +85,66 @@ def _token_windows(ckpt: Checkpoint, texts: list[str], tokens: int, seq_len: int
 
 
 def split_windows(
-    ckpt: Checkpoint, texts: list[str], *, fisher_tokens: int, probe_tokens: int, seq_len: int
+    ckpt: Checkpoint, texts: list[str], *, fisher_tokens: int, probe_tokens: int, seq_len: int,
+    probe_seq_len: int | None = None,
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Windows for the Fisher pass and, disjoint from them, for the direct KLD probes, both spread
     evenly over the whole calibration set (not its first tokens), so the probes judge the estimate on
-    text it was not fitted to. Up to 64x the tokens needed are read; with a single window the probes
-    get none (the caller then skips them)."""
-    need = fisher_tokens // seq_len + probe_tokens // seq_len
+    text it was not fitted to. A probe window is the first `probe_seq_len` tokens (default: all) of
+    its `seq_len` window. Up to 64x the tokens needed are read; with a single window the probes get
+    none (the caller then skips them)."""
+    plen = min(probe_seq_len or seq_len, seq_len)
+    need = fisher_tokens // seq_len + probe_tokens // plen
     every = _token_windows(ckpt, texts, max(64 * need, 1) * seq_len, seq_len)
-    n_probe = min(probe_tokens // seq_len, len(every) // 2)
+    n_probe = min(probe_tokens // plen, len(every) // 2)
     n_fisher = min(max(1, fisher_tokens // seq_len), len(every) - n_probe)
     picks = np.linspace(0, len(every) - 1, n_fisher + n_probe).round().astype(int)
     # every k-th pick to the probes, the rest to the Fisher pass: both span the set
     k = (n_fisher + n_probe) / max(n_probe, 1)
     probe_at = {int(i * k + k / 2) for i in range(n_probe)}
     fis = [every[p] for j, p in enumerate(picks) if j not in probe_at]
-    pro = [every[p] for j, p in enumerate(picks) if j in probe_at]
+    pro = [every[p][:plen] for j, p in enumerate(picks) if j in probe_at]
     return fis, pro
 
 
-def fisher(ckpt: Checkpoint, windows: list[list[int]], *, seed: int, threads: int) -> Fisher:
-    """R and C of every linear layer and embedding of `ckpt` on the token windows."""
+def load_model(ckpt: Checkpoint, threads: int) -> Any:
+    """The checkpoint in float32 with frozen weights, loaded once for the Fisher pass, the candidate
+    errors (its weights) and the probes."""
     import torch
 
-    t0 = time.time()
     torch.set_num_threads(max(1, threads))
-    gen = torch.Generator().manual_seed(seed)
-    seq_len = len(windows[0])
     model = ckpt.load_model(torch.float32)
     for p in model.parameters():
         p.requires_grad_(False)
+    return model
+
+
+def fisher_dtype(name: str = "auto") -> Any:
+    """The Fisher pass's matmul dtype for the sens_dtype option: float32 or bfloat16 as named;
+    `auto`: bfloat16 where the CPU computes it natively (oneDNN's check: AVX512-BF16 or AMX), else
+    float32. The Fisher pass only ranks and weighs matrices, so bf16's 3 significant digits cost
+    it nothing measurable, and it runs 2-3x faster there; the probes, which measure KLDs down to
+    1e-6, always run in float32."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return torch.bfloat16 if native else torch.float32
+
+
+def fisher(model: Any, windows: list[list[int]], *, seed: int, dtype: str = "auto") -> Fisher:
+    """R and C of every linear layer and embedding of `model` (sensitivity.load_model) on the token
+    windows, the matmuls in fisher_dtype(`dtype`) and every sum in float64."""
+    import torch
+
+    t0 = time.time()
+    dtype = fisher_dtype(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    seq_len = len(windows[0])
     sums: dict[str, list[Any]] = {}
     hooks = [m.register_forward_hook(_hook(name, m, sums)) for name, m in model.named_modules()
              if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]  # fmt: skip
@@ -115,7 +154,8 @@ def fisher(ckpt: Checkpoint, windows: list[list[int]], *, seed: int, threads: in
     try:
         for b in range(0, len(windows), per_batch):
             x = torch.tensor(windows[b : b + per_batch])
-            logits = model(input_ids=x).logits.float()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                logits = model(input_ids=x).logits.float()
             with torch.no_grad():
                 labels = torch.multinomial(torch.softmax(logits.reshape(-1, vocab), -1), 1, generator=gen)
             torch.nn.functional.cross_entropy(
@@ -131,13 +171,12 @@ def fisher(ckpt: Checkpoint, windows: list[list[int]], *, seed: int, threads: in
     names = {id(m): n for n, m in model.named_modules()}
     if out_emb is not None and out_emb.weight is in_emb.weight:
         tied[f"{names[id(out_emb)]}.weight"] = f"{names[id(in_emb)]}.weight"
-    del model
     weights: dict[str, Pairs] = {}
     for name, (rows, cols) in sums.items():
         weights[f"{name}.weight"] = [(rows.double().numpy() / n_tok, cols.double().numpy() / n_tok)]
     for head, emb in tied.items():
         weights[emb] = weights[emb] + weights.pop(head)
-    return Fisher(weights, n_tok, time.time() - t0, tied)
+    return Fisher(weights, n_tok, time.time() - t0, tied, str(dtype).removeprefix("torch."))
 
 
 def _hook(name: str, module: Any, sums: dict[str, list[Any]]) -> Any:
@@ -160,7 +199,7 @@ def _hook(name: str, module: Any, sums: dict[str, list[Any]]) -> Any:
             target = 0
 
         def grad(g: Any) -> None:
-            acc[target] += g.detach().reshape(-1, g.shape[-1]).pow(2).sum(0).double()
+            acc[target] += g.detach().float().reshape(-1, g.shape[-1]).pow(2).sum(0).double()
 
         if out.requires_grad:
             out.register_hook(grad)
@@ -192,19 +231,13 @@ def weighted_error(pairs: Pairs, rows: np.ndarray, scale: np.ndarray, err2: np.n
     return 0.5 * total
 
 
-def weight_reader(ckpt: Checkpoint) -> Any:
-    """name -> float32 numpy array of a checkpoint tensor, read one at a time from safetensors."""
-    from safetensors import safe_open
-
-    index: dict[str, Path] = {}
-    for f in ckpt.weight_files:
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
-                index[k] = f
+def weight_reader(model: Any) -> Any:
+    """name -> float32 numpy array of a parameter of the loaded model (sensitivity.load_model), by
+    its checkpoint name; a tied output head's name gives the embedding it shares."""
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
 
     def read(name: str) -> np.ndarray:
-        with safe_open(str(index[name]), framework="pt") as h:
-            return h.get_tensor(name).float().numpy()
+        return np.asarray(model.get_parameter(name).detach().numpy())
 
-    read.names = set(index)  # type: ignore[attr-defined]
+    read.names = names  # type: ignore[attr-defined]
     return read

@@ -177,9 +177,13 @@ def test_targets_out_of_range_are_one_line_exit_2(tiny_checkpoint: Path, tiny_ca
     r = orlik_cli("quantize", tiny_checkpoint, "--recipe", "auto-like-Q3_K_M", "--calib", tiny_calibration,
                   "--out", tmp_path, "--option", "probe_tokens=100", "--option", "sens_seq_len=128")  # fmt: skip
     assert r.code == 2 and r.err.strip() == (
-        "orlik: error: probe_tokens=100 is not a whole window of sens_seq_len=128 tokens: "
-        "use 0 (no KLD probes) or at least 128"
+        "orlik: error: probe_tokens=100 is not a whole probe window of 128 tokens "
+        "(probe_seq_len, at most sens_seq_len): use 0 (no KLD probes) or at least 128"
     ), r.err
+    for bad in ("sens_dtype=float16", "probe_seq_len=8"):
+        r = orlik_cli("quantize", tiny_checkpoint, "--recipe", "auto-like-Q3_K_M", "--calib", tiny_calibration,
+                      "--out", tmp_path, "--option", bad)  # fmt: skip
+        assert r.code == 2 and r.err.count("\n") == 1 and bad.split("=")[0] in r.err, r.err
     assert not any(tmp_path.iterdir())
 
 
@@ -247,6 +251,7 @@ def test_sensitivity_cache_follows_the_calibration_set(
 
     first = table(tiny_calibration)
     assert table(tiny_calibration)["cached"]
+    n_layers = sum(1 for t in source.tensors if t.name.endswith("ffn_down.weight"))
     changed = tmp_path / "calib"
     changed.mkdir()
     lines = (tiny_calibration / "calibration.jsonl").read_text(encoding="utf-8").splitlines()
@@ -262,9 +267,12 @@ def test_sensitivity_cache_follows_the_calibration_set(
     for kinds in (first["probes"]["kinds"], again["probes"]["kinds"]):
         assert set(kinds) == {"token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output",
                               "ffn_gate", "ffn_up", "ffn_down"}  # fmt: skip
-        for pts in kinds.values():
+        for k, pts in kinds.items():
             real = {p["type"]: p["real"] for p in pts}
             assert real["Q2_K"] > real["Q4_K"] > 0
+            # block kinds: the two probe types split the layers between them, each matrix probed once
+            n = 1 if k in ("token_embd", "output") else n_layers
+            assert sum(p["matrices"] for p in pts) == (2 if n == 1 else n)
     assert first["probes"]["kinds"]["ffn_down"] != again["probes"]["kinds"]["ffn_down"]
 
 
@@ -335,6 +343,11 @@ def test_probe_windows_are_disjoint_from_the_fisher_windows_and_spread(monkeypat
     assert max(w[0] for w in fis) > 50 and max(w[0] for w in pro) > 50 and min(w[0] for w in pro) < 50
     fis, pro = sensitivity.split_windows(None, ["t"], fisher_tokens=4 * 512, probe_tokens=512, seq_len=512)
     assert len(fis) == 1 and pro == []  # one window: the Fisher pass keeps it, no probes
+    # shorter probe windows: the first probe_seq_len tokens of their window, as many as probe_tokens holds
+    fis, pro = sensitivity.split_windows(None, ["t"] * 100, fisher_tokens=4 * 512, probe_tokens=3 * 256,
+                                         seq_len=512, probe_seq_len=256)  # fmt: skip
+    assert len(fis) == 4 and len(pro) == 3 and {len(w) for w in pro} == {256} and {len(w) for w in fis} == {512}
+    assert not {w[0] for w in fis} & {w[0] for w in pro}
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -349,8 +362,7 @@ def test_embedding_probe_on_used_rows_is_exact(tied: bool, monkeypatch) -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).float().eval()
     x = torch.randint(0, 100, (1, 64))
-    with torch.no_grad():
-        base = torch.log_softmax(model(input_ids=x).logits.double(), -1)
+    base = probes.Head(model, x)
     name = "model.embed_tokens.weight"
     rows = probes.used_rows(model, name, x)
     assert (rows is None) == tied and (tied or set(rows.tolist()) == set(x.reshape(-1).tolist()))

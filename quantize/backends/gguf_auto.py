@@ -29,7 +29,7 @@ from orlik.quantize.backends import Calibration, common
 from orlik.quantize.recipe import Recipe
 from orlik.sysinfo import usable_cores
 
-METHOD = "fisher-diag+kind-probes-v3"  # bump when the estimate changes, so cached tables are recomputed
+METHOD = "fisher-diag+kind-probes-v4"  # bump when the estimate changes, so cached tables are recomputed
 # Candidates for rows that are multiples of 256, and the 32-block types for other widths (llama-quantize
 # would silently turn a K-quant there into one of these, so the allocator chooses among them itself).
 TYPES_256 = ("IQ2_XXS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
@@ -77,8 +77,12 @@ def candidates(
     ok = [t for t in pool if ggml_quants.info(t).fits(row_length)]
     if not has_imatrix:
         ok = [t for t in ok if t not in ggml_quants.NEEDS_IMATRIX]
-    if not any(t in TYPES_256 for t in ok) and not types:
-        ok = [t for t in ok if t in TYPES_32]
+    if not types:
+        # Where the K-quants fit, the 32-wide types are only candidates at no size the K-quants lack
+        # (Q4_0/IQ4_NL are 4.5 bpw like Q4_K, Q5_0 5.5 like Q5_K, and no auto mix ever chose them):
+        # measuring them would cost a third of the candidate errors. Elsewhere they are all there is.
+        k_quants = any(t in TYPES_256 and t not in TYPES_32 for t in ok)
+        ok = [t for t in ok if (t in TYPES_256) == k_quants or t == "Q8_0"]
     return ok or ["F16"]
 
 
@@ -186,11 +190,13 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, sour
     t0 = time.time()
     texts = common.calibration_texts(calib, recipe, None)
     fis_windows, probe_windows = sensitivity.split_windows(ckpt, texts, fisher_tokens=settings["tokens"],
-                                                           probe_tokens=settings["probe_tokens"], seq_len=settings["seq_len"])  # fmt: skip
-    fis = sensitivity.fisher(ckpt, fis_windows, seed=settings["seed"], threads=threads)
+                                                           probe_tokens=settings["probe_tokens"], seq_len=settings["seq_len"],
+                                                           probe_seq_len=settings["probe_seq_len"])  # fmt: skip
+    model = sensitivity.load_model(ckpt, threads)
+    fis = sensitivity.fisher(model, fis_windows, seed=settings["seed"], dtype=settings["dtype"])
     names = _gguf_names(ckpt, source, list(fis.weights))
     imat = imatrix_values(imatrix) if imatrix else {}
-    read = sensitivity.weight_reader(ckpt)
+    read = sensitivity.weight_reader(model)
     jobs = []
     for t in allocatable(source):
         hf = names.get(t.name)
@@ -205,10 +211,10 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, sour
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         rows = dict(pool.map(measure, jobs))
-    table = {"method": METHOD, "tensors": rows, "tokens": fis.tokens,
+    table = {"method": METHOD, "tensors": rows, "tokens": fis.tokens, "fisher_dtype": fis.dtype,
              "seconds": {"fisher": round(fis.seconds, 2), "errors": round(time.time() - t0 - fis.seconds, 2)}}  # fmt: skip
     if probe_windows:
-        table["probes"] = probes.measure(ckpt, probe_windows, {t.name: hf for t, hf in jobs},
+        table["probes"] = probes.measure(model, probe_windows, {t.name: hf for t, hf in jobs},
                                          {n: r["types"] for n, r in rows.items()},
                                          {n: int(np.prod(r["ne"])) for n, r in rows.items()}, imat, threads=threads)  # fmt: skip
         table["seconds"]["probes"] = table["probes"]["seconds"]

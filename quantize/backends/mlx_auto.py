@@ -24,7 +24,7 @@ from orlik.quantize.backends import Calibration, common
 from orlik.quantize.recipe import Recipe
 from orlik.sysinfo import usable_cores
 
-METHOD = "fisher-diag+kind-probes-v1"
+METHOD = "fisher-diag+kind-probes-v2"
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
 DEFAULT_GROUP = 32  # mlx-lm skips layers whose width its default group does not divide: take the finest
@@ -39,8 +39,9 @@ def bpw(encoding: str) -> float:
     return bits + 32 / group
 
 
-def roundtrip(encoding: str, rows: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
-    """mx.quantize then mx.dequantize, as mlx-lm stores an affine layer (no importance matrix)."""
+def roundtrip(encoding: str, rows: np.ndarray, imatrix: np.ndarray | None = None, threads: int = 1) -> np.ndarray:
+    """mx.quantize then mx.dequantize, as mlx-lm stores an affine layer (no importance matrix; MLX
+    parallelizes by itself, so `threads` is not used)."""
     import mlx.core as mx
 
     bits, group = (int(v) for v in encoding.split("g"))
@@ -118,9 +119,11 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, thre
     t0 = time.time()
     texts = common.calibration_texts(calib, recipe, None)
     windows, probe_windows = sensitivity.split_windows(ckpt, texts, fisher_tokens=settings["tokens"],
-                                                       probe_tokens=settings["probe_tokens"], seq_len=settings["seq_len"])  # fmt: skip
-    fis = sensitivity.fisher(ckpt, windows, seed=settings["seed"], threads=threads)
-    read = sensitivity.weight_reader(ckpt)
+                                                       probe_tokens=settings["probe_tokens"], seq_len=settings["seq_len"],
+                                                           probe_seq_len=settings["probe_seq_len"])  # fmt: skip
+    model = sensitivity.load_model(ckpt, threads)
+    fis = sensitivity.fisher(model, windows, seed=settings["seed"], dtype=settings["dtype"])
+    read = sensitivity.weight_reader(model)
     mats, _, _ = layers(ckpt)
 
     def measure(m: Layer) -> tuple[str, dict[str, float]]:
@@ -134,7 +137,7 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, thre
     table = {"method": METHOD, "layers": dict(map(measure, mats)), "tokens": fis.tokens,
              "seconds": round(time.time() - t0, 2)}  # fmt: skip
     if probe_windows:  # one thread: MLX evaluates lazily on its own stream
-        table["probes"] = probes.measure(ckpt, probe_windows, {m.path: m.path + ".weight" for m in mats}, table["layers"],
+        table["probes"] = probes.measure(model, probe_windows, {m.path: m.path + ".weight" for m in mats}, table["layers"],
                                          {m.path: m.rows * m.width for m in mats}, {}, threads=1, fmt=FORMAT)  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(table) + "\n")
