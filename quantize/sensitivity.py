@@ -85,7 +85,12 @@ def _token_windows(ckpt: Checkpoint, texts: list[str], tokens: int, seq_len: int
 
 
 def split_windows(
-    ckpt: Checkpoint, texts: list[str], *, fisher_tokens: int, probe_tokens: int, seq_len: int,
+    ckpt: Checkpoint,
+    texts: list[str],
+    *,
+    fisher_tokens: int,
+    probe_tokens: int,
+    seq_len: int,
     probe_seq_len: int | None = None,
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Windows for the Fisher pass and, disjoint from them, for the direct KLD probes, both spread

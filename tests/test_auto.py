@@ -346,7 +346,9 @@ def test_probe_windows_are_disjoint_from_the_fisher_windows_and_spread(monkeypat
     # shorter probe windows: the first probe_seq_len tokens of their window, as many as probe_tokens holds
     fis, pro = sensitivity.split_windows(None, ["t"] * 100, fisher_tokens=4 * 512, probe_tokens=3 * 256,
                                          seq_len=512, probe_seq_len=256)  # fmt: skip
-    assert len(fis) == 4 and len(pro) == 3 and {len(w) for w in pro} == {256} and {len(w) for w in fis} == {512}
+    assert (
+        len(fis) == 4 and len(pro) == 3 and {len(w) for w in pro} == {256} and {len(w) for w in fis} == {512}
+    )
     assert not {w[0] for w in fis} & {w[0] for w in pro}
 
 

@@ -39,7 +39,9 @@ def bpw(encoding: str) -> float:
     return bits + 32 / group
 
 
-def roundtrip(encoding: str, rows: np.ndarray, imatrix: np.ndarray | None = None, threads: int = 1) -> np.ndarray:
+def roundtrip(
+    encoding: str, rows: np.ndarray, imatrix: np.ndarray | None = None, threads: int = 1
+) -> np.ndarray:
     """mx.quantize then mx.dequantize, as mlx-lm stores an affine layer (no importance matrix; MLX
     parallelizes by itself, so `threads` is not used)."""
     import mlx.core as mx
