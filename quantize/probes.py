@@ -19,7 +19,7 @@ import itertools
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from orlik import progress
-from orlik.quantize import ggml_quants
+from orlik.quantize import ggml_quants, sensitivity
 
 # Where the estimate goes wrong is at low bits: on a 112M llama the block matrices' real KLD at Q2_K was
 # 4-15x the estimate, at Q4_K and Q6_K 0.4-2.6x. A Q6_K probe moved no allocation there (the ratio is
@@ -70,7 +70,8 @@ def nearest(probe: str, measured: dict[str, float], fmt: Format = GGUF) -> str:
 
 
 def measure(model: Any, windows: list[list[int]], names: dict[str, str], costs: dict[str, dict[str, float]],
-            sizes: dict[str, int], imat: dict[str, np.ndarray], *, threads: int, fmt: Format = GGUF) -> dict[str, Any]:  # fmt: skip
+            sizes: dict[str, int], imat: dict[str, np.ndarray], *, threads: int, fmt: Format = GGUF,
+            pairs: dict[str, sensitivity.Pairs] | None = None) -> dict[str, Any]:  # fmt: skip
     """{"tokens", "seconds", "kinds": {kind: [{"type", "bpw", "matrices", "estimated", "real", "ratio"}]}}
     for the tensors `names` (format's name -> parameter of `model`, sensitivity.load_model) whose
     estimates are `costs` and weight counts `sizes`, measured on the token `windows`
@@ -78,9 +79,11 @@ def measure(model: Any, windows: list[list[int]], names: dict[str, str], costs: 
 
     A kind with at least as many matrices as probe types is split among them by layer, alternating
     (with two types: even layers at the first, odd at the second), so each matrix is quantized once
-    and each ratio still spans the depth; a ratio compares the real KLD with the estimate of the
-    same matrices. An untied output head is probed on the final hidden states of the unquantized
-    run, its only input, when the model's logits are exactly the head applied to them."""
+    and each ratio still spans the depth. An untied output head is split the same way by rows, and
+    probed on the final hidden states of the unquantized run, its only input, when the model's
+    logits are exactly the head applied to them. With the Fisher `pairs`, a probe's estimate is the
+    Fisher estimate of exactly the weights it quantized (every row, no sampling); without them, or
+    for an embedding probed on its used rows, it is the sum of the matrices' `costs`."""
     import torch
 
     t0 = time.time()
@@ -89,16 +92,22 @@ def measure(model: Any, windows: list[list[int]], names: dict[str, str], costs: 
     groups: dict[str, list[str]] = {}
     for g in sorted(names, key=_depth):
         groups.setdefault(fmt.kind(g), []).append(g)
+    n_types = len(fmt.types)
     out: dict[str, list[dict[str, Any]]] = {}
     for k, members in groups.items():
+        split_rows = len(members) == 1 and pairs is not None and head.alone(model, [names[members[0]]])
         for j, probe in enumerate(fmt.types):
-            subset = members[j :: len(fmt.types)] if len(members) >= len(fmt.types) else members
+            subset = members[j::n_types] if len(members) >= n_types else members
             chosen = {g: nearest(probe, costs[g], fmt) for g in subset}
-            est = sum(float(costs[g][chosen[g]]) for g in subset)
-            real = _probe(model, x, head, {names[g]: (chosen[g], imat.get(g)) for g in subset}, threads, fmt)
+            params = {names[g]: (chosen[g], imat.get(g), _rows(model, names[g], j, n_types) if split_rows else None)
+                      for g in subset}  # fmt: skip
+            fisher = {names[g]: pairs[g] for g in subset} if pairs is not None else {}
+            real, exact = _probe(model, x, head, params, threads, fmt, fisher)
+            est = exact if exact is not None else sum(float(costs[g][chosen[g]]) for g in subset)
             bpw = sum(fmt.bpw(chosen[g]) * sizes[g] for g in subset) / sum(sizes[g] for g in subset)
             ratio = real / est if est > 0 and real > 0 else None
             out.setdefault(k, []).append({"type": probe, "bpw": round(bpw, 4), "matrices": len(subset),
+                                          "rows": f"{j}::{n_types}" if split_rows else "all",
                                           "estimated": est, "real": real, "ratio": ratio})  # fmt: skip
             progress.info(f"auto: probe {k} at {probe}: estimated {est:.3g}, real {real:.3g}")
     return {
@@ -107,6 +116,12 @@ def measure(model: Any, windows: list[list[int]], names: dict[str, str], costs: 
         "kinds": out,
         "seconds": round(time.time() - t0, 2),
     }
+
+
+def _rows(model: Any, name: str, j: int, every: int) -> np.ndarray:
+    """Every `every`-th row of parameter `name`, from row j."""
+    shape = model.get_parameter(name).shape
+    return np.arange(j, int(np.prod(shape[:-1])), every)
 
 
 def _depth(name: str) -> tuple[int, str]:
@@ -141,7 +156,7 @@ class Head:
         emb = model.get_input_embeddings()
         self.untied = self.module is not None and self.module.weight is not emb.weight
 
-    def alone(self, model: Any, params: dict[str, Any]) -> bool:
+    def alone(self, model: Any, params: Collection[str]) -> bool:
         """True when `params` is the untied head alone and its hidden states are known."""
         if self.hidden is None or not self.untied or len(params) != 1:
             return False
@@ -158,33 +173,51 @@ def used_rows(model: Any, name: str, x: Any) -> np.ndarray | None:
     return np.unique(x.numpy())
 
 
-def _probe(model: Any, x: Any, head: Head, params: dict[str, tuple[str, np.ndarray | None]], threads: int,
-           fmt: Format = GGUF) -> float:  # fmt: skip
-    """Mean per-token KLD(FP32 || model with `params` quantized), the weights restored afterwards."""
+Param = tuple[str, np.ndarray | None, np.ndarray | None]  # (encoding, importance matrix, rows or None: all)
+
+
+def _probe(model: Any, x: Any, head: Head, params: dict[str, Param], threads: int, fmt: Format = GGUF,
+           pairs: dict[str, sensitivity.Pairs] | None = None) -> tuple[float, float | None]:  # fmt: skip
+    """(mean per-token KLD(FP32 || model with `params` quantized), the Fisher estimate of exactly
+    the quantized weights, or None when `pairs` lacks one or an embedding was probed on its used
+    rows); the weights are restored afterwards."""
     import torch
 
+    pairs = pairs or {}
     inner = threads if len(params) == 1 else 1  # one matrix: its rows split between the threads
 
-    def quantized(item: tuple[str, tuple[str, np.ndarray | None]]) -> tuple[str, np.ndarray]:
-        name, (ty, im) = item
+    def quantized(item: tuple[str, Param]) -> tuple[str, np.ndarray, float | None]:
+        name, (ty, im, rows) = item
         w = model.get_parameter(name).detach().numpy()
         w2 = w.reshape(-1, w.shape[-1])
-        rows = used_rows(model, name, x)
-        if rows is None:
-            return name, fmt.roundtrip(ty, w2, im, inner).reshape(w.shape)
-        q = w2.copy()
-        q[rows] = fmt.roundtrip(ty, np.ascontiguousarray(w2[rows]), im, inner)
-        return name, q.reshape(w.shape)
+        used = used_rows(model, name, x) if rows is None else None
+        if rows is None and used is None:
+            q = fmt.roundtrip(ty, w2, im, inner)
+            rows = np.arange(w2.shape[0])
+            err2 = (q - w2).astype(np.float64) ** 2
+        else:
+            q = w2.copy()
+            pick = rows if rows is not None else used
+            q[pick] = fmt.roundtrip(ty, np.ascontiguousarray(w2[pick]), im, inner)
+            err2 = (q[pick] - w2[pick]).astype(np.float64) ** 2
+        exact = None
+        if name in pairs and used is None:
+            exact = sensitivity.weighted_error(pairs[name], rows, np.ones(len(rows)), err2)
+        return name, q.reshape(w.shape), exact
 
     saved = {n: model.get_parameter(n).detach().clone() for n in params}
     try:
+        estimates = []
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            for name, q in pool.map(quantized, params.items()):
+            for name, q, exact in pool.map(quantized, params.items()):
                 model.get_parameter(name).data.copy_(torch.from_numpy(q))
+                estimates.append(exact)
         with torch.no_grad():
             if head.alone(model, params):
-                return kld(head.base, head.module(head.hidden))
-            return kld(head.base, model(input_ids=x).logits)
+                real = kld(head.base, head.module(head.hidden))
+            else:
+                real = kld(head.base, model(input_ids=x).logits)
+        return real, (None if None in estimates else float(sum(estimates)))  # type: ignore[arg-type]
     finally:
         for n, w in saved.items():
             model.get_parameter(n).data.copy_(w)

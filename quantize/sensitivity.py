@@ -45,8 +45,8 @@ def base_settings(options: dict[str, Any]) -> dict[str, Any]:
     one such window; anything between is refused rather than silently probing nothing."""
     settings = {"tokens": int(options.get("sens_tokens", 2048)), "seq_len": int(options.get("sens_seq_len", 512)),
                 "rows": float(options.get("sens_rows", 1 / 16)), "seed": int(options.get("seed", 0)),
-                "probe_tokens": int(options.get("probe_tokens", 256)),
-                "probe_seq_len": int(options.get("probe_seq_len", 256)),
+                "probe_tokens": int(options.get("probe_tokens", 512)),
+                "probe_seq_len": int(options.get("probe_seq_len", 512)),
                 "dtype": str(options.get("sens_dtype", "auto"))}  # fmt: skip
     if settings["dtype"] not in ("auto", "float32", "bfloat16"):
         raise InputError(f"sens_dtype={settings['dtype']}: use auto, float32 or bfloat16")

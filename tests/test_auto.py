@@ -369,7 +369,7 @@ def test_embedding_probe_on_used_rows_is_exact(tied: bool, monkeypatch) -> None:
     rows = probes.used_rows(model, name, x)
     assert (rows is None) == tied and (tied or set(rows.tolist()) == set(x.reshape(-1).tolist()))
     assert probes.used_rows(model, "model.layers.0.mlp.down_proj.weight", x) is None
-    fast = probes._probe(model, x, base, {name: ("Q2_K", None)}, 1)
+    fast, _ = probes._probe(model, x, base, {name: ("Q2_K", None, None)}, 1)
     monkeypatch.setattr(probes, "used_rows", lambda *a: None)
-    full = probes._probe(model, x, base, {name: ("Q2_K", None)}, 1)
+    full, _ = probes._probe(model, x, base, {name: ("Q2_K", None, None)}, 1)
     assert fast == pytest.approx(full, rel=1e-9) and full > 0

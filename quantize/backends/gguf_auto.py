@@ -216,7 +216,8 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, sour
     if probe_windows:
         table["probes"] = probes.measure(model, probe_windows, {t.name: hf for t, hf in jobs},
                                          {n: r["types"] for n, r in rows.items()},
-                                         {n: int(np.prod(r["ne"])) for n, r in rows.items()}, imat, threads=threads)  # fmt: skip
+                                         {n: int(np.prod(r["ne"])) for n, r in rows.items()}, imat, threads=threads,
+                                         pairs={t.name: fis.weights[hf] for t, hf in jobs})  # fmt: skip
         table["seconds"]["probes"] = table["probes"]["seconds"]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(table) + "\n")

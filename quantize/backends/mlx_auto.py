@@ -140,7 +140,8 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, thre
              "seconds": round(time.time() - t0, 2)}  # fmt: skip
     if probe_windows:  # one thread: MLX evaluates lazily on its own stream
         table["probes"] = probes.measure(model, probe_windows, {m.path: m.path + ".weight" for m in mats}, table["layers"],
-                                         {m.path: m.rows * m.width for m in mats}, {}, threads=1, fmt=FORMAT)  # fmt: skip
+                                         {m.path: m.rows * m.width for m in mats}, {}, threads=1, fmt=FORMAT,
+                                         pairs={m.path: fis.weights[m.path + ".weight"] for m in mats})  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(table) + "\n")
     return {**table, "cached": False}
