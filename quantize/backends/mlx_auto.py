@@ -122,7 +122,7 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, thre
     texts = common.calibration_texts(calib, recipe, None)
     windows, probe_windows = sensitivity.split_windows(ckpt, texts, fisher_tokens=settings["tokens"],
                                                        probe_tokens=settings["probe_tokens"], seq_len=settings["seq_len"],
-                                                           probe_seq_len=settings["probe_seq_len"])  # fmt: skip
+                                                       probe_seq_len=settings["probe_seq_len"])  # fmt: skip
     model = sensitivity.load_model(ckpt, threads)
     fis = sensitivity.fisher(model, windows, seed=settings["seed"], dtype=settings["dtype"])
     read = sensitivity.weight_reader(model)
