@@ -1,0 +1,150 @@
+"""The sensitivity pass's parts on tiny in-memory models: the probe and Fisher windows, the KLD probes
+(embedding rows, head on hidden states, layer and row splits), ggml's threaded roundtrip, and the bf16
+Fisher pass against float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def test_probe_windows_are_disjoint_from_the_fisher_windows_and_spread(monkeypatch) -> None:
+    from orlik.quantize import sensitivity
+
+    def windows(ckpt, texts, tokens, seq_len):  # window i holds only token i: its identity
+        return [[i] * seq_len for i in range(min(tokens // seq_len, len(texts)))]
+
+    monkeypatch.setattr(sensitivity, "_token_windows", windows)
+    for n_windows, fis_tok, probe_tok in ((100, 8 * 512, 2 * 512), (5, 8 * 512, 2 * 512), (3, 512, 4 * 512)):
+        fis, pro = sensitivity.split_windows(None, ["t"] * n_windows, fisher_tokens=fis_tok,
+                                             probe_tokens=probe_tok, seq_len=512)  # fmt: skip
+        f, p = {w[0] for w in fis}, {w[0] for w in pro}
+        assert f and p and not f & p and len(f) == len(fis) and len(p) == len(pro)
+        assert len(fis) <= fis_tok // 512 and len(pro) <= probe_tok // 512
+    fis, pro = sensitivity.split_windows(
+        None, ["t"] * 100, fisher_tokens=8 * 512, probe_tokens=2 * 512, seq_len=512
+    )
+    # spread over the whole set, not its first windows: both reach past the middle
+    assert max(w[0] for w in fis) > 50 and max(w[0] for w in pro) > 50 and min(w[0] for w in pro) < 50
+    fis, pro = sensitivity.split_windows(None, ["t"], fisher_tokens=4 * 512, probe_tokens=512, seq_len=512)
+    assert len(fis) == 1 and pro == []  # one window: the Fisher pass keeps it, no probes
+    # shorter probe windows: the first probe_seq_len tokens of their window, as many as probe_tokens holds
+    fis, pro = sensitivity.split_windows(None, ["t"] * 100, fisher_tokens=4 * 512, probe_tokens=3 * 256,
+                                         seq_len=512, probe_seq_len=256)  # fmt: skip
+    assert (
+        len(fis) == 4 and len(pro) == 3 and {len(w) for w in pro} == {256} and {len(w) for w in fis} == {512}
+    )
+    assert not {w[0] for w in fis} & {w[0] for w in pro}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_embedding_probe_on_used_rows_is_exact(tied: bool, monkeypatch) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from orlik.quantize import probes
+
+    cfg = LlamaConfig(vocab_size=600, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=tied)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).float().eval()
+    x = torch.randint(0, 100, (1, 64))
+    base = probes.Head(model, x)
+    name = "model.embed_tokens.weight"
+    rows = probes.used_rows(model, name, x)
+    assert (rows is None) == tied and (tied or set(rows.tolist()) == set(x.reshape(-1).tolist()))
+    assert probes.used_rows(model, "model.layers.0.mlp.down_proj.weight", x) is None
+    fast, _ = probes._probe(model, x, base, {name: ("Q2_K", None, None)}, 1)
+    monkeypatch.setattr(probes, "used_rows", lambda *a: None)
+    full, _ = probes._probe(model, x, base, {name: ("Q2_K", None, None)}, 1)
+    assert fast == pytest.approx(full, rel=1e-9) and full > 0
+
+
+def _tiny_untied_llama(seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+def test_head_probe_on_hidden_states_matches_a_full_forward_and_its_estimate_is_exact(monkeypatch) -> None:
+    import torch
+
+    from orlik.quantize import probes, sensitivity
+
+    model = _tiny_untied_llama()
+    x = torch.randint(0, 512, (1, 96))
+    fis = sensitivity.fisher(model, x.tolist(), seed=0, dtype="float32")
+    head = probes.Head(model, x)
+    assert head.hidden is not None and head.alone(model, ["lm_head.weight"])
+    assert not head.alone(model, ["model.layers.0.mlp.down_proj.weight"])
+    rows = np.arange(1, 512, 2)
+    pairs = {"lm_head.weight": fis.weights["lm_head.weight"]}
+    fast, est = probes._probe(model, x, head, {"lm_head.weight": ("Q2_K", None, rows)}, 2, pairs=pairs)
+    # the same probe through the whole model gives the same KLD; the weights are restored after each
+    w0 = model.lm_head.weight.detach().clone()
+    monkeypatch.setattr(head, "hidden", None)
+    full, est2 = probes._probe(model, x, head, {"lm_head.weight": ("Q2_K", None, rows)}, 2, pairs=pairs)
+    assert torch.equal(model.lm_head.weight, w0)
+    assert fast == pytest.approx(full, rel=1e-6) and full > 0
+    # the estimate is the Fisher estimate of exactly the quantized rows
+    from orlik.quantize import ggml_quants
+
+    w = w0.numpy()
+    err2 = (ggml_quants.roundtrip("Q2_K", w[rows], None) - w[rows]).astype(np.float64) ** 2
+    want = sensitivity.weighted_error(pairs["lm_head.weight"], rows, np.ones(len(rows)), err2)
+    assert est == pytest.approx(want, rel=1e-9) and est2 == pytest.approx(want, rel=1e-9)
+
+
+def test_probes_split_layers_and_head_rows_between_the_probe_types() -> None:
+    import torch
+
+    from orlik.quantize import probes, sensitivity
+
+    model = _tiny_untied_llama(1)
+    fis = sensitivity.fisher(model, torch.randint(0, 512, (2, 64)).tolist(), seed=0, dtype="float32")
+    names = {
+        n.removesuffix(".weight"): n for n in fis.weights if "mlp.down_proj" in n or n == "lm_head.weight"
+    }
+    costs = {g: {"Q2_K": 1.0, "Q4_K": 0.1} for g in names}
+    sizes = {g: model.get_parameter(n).numel() for g, n in names.items()}
+    out = probes.measure(model, torch.randint(0, 512, (1, 64)).tolist(), names, costs, sizes, {}, threads=2,
+                         fmt=probes.Format(probes.layer_kind, probes.GGUF.bpw, probes.GGUF.roundtrip, probes.PROBE_TYPES),
+                         pairs={g: fis.weights[n] for g, n in names.items()})  # fmt: skip
+    down = out["kinds"]["model.layers.mlp.down_proj"]
+    assert [p["matrices"] for p in down] == [1, 1] and [p["rows"] for p in down] == ["all", "all"]
+    headp = out["kinds"]["lm_head"]
+    assert [p["rows"] for p in headp] == ["0::2", "1::2"]
+    for p in down + headp:  # exact estimates, not the table's 1.0 / 0.1
+        assert p["estimated"] not in (1.0, 0.1) and p["real"] > 0 and p["ratio"] > 0
+
+
+def test_ggml_roundtrip_split_between_threads_is_identical() -> None:
+    from orlik.quantize import ggml_quants
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((300, 512)).astype(np.float32)
+    imat = rng.random(512).astype(np.float32) + 0.1
+    for ty in ("Q2_K", "Q4_K", "IQ4_XS"):
+        assert np.array_equal(ggml_quants.roundtrip(ty, w, imat, 1), ggml_quants.roundtrip(ty, w, imat, 3))
+
+
+def test_fisher_bf16_matches_float32_closely() -> None:
+    import torch
+
+    from orlik.quantize import sensitivity
+
+    model = _tiny_untied_llama(2)
+    x = torch.randint(0, 512, (2, 64)).tolist()
+    a = sensitivity.fisher(model, x, seed=0, dtype="float32")
+    b = sensitivity.fisher(model, x, seed=0, dtype="bfloat16")
+    assert a.dtype == "float32" and b.dtype == "bfloat16"
+    for name, [(r32, c32)] in a.weights.items():
+        [(r16, c16)] = b.weights[name]
+        # C is the input's mean square (float32 either way); R, from bf16 gradients, agrees to a few %
+        assert np.corrcoef(r32, r16)[0, 1] > 0.95, name
+        assert abs(r16.sum() / r32.sum() - 1) < 0.1, name
+        assert np.corrcoef(c32, c16)[0, 1] > 0.95, name
