@@ -37,9 +37,27 @@ _BLOCK = re.compile(r"^blk\.\d+\.")
 _LAYER = re.compile(r"\.\d+\.")
 
 
+# Matrices that feed one nonlinearity together share a probe, and so a ratio: the query and key
+# projections (their product is the attention score) and the MLP's gate and up projections (their
+# product is SwiGLU's input). On real-100m-v3 (v4's separate probes) their ratios were alike (attn_q
+# 0.71 / 1.52 against attn_k 1.00 / 1.40 at Q2_K / Q4_K; ffn_gate 20.0 / 2.78 against ffn_up
+# 23.6 / 2.14), while attn_v and attn_output differed from every other kind; sharing saves 4 of 17
+# forward passes.
+_SHARED = {"attn_q": "attn_qk", "attn_k": "attn_qk", "ffn_gate": "ffn_gate_up", "ffn_up": "ffn_gate_up",
+           "q_proj": "qk_proj", "k_proj": "qk_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}  # fmt: skip
+
+
+def _shared(name: str) -> str:
+    """The probe group of a kind: its last dotted part through _SHARED, if it is there."""
+    head, _, last = name.rpartition(".")
+    group = _SHARED.get(last, last)
+    return f"{head}.{group}" if head else group
+
+
 def kind(gguf_name: str) -> str:
-    """'blk.3.ffn_down.weight' -> 'ffn_down'; 'output.weight' -> 'output'."""
-    return _BLOCK.sub("", gguf_name).removesuffix(".weight")
+    """A GGUF tensor's probe group: 'blk.3.ffn_down.weight' -> 'ffn_down', 'output.weight' ->
+    'output', 'blk.3.attn_q.weight' -> 'attn_qk' (see _SHARED)."""
+    return _shared(_BLOCK.sub("", gguf_name).removesuffix(".weight"))
 
 
 @dataclass(frozen=True)
@@ -57,8 +75,9 @@ GGUF = Format(kind, lambda t: ggml_quants.info(t).bpw, ggml_quants.roundtrip, PR
 
 
 def layer_kind(path: str) -> str:
-    """'model.layers.3.mlp.down_proj' -> 'model.layers.mlp.down_proj' (MLX / checkpoint paths)."""
-    return _LAYER.sub(".", path).removesuffix(".weight")
+    """A checkpoint (MLX) layer's probe group: 'model.layers.3.mlp.down_proj' ->
+    'model.layers.mlp.down_proj', 'model.layers.3.mlp.up_proj' -> 'model.layers.mlp.gate_up_proj'."""
+    return _shared(_LAYER.sub(".", path).removesuffix(".weight"))
 
 
 def nearest(probe: str, measured: dict[str, float], fmt: Format = GGUF) -> str:
@@ -77,9 +96,10 @@ def measure(model: Any, windows: list[list[int]], names: dict[str, str], costs: 
     estimates are `costs` and weight counts `sizes`, measured on the token `windows`
     (sensitivity.split_windows: disjoint from the Fisher pass's).
 
-    A kind with at least as many matrices as probe types is split among them by layer, alternating
-    (with two types: even layers at the first, odd at the second), so each matrix is quantized once
-    and each ratio still spans the depth. An untied output head is split the same way by rows, and
+    The tensors are grouped by `fmt.kind` (a kind, or kinds that share a probe). A group spanning at
+    least as many layers as there are probe types is split among them by layer, alternating (with
+    two types: even layers at the first, odd at the second), so each matrix is quantized once and
+    each ratio still spans the depth. An untied output head is split the same way by rows, and
     probed on the final hidden states of the unquantized run, its only input, when the model's
     logits are exactly the head applied to them. With the Fisher `pairs`, a probe's estimate is the
     Fisher estimate of exactly the weights it quantized (every row, no sampling); without them, or
@@ -96,8 +116,11 @@ def measure(model: Any, windows: list[list[int]], names: dict[str, str], costs: 
     out: dict[str, list[dict[str, Any]]] = {}
     for k, members in groups.items():
         split_rows = len(members) == 1 and pairs is not None and head.alone(model, [names[members[0]]])
+        layers = sorted({_depth(g)[0] for g in members})
         for j, probe in enumerate(fmt.types):
-            subset = members[j::n_types] if len(members) >= n_types else members
+            subset = members
+            if len(layers) >= n_types:
+                subset = [g for g in members if layers.index(_depth(g)[0]) % n_types == j]
             chosen = {g: nearest(probe, costs[g], fmt) for g in subset}
             params = {names[g]: (chosen[g], imat.get(g), _rows(model, names[g], j, n_types) if split_rows else None)
                       for g in subset}  # fmt: skip
@@ -146,7 +169,7 @@ class Head:
         finally:
             if hook is not None:
                 hook.remove()
-        self.base = Reference(torch.log_softmax(logits.double(), -1))
+        self.base = Reference(logits)
         self.hidden = None
         if len(seen) == 1:
             with torch.no_grad():
@@ -194,12 +217,12 @@ def _probe(model: Any, x: Any, head: Head, params: dict[str, Param], threads: in
         if rows is None and used is None:
             q = fmt.roundtrip(ty, w2, im, inner)
             rows = np.arange(w2.shape[0])
-            err2 = (q - w2).astype(np.float64) ** 2
+            err2 = np.square(q - w2)
         else:
             q = w2.copy()
             pick = rows if rows is not None else used
             q[pick] = fmt.roundtrip(ty, np.ascontiguousarray(w2[pick]), im, inner)
-            err2 = (q[pick] - w2[pick]).astype(np.float64) ** 2
+            err2 = np.square(q[pick] - w2[pick])
         exact = None
         if name in pairs and used is None:
             exact = sensitivity.weighted_error(pairs[name], rows, np.ones(len(rows)), err2)
@@ -224,21 +247,36 @@ def _probe(model: Any, x: Any, head: Head, params: dict[str, Param], threads: in
 
 
 def kld(base: Any, logits: Any) -> float:
-    """Mean over tokens of KL(base || softmax(logits)), base given as float64 log-probs (or a
-    Reference). KL = sum p log p - sum p z + logsumexp(z) per token, all in float64."""
-    ref = base if isinstance(base, Reference) else Reference(base)
+    """Mean over tokens of KL(base || softmax(logits)), `base` a Reference (or the unquantized
+    logits). With d = logits - base logits and p the base probabilities, per token
+    KL = log(sum p e^d) - sum p d = log1p(a + b) - b, where b = sum p d and a = sum p (e^d - 1 - d) >= 0:
+    no term is a difference of two large numbers, so float32 elementwise work keeps KLDs of 1e-8
+    (tests/test_probes.py checks it against the float64 formula); an error in b moves KL by only
+    (a + b) times as much. Done 64 tokens at a time: whole-vocabulary temporaries of every token at
+    once cost more in page faults than in arithmetic."""
     import torch
 
-    z = logits.double()
-    return float((ref.neg_entropy - (ref.p * z).sum(-1) + torch.logsumexp(z, -1)).mean())
+    ref = base if isinstance(base, Reference) else Reference(base)
+    z = logits.reshape(-1, logits.shape[-1])
+    p, z0 = ref.p.reshape(z.shape), ref.z.reshape(z.shape)
+    total = 0.0
+    for i in range(0, z.shape[0], 64):
+        d = z[i : i + 64].float() - z0[i : i + 64]
+        pi = p[i : i + 64]
+        b = (pi * d).sum(-1).double()
+        a = torch.expm1(d).sub_(d).mul_(pi).sum(-1).double()
+        total += float((torch.log1p(a + b) - b).sum())
+    return total / z.shape[0]
 
 
 class Reference:
-    """The unquantized log-probs' probabilities and per-token sum p log p, computed once."""
+    """The unquantized logits (float32) and their probabilities, computed once."""
 
-    def __init__(self, logp: Any) -> None:
-        self.p = logp.exp()
-        self.neg_entropy = (self.p * logp).sum(-1)
+    def __init__(self, logits: Any) -> None:
+        import torch
+
+        self.z = logits.detach().float()
+        self.p = torch.softmax(self.z, -1)
 
 
 def factor(points: list[dict[str, Any]], bpw: float) -> float:

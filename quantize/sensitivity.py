@@ -229,10 +229,12 @@ def sample_rows(pairs: Pairs, n_rows: int, fraction: float, seed: int) -> tuple[
 
 
 def weighted_error(pairs: Pairs, rows: np.ndarray, scale: np.ndarray, err2: np.ndarray) -> float:
-    """1/2 sum_rc R_r C_c dW_rc^2 over the sampled rows (err2 = dW^2 of those rows)."""
+    """1/2 sum_rc R_r C_c dW_rc^2 over the sampled rows (err2 = dW^2 of those rows). The row sums
+    over C are taken in err2's dtype (float32 keeps 6 digits of a sum of positive terms, and a
+    float64 copy of a whole matrix would cost more than its quantization), the rest in float64."""
     total = 0.0
     for r, c in pairs:
-        total += float(np.dot(scale * r[rows], err2 @ c))
+        total += float(np.dot(scale * r[rows], (err2 @ c.astype(err2.dtype, copy=False)).astype(np.float64)))
     return 0.5 * total
 
 

@@ -173,7 +173,7 @@ class GGUFBackend(Backend):
         """The F16 GGUF (converted once), its tensors, and the imatrix checked against them."""
         self.check(recipe, calib)
         f16 = f16_gguf(ckpt)
-        source = gguf_read.summarize(f16)
+        source = gguf_read.summarize(f16, keys=("general.architecture",))
         imatrix = gguf_read.check_imatrix(calib.imatrix, source) if recipe.imatrix and calib.imatrix else None
         for glob, _ in recipe.overrides:
             if not any(re.search(glob_to_regex(glob), t.name) for t in source.tensors):
@@ -195,13 +195,14 @@ class GGUFBackend(Backend):
 
         from orlik.quantize.backends import gguf_auto
 
-        _, source, imatrix = self._inputs(ckpt, recipe, calib)
+        inputs = self._inputs(ckpt, recipe, calib)
+        _, source, imatrix = inputs
         plan = gguf_auto.plan(ckpt, recipe, calib, source, imatrix.path if imatrix else None, usable_cores())
         types = plan.types
         tool_recipe = dataclasses.replace(recipe, qtype=gguf_auto.base_file_type(types, source), options={},
                                           overrides=tuple((n, t) for n, t in types.items()))  # fmt: skip
         t0 = time.time()
-        v = self._quantize(ckpt, tool_recipe, calib, out)
+        v = self._quantize(ckpt, tool_recipe, calib, out, inputs)
         record = plan.record()
         record["seconds"]["llama_quantize"] = round(time.time() - t0, 2)
         record["bytes"] = v.bytes
@@ -219,8 +220,9 @@ class GGUFBackend(Backend):
         v.extra["auto"] = record
         return v
 
-    def _quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
-        f16, source, imatrix = self._inputs(ckpt, recipe, calib)
+    def _quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path,
+                  inputs: tuple[Path, gguf_read.GGUFSummary, gguf_read.Imatrix | None] | None = None) -> Variant:  # fmt: skip
+        f16, source, imatrix = inputs or self._inputs(ckpt, recipe, calib)
         _check_space(out, source.tensor_bytes, recipe.qtype or "F16")
         dst = out / MODEL_FILE
         args = [*_arguments(recipe, imatrix.path if imatrix else None), str(f16), str(dst), str(recipe.qtype)]

@@ -29,7 +29,7 @@ from orlik.quantize.backends import Calibration, common
 from orlik.quantize.recipe import Recipe
 from orlik.sysinfo import usable_cores
 
-METHOD = "fisher-diag+kind-probes-v4"  # bump when the estimate changes, so cached tables are recomputed
+METHOD = "fisher-diag+kind-probes-v5"  # bump when the estimate changes, so cached tables are recomputed
 # Candidates for rows that are multiples of 256, and the 32-block types for other widths (llama-quantize
 # would silently turn a K-quant there into one of these, so the allocator chooses among them itself).
 TYPES_256 = ("IQ2_XXS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
@@ -106,17 +106,19 @@ def imatrix_values(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _gguf_names(ckpt: Checkpoint, source: gguf_read.GGUFSummary, fisher_names: list[str]) -> dict[str, str]:
-    """GGUF tensor name -> checkpoint tensor name, through gguf-py's own name map."""
+def _gguf_names(source: gguf_read.GGUFSummary, fisher_names: list[str]) -> dict[str, str]:
+    """GGUF tensor name -> checkpoint tensor name, through gguf-py's own name map (the architecture
+    from the summary's metadata, the block count from the tensor names)."""
     import gguf
 
-    meta = gguf_read.metadata(source.path)
-    arch_name = meta.get("general.architecture")
+    arch_name = source.metadata.get("general.architecture")
+    if arch_name is None:
+        arch_name = gguf_read.summarize(source.path, keys=("general.architecture",)).metadata.get("general.architecture")
     arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch_name)
     if arch is None:
         raise InputError(f"auto does not know GGUF architecture {arch_name!r}")
-    n_blocks = int(meta.get(f"{arch_name}.block_count") or 0)
-    tmap = gguf.get_tensor_name_map(arch, n_blocks)
+    blocks = [int(m.group(1)) for t in source.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))]
+    tmap = gguf.get_tensor_name_map(arch, max(blocks, default=-1) + 1)
     out = {}
     for hf in fisher_names:
         g = tmap.get_name(hf, try_suffixes=(".weight",))
@@ -194,7 +196,7 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, sour
                                                            probe_seq_len=settings["probe_seq_len"])  # fmt: skip
     model = sensitivity.load_model(ckpt, threads)
     fis = sensitivity.fisher(model, fis_windows, seed=settings["seed"], dtype=settings["dtype"])
-    names = _gguf_names(ckpt, source, list(fis.weights))
+    names = _gguf_names(source, list(fis.weights))
     imat = imatrix_values(imatrix) if imatrix else {}
     read = sensitivity.weight_reader(model)
     jobs = []

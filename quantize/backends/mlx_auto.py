@@ -24,7 +24,7 @@ from orlik.quantize.backends import Calibration, common
 from orlik.quantize.recipe import Recipe
 from orlik.sysinfo import usable_cores
 
-METHOD = "fisher-diag+kind-probes-v2"
+METHOD = "fisher-diag+kind-probes-v3"
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
 DEFAULT_GROUP = 32  # mlx-lm skips layers whose width its default group does not divide: take the finest
