@@ -80,19 +80,14 @@ def info(name: str) -> TypeInfo:
     return TypeInfo(name, int(t.blck_size), int(t.type_size))
 
 
-def roundtrip(name: str, rows: np.ndarray, imatrix: np.ndarray | None, threads: int = 1) -> np.ndarray:
-    """`rows` (float32, [n, row_length]) quantized to type `name` by ggml and read back to float32;
-    with `threads` > 1 the rows are split between that many threads (ggml quantizes rows
-    independently, so the result is the same)."""
-    if name == "F32":
-        return rows.astype(np.float32)
-    if name == "F16":
-        return rows.astype(np.float16).astype(np.float32)
+def quantize(name: str, rows: np.ndarray, imatrix: np.ndarray | None, threads: int = 1) -> np.ndarray:
+    """`rows` (float32, [n, row_length]) in type `name`'s blocks, as ggml_quantize_chunk writes them
+    (uint8); with `threads` > 1 the rows are split between that many threads (ggml quantizes rows
+    independently, so the bytes are the same)."""
     lib = _lib()
     src = np.ascontiguousarray(rows, dtype=np.float32)
     n, k = src.shape
-    ti = info(name)
-    dst = np.empty(n * ti.row_bytes(k), dtype=np.uint8)
+    dst = np.empty(n * info(name).row_bytes(k), dtype=np.uint8)
     imat = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
     bounds = np.linspace(0, n, max(1, min(threads, n // 64)) + 1).astype(int)
 
@@ -101,9 +96,27 @@ def roundtrip(name: str, rows: np.ndarray, imatrix: np.ndarray | None, threads: 
         lib.ggml_quantize_chunk(TYPE_IDS[name], src.ctypes.data, dst.ctypes.data, lo * k, hi - lo, k,
                                 None if imat is None else imat.ctypes.data)  # fmt: skip
 
-    with ThreadPoolExecutor(len(bounds) - 1) as pool:
-        list(pool.map(chunk, range(len(bounds) - 1)))
-    out = np.empty_like(src)
-    to_float = _to_float_t(lib.ggml_get_type_traits(TYPE_IDS[name]).contents.to_float)
-    to_float(dst.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n * k)
+    if len(bounds) == 2:
+        chunk(0)
+    else:
+        with ThreadPoolExecutor(len(bounds) - 1) as pool:
+            list(pool.map(chunk, range(len(bounds) - 1)))
+    return dst
+
+
+def dequantize(name: str, data: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Blocks written by `quantize` read back to float32 rows of `shape`, by the type's to_float."""
+    out = np.empty(shape, dtype=np.float32)
+    to_float = _to_float_t(_lib().ggml_get_type_traits(TYPE_IDS[name]).contents.to_float)
+    to_float(data.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.size)
     return out
+
+
+def roundtrip(name: str, rows: np.ndarray, imatrix: np.ndarray | None, threads: int = 1) -> np.ndarray:
+    """`rows` (float32, [n, row_length]) quantized to type `name` by ggml and read back to float32;
+    with `threads` > 1 the rows are split between that many threads (same result)."""
+    if name == "F32":
+        return rows.astype(np.float32)
+    if name == "F16":
+        return rows.astype(np.float16).astype(np.float32)
+    return dequantize(name, quantize(name, rows, imatrix, threads), rows.shape)

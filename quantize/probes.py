@@ -69,9 +69,13 @@ class Format:
     bpw: Callable[[str], float]
     roundtrip: Callable[..., np.ndarray]  # (encoding, rows, imatrix, threads) -> rows quantized and back
     types: tuple[str, ...]
+    # the two halves of `roundtrip`, where the format has a compact encoded form (Prequantized keeps it)
+    quantize: Callable[..., np.ndarray] | None = None  # (encoding, rows, imatrix, threads) -> encoded rows
+    dequantize: Callable[..., np.ndarray] | None = None  # (encoding, encoded, shape) -> float32 rows
 
 
-GGUF = Format(kind, lambda t: ggml_quants.info(t).bpw, ggml_quants.roundtrip, PROBE_TYPES)
+GGUF = Format(kind, lambda t: ggml_quants.info(t).bpw, ggml_quants.roundtrip, PROBE_TYPES, ggml_quants.quantize,
+              ggml_quants.dequantize)  # fmt: skip
 
 
 def layer_kind(path: str) -> str:
@@ -88,57 +92,148 @@ def nearest(probe: str, measured: dict[str, float], fmt: Format = GGUF) -> str:
     return min(measured, key=lambda t: (abs(fmt.bpw(t) - want), -fmt.bpw(t)))
 
 
-def measure(model: Any, windows: list[list[int]], names: dict[str, str], costs: dict[str, dict[str, float]],
-            sizes: dict[str, int], imat: dict[str, np.ndarray], *, threads: int, fmt: Format = GGUF,
-            pairs: dict[str, sensitivity.Pairs] | None = None) -> dict[str, Any]:  # fmt: skip
-    """{"tokens", "seconds", "kinds": {kind: [{"type", "bpw", "matrices", "estimated", "real", "ratio"}]}}
-    for the tensors `names` (format's name -> parameter of `model`, sensitivity.load_model) whose
-    estimates are `costs` and weight counts `sizes`, measured on the token `windows`
-    (sensitivity.split_windows: disjoint from the Fisher pass's).
+@dataclass(frozen=True)
+class Probe:
+    group: str  # a kind, or kinds that share a probe (fmt.kind)
+    index: int  # which of fmt.types
+    type: str
+    chosen: dict[str, str]  # each quantized tensor -> its encoding (the probe type or its nearest candidate)
+    split: bool  # the group's layers are split between the probe types (each matrix in one probe)
+
+
+def plan(candidates: dict[str, Collection[str]], fmt: Format = GGUF) -> list[Probe]:
+    """The probes of the tensors whose candidate encodings are `candidates` (format's name -> encodings).
 
     The tensors are grouped by `fmt.kind` (a kind, or kinds that share a probe). A group spanning at
     least as many layers as there are probe types is split among them by layer, alternating (with
     two types: even layers at the first, odd at the second), so each matrix is quantized once and
-    each ratio still spans the depth. An untied output head is split the same way by rows, and
-    probed on the final hidden states of the unquantized run, its only input, when the model's
+    each ratio still spans the depth; a smaller group is quantized whole at each type."""
+    groups: dict[str, list[str]] = {}
+    for g in sorted(candidates, key=_depth):
+        groups.setdefault(fmt.kind(g), []).append(g)
+    n_types = len(fmt.types)
+    out = []
+    for k, members in groups.items():
+        layers = sorted({_depth(g)[0] for g in members})
+        split = len(layers) >= n_types
+        for j, probe in enumerate(fmt.types):
+            subset = [g for g in members if layers.index(_depth(g)[0]) % n_types == j] if split else members
+            out.append(Probe(k, j, probe, {g: nearest(probe, candidates[g], fmt) for g in subset}, split))
+    return out
+
+
+def measure(model: Any, windows: list[list[int]], names: dict[str, str], costs: dict[str, dict[str, float]],
+            sizes: dict[str, int], imat: dict[str, np.ndarray], *, threads: int, fmt: Format = GGUF,
+            pairs: dict[str, sensitivity.Pairs] | None = None, pre: Prequantized | None = None) -> dict[str, Any]:  # fmt: skip
+    """{"tokens", "seconds", "kinds": {group: [{"type", "bpw", "matrices", "estimated", "real", "ratio"}]}}
+    for the tensors `names` (format's name -> parameter of `model`, sensitivity.load_model) whose
+    estimates are `costs` and weight counts `sizes`, measured on the token `windows`
+    (sensitivity.split_windows: disjoint from the Fisher pass's), one forward pass per `plan` probe.
+
+    An untied output head, alone in its group, is split between the probe types by rows instead,
+    and probed on the final hidden states of the unquantized run, its only input, when the model's
     logits are exactly the head applied to them. With the Fisher `pairs`, a probe's estimate is the
     Fisher estimate of exactly the weights it quantized (every row, no sampling); without them, or
-    for an embedding probed on its used rows, it is the sum of the matrices' `costs`."""
+    for an embedding probed on its used rows, it is the sum of the matrices' `costs`. Matrices
+    that `pre` quantized ahead are taken from it."""
     import torch
 
     t0 = time.time()
+    if pre is not None:
+        pre.stop()  # what it has not started is quantized here, with every thread
     x = torch.tensor(windows)
     head = Head(model, x)
-    groups: dict[str, list[str]] = {}
-    for g in sorted(names, key=_depth):
-        groups.setdefault(fmt.kind(g), []).append(g)
     n_types = len(fmt.types)
     out: dict[str, list[dict[str, Any]]] = {}
-    for k, members in groups.items():
-        split_rows = len(members) == 1 and pairs is not None and head.alone(model, [names[members[0]]])
-        layers = sorted({_depth(g)[0] for g in members})
-        for j, probe in enumerate(fmt.types):
-            subset = members
-            if len(layers) >= n_types:
-                subset = [g for g in members if layers.index(_depth(g)[0]) % n_types == j]
-            chosen = {g: nearest(probe, costs[g], fmt) for g in subset}
-            params = {names[g]: (chosen[g], imat.get(g), _rows(model, names[g], j, n_types) if split_rows else None)
-                      for g in subset}  # fmt: skip
-            fisher = {names[g]: pairs[g] for g in subset} if pairs is not None else {}
-            real, exact = _probe(model, x, head, params, threads, fmt, fisher)
-            est = exact if exact is not None else sum(float(costs[g][chosen[g]]) for g in subset)
-            bpw = sum(fmt.bpw(chosen[g]) * sizes[g] for g in subset) / sum(sizes[g] for g in subset)
-            ratio = real / est if est > 0 and real > 0 else None
-            out.setdefault(k, []).append({"type": probe, "bpw": round(bpw, 4), "matrices": len(subset),
-                                          "rows": f"{j}::{n_types}" if split_rows else "all",
-                                          "estimated": est, "real": real, "ratio": ratio})  # fmt: skip
-            progress.info(f"auto: probe {k} at {probe}: estimated {est:.3g}, real {real:.3g}")
+    for pr in plan({g: costs[g] for g in names}, fmt):
+        subset = list(pr.chosen)
+        split_rows = len(subset) == 1 and pairs is not None and head.alone(model, [names[subset[0]]])
+        params = {names[g]: (ty, imat.get(g), _rows(model, names[g], pr.index, n_types) if split_rows else None)
+                  for g, ty in pr.chosen.items()}  # fmt: skip
+        fisher = {names[g]: pairs[g] for g in subset} if pairs is not None else {}
+        real, exact = _probe(model, x, head, params, threads, fmt, fisher, pre)
+        est = exact if exact is not None else sum(float(costs[g][ty]) for g, ty in pr.chosen.items())
+        bpw = sum(fmt.bpw(ty) * sizes[g] for g, ty in pr.chosen.items()) / sum(sizes[g] for g in subset)
+        ratio = real / est if est > 0 and real > 0 else None
+        out.setdefault(pr.group, []).append({"type": pr.type, "bpw": round(bpw, 4), "matrices": len(subset),
+                                             "rows": f"{pr.index}::{n_types}" if split_rows else "all",
+                                             "estimated": est, "real": real, "ratio": ratio})  # fmt: skip
+        progress.info(f"auto: probe {pr.group} at {pr.type}: estimated {est:.3g}, real {real:.3g}")
     return {
         "tokens": int(x.numel()),
         "types": list(fmt.types),
         "kinds": out,
         "seconds": round(time.time() - t0, 2),
     }
+
+
+class Prequantized:
+    """The layer-split probes' matrices quantized ahead, on one background thread, from the
+    checkpoint's files (`read`: parameter name -> float32 array or None), while the main thread is
+    busy with single-threaded work (importing torch and transformers, tokenizing, loading the
+    model) or work that leaves a core idle. `pause`/`resume` hold it off phases that would compete
+    for the cores (OpenMP matmuls); `stop` drops what it has not started, which the probes then
+    quantize themselves. A result is used only if the loaded model holds the same weights."""
+
+    def __init__(self, probes_: list[Probe], names: dict[str, str], read: Callable[[str], np.ndarray | None],
+                 imat: dict[str, np.ndarray], fmt: Format = GGUF) -> None:  # fmt: skip
+        import threading
+
+        self._gate = threading.Event()
+        self._gate.set()
+        self._jobs: dict[tuple[str, str], Any] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="orlik-prequantize")
+        self._fmt = fmt
+        if fmt.quantize is None or fmt.dequantize is None:
+            return
+        for pr in probes_:
+            if not pr.split:
+                continue
+            for g, ty in pr.chosen.items():
+                if g in names:
+                    self._jobs[(names[g], ty)] = self._pool.submit(self._one, read, names[g], ty, imat.get(g))
+
+    def _one(self, read: Callable[[str], np.ndarray | None], name: str, ty: str, im: np.ndarray | None) -> Any:
+        self._gate.wait()
+        try:
+            w = read(name)
+        except (OSError, ValueError):  # the probe reads the loaded model's weights instead
+            return None
+        if w is None:
+            return None
+        w2 = w.reshape(-1, w.shape[-1])
+        return self._fmt.quantize(ty, w2, im, 1), w2.shape, _sample_rows(w2)  # type: ignore[misc]
+
+    def pause(self) -> None:
+        self._gate.clear()
+
+    def resume(self) -> None:
+        self._gate.set()
+
+    def stop(self) -> None:
+        for f in self._jobs.values():
+            f.cancel()
+        self._gate.set()
+        self._pool.shutdown(wait=False)
+
+    def get(self, name: str, ty: str, w2: np.ndarray) -> np.ndarray | None:
+        """Parameter `name` (whose weights are `w2` as rows) quantized to `ty` and read back, or None
+        when it was not quantized ahead (or not from these weights)."""
+        f = self._jobs.get((name, ty))
+        if f is None or f.cancelled() or (not f.done() and f.cancel()):
+            return None
+        got = f.result()
+        if got is None:
+            return None
+        data, shape, sample = got
+        if shape != w2.shape or not np.array_equal(sample, _sample_rows(w2)):
+            return None
+        return self._fmt.dequantize(ty, data, shape)  # type: ignore[misc]
+
+
+def _sample_rows(w2: np.ndarray) -> np.ndarray:
+    """Eight rows spread over a matrix: enough to tell two copies of a checkpoint's weights apart."""
+    return w2[:: max(1, w2.shape[0] // 8)].copy()
 
 
 def _rows(model: Any, name: str, j: int, every: int) -> np.ndarray:
@@ -200,7 +295,7 @@ Param = tuple[str, np.ndarray | None, np.ndarray | None]  # (encoding, importanc
 
 
 def _probe(model: Any, x: Any, head: Head, params: dict[str, Param], threads: int, fmt: Format = GGUF,
-           pairs: dict[str, sensitivity.Pairs] | None = None) -> tuple[float, float | None]:  # fmt: skip
+           pairs: dict[str, sensitivity.Pairs] | None = None, pre: Prequantized | None = None) -> tuple[float, float | None]:  # fmt: skip
     """(mean per-token KLD(FP32 || model with `params` quantized), the Fisher estimate of exactly
     the quantized weights, or None when `pairs` lacks one or an embedding was probed on its used
     rows); the weights are restored afterwards."""
@@ -215,7 +310,8 @@ def _probe(model: Any, x: Any, head: Head, params: dict[str, Param], threads: in
         w2 = w.reshape(-1, w.shape[-1])
         used = used_rows(model, name, x) if rows is None else None
         if rows is None and used is None:
-            q = fmt.roundtrip(ty, w2, im, inner)
+            q = pre.get(name, ty, w2) if pre is not None else None
+            q = fmt.roundtrip(ty, w2, im, inner) if q is None else q
             rows = np.arange(w2.shape[0])
             err2 = np.square(q - w2)
         else:

@@ -172,3 +172,21 @@ def test_float32_kld_agrees_with_the_float64_formula_from_1e_8_to_1() -> None:
         exact = float((lp.exp() * (lp - torch.log_softmax(z.double(), -1))).sum(-1).mean())
         assert 1e-9 < exact < 2 and probes.kld(ref, z) == pytest.approx(exact, rel=2e-3)
     assert probes.kld(ref, z0) == 0.0
+
+
+def test_fisher_label_draws_follow_the_softmax() -> None:
+    import torch
+
+    from orlik.quantize import sensitivity
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, -30.0]])
+    draws = sensitivity.sample(logits.repeat(200_000, 1), gen)
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    assert torch.allclose(freq, torch.softmax(logits[0].double(), -1), atol=4e-3) and freq[4] == 0
+    # a peaked 32k-wide row: its top token about as often as its probability says
+    row = torch.zeros(32000)
+    row[123] = 10.0
+    p_top = float(torch.softmax(row, -1)[123])
+    hits = float((sensitivity.sample(row.repeat(20_000, 1), gen) == 123).double().mean())
+    assert abs(hits - p_top) < 0.02

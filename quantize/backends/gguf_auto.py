@@ -190,37 +190,53 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, sour
     if (table := sensitivity.read_cached(path)) is not None:
         return {**table, "cached": True, "cache": str(path)}
     t0 = time.time()
-    texts = common.calibration_texts(calib, recipe, None)
-    fis_windows, probe_windows = sensitivity.split_windows(ckpt, texts, fisher_tokens=settings["tokens"],
-                                                           probe_tokens=settings["probe_tokens"], seq_len=settings["seq_len"],
-                                                           probe_seq_len=settings["probe_seq_len"])  # fmt: skip
-    model = sensitivity.load_model(ckpt, threads)
-    fis = sensitivity.fisher(model, fis_windows, seed=settings["seed"], dtype=settings["dtype"])
-    names = _gguf_names(source, list(fis.weights))
     imat = imatrix_values(imatrix) if imatrix else {}
-    read = sensitivity.weight_reader(model)
-    jobs = []
-    for t in allocatable(source):
-        hf = names.get(t.name)
-        if hf is None:
-            raise InputError(f"auto cannot map GGUF tensor {t.name} to a layer of {ckpt.path}")
-        jobs.append((t, hf))
+    mats = allocatable(source)
+    # The probes' matrices are quantized ahead on a spare core while torch and transformers import
+    # and the calibration text is tokenized (probes.Prequantized).
+    pre = None
+    if settings["probe_tokens"] > 0:
+        read = sensitivity.file_weights(ckpt)
+        cands = {t.name: candidates(t.ne[0], t.name in imat, _types_option(recipe), full) for t in mats}
+        pre = probes.Prequantized(probes.plan(cands), _gguf_names(source, read.names), read, imat)
+    try:
+        texts = common.calibration_texts(calib, recipe, None)
+        fis_windows, probe_windows = sensitivity.split_windows(ckpt, texts, fisher_tokens=settings["tokens"],
+                                                               probe_tokens=settings["probe_tokens"], seq_len=settings["seq_len"],
+                                                               probe_seq_len=settings["probe_seq_len"])  # fmt: skip
+        model = sensitivity.load_model(ckpt, threads)
+        if pre is not None:
+            pre.pause()  # the Fisher pass's matmuls want both cores
+        fis = sensitivity.fisher(model, fis_windows, seed=settings["seed"], dtype=settings["dtype"])
+        if pre is not None:
+            pre.resume()
+        names = _gguf_names(source, list(fis.weights))
+        read_model = sensitivity.weight_reader(model)
+        jobs = []
+        for t in mats:
+            hf = names.get(t.name)
+            if hf is None:
+                raise InputError(f"auto cannot map GGUF tensor {t.name} to a layer of {ckpt.path}")
+            jobs.append((t, hf))
 
-    def measure(job: tuple[gguf_read.TensorInfo, str]) -> tuple[str, dict[str, Any]]:
-        t, hf = job
-        return t.name, _tensor_costs(t, read(hf if hf in read.names else fis.tied.get(hf, hf)), fis.weights[hf],
-                                     imat.get(t.name), settings, _types_option(recipe))  # fmt: skip
+        def measure(job: tuple[gguf_read.TensorInfo, str]) -> tuple[str, dict[str, Any]]:
+            t, hf = job
+            w = read_model(hf if hf in read_model.names else fis.tied.get(hf, hf))
+            return t.name, _tensor_costs(t, w, fis.weights[hf], imat.get(t.name), settings, _types_option(recipe))
 
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        rows = dict(pool.map(measure, jobs))
-    table = {"method": METHOD, "tensors": rows, "tokens": fis.tokens, "fisher_dtype": fis.dtype,
-             "seconds": {"fisher": round(fis.seconds, 2), "errors": round(time.time() - t0 - fis.seconds, 2)}}  # fmt: skip
-    if probe_windows:
-        table["probes"] = probes.measure(model, probe_windows, {t.name: hf for t, hf in jobs},
-                                         {n: r["types"] for n, r in rows.items()},
-                                         {n: int(np.prod(r["ne"])) for n, r in rows.items()}, imat, threads=threads,
-                                         pairs={t.name: fis.weights[hf] for t, hf in jobs})  # fmt: skip
-        table["seconds"]["probes"] = table["probes"]["seconds"]
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            rows = dict(pool.map(measure, jobs))
+        table = {"method": METHOD, "tensors": rows, "tokens": fis.tokens, "fisher_dtype": fis.dtype,
+                 "seconds": {"fisher": round(fis.seconds, 2), "errors": round(time.time() - t0 - fis.seconds, 2)}}  # fmt: skip
+        if probe_windows:
+            table["probes"] = probes.measure(model, probe_windows, {t.name: hf for t, hf in jobs},
+                                             {n: r["types"] for n, r in rows.items()},
+                                             {n: int(np.prod(r["ne"])) for n, r in rows.items()}, imat, threads=threads,
+                                             pairs={t.name: fis.weights[hf] for t, hf in jobs}, pre=pre)  # fmt: skip
+            table["seconds"]["probes"] = table["probes"]["seconds"]
+    finally:
+        if pre is not None:
+            pre.stop()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(table) + "\n")
     return {**table, "cached": False, "cache": str(path)}
