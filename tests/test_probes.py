@@ -190,3 +190,46 @@ def test_fisher_label_draws_follow_the_softmax() -> None:
     p_top = float(torch.softmax(row, -1)[123])
     hits = float((sensitivity.sample(row.repeat(20_000, 1), gen) == 123).double().mean())
     assert abs(hits - p_top) < 0.02
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_probes_quantized_ahead_from_the_files_equal_the_probes_own(dtype: str, tmp_path) -> None:
+    import types
+
+    import torch
+    from safetensors.torch import save_file
+
+    from orlik.quantize import probes, sensitivity
+
+    model = _tiny_untied_llama(2)
+    for p in model.parameters():  # weights the file's dtype holds exactly
+        p.data = p.data.to(getattr(torch, dtype)).float()
+    save_file({k: v.to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "model.safetensors"))  # fmt: skip
+    read = sensitivity.file_weights(types.SimpleNamespace(weight_files=[tmp_path / "model.safetensors"]))
+    assert np.array_equal(read("model.layers.1.mlp.down_proj.weight"),
+                          model.model.layers[1].mlp.down_proj.weight.detach().numpy())  # fmt: skip
+    assert read("no.such.tensor") is None
+    names = {n.removesuffix(".weight"): n for n, _ in model.named_parameters() if "proj" in n}
+    costs = {g: {"Q2_K": 1.0, "Q4_K": 0.1} for g in names}
+    sizes = {g: model.get_parameter(n).numel() for g, n in names.items()}
+    calls = []
+
+    def roundtrip(*a):
+        calls.append(a[0])
+        return probes.GGUF.roundtrip(*a)
+
+    fmt = probes.Format(probes.layer_kind, probes.GGUF.bpw, roundtrip, probes.PROBE_TYPES,
+                        probes.GGUF.quantize, probes.GGUF.dequantize)  # fmt: skip
+    x = torch.randint(0, 512, (1, 64)).tolist()
+    pre = probes.Prequantized(probes.plan(costs, fmt), names, read, {}, fmt)
+    for f in pre._jobs.values():
+        f.result()  # all done before the probes start: every matrix comes from `pre`
+    ahead = probes.measure(model, x, names, costs, sizes, {}, threads=2, fmt=fmt, pre=pre)
+    assert calls == [] and len(pre._jobs) == 2 * len(model.model.layers) * 7 // 2
+    own = probes.measure(model, x, names, costs, sizes, {}, threads=2, fmt=fmt)
+    assert ahead["kinds"] == own["kinds"] and len(calls) == len(pre._jobs)
+    # weights that are not the file's: not taken from it
+    w = model.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    key = next(k for k in pre._jobs if k[0] == "model.layers.0.mlp.down_proj.weight")
+    assert pre.get(*key, w) is not None and pre.get(*key, w + 1e-3) is None
