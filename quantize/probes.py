@@ -193,7 +193,9 @@ class Prequantized:
                 if g in names:
                     self._jobs[(names[g], ty)] = self._pool.submit(self._one, read, names[g], ty, imat.get(g))
 
-    def _one(self, read: Callable[[str], np.ndarray | None], name: str, ty: str, im: np.ndarray | None) -> Any:
+    def _one(
+        self, read: Callable[[str], np.ndarray | None], name: str, ty: str, im: np.ndarray | None
+    ) -> Any:
         self._gate.wait()
         try:
             w = read(name)

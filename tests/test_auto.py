@@ -266,12 +266,24 @@ def test_sensitivity_cache_follows_the_calibration_set(
     assert table(tiny_calibration)["probes"] == first["probes"]
     for kinds in (first["probes"]["kinds"], again["probes"]["kinds"]):
         # query and key share a probe, as do the MLP's gate and up projections
-        assert set(kinds) == {"token_embd", "output", "attn_qk", "attn_v", "attn_output", "ffn_gate_up", "ffn_down"}
+        assert set(kinds) == {
+            "token_embd",
+            "output",
+            "attn_qk",
+            "attn_v",
+            "attn_output",
+            "ffn_gate_up",
+            "ffn_down",
+        }
         for k, pts in kinds.items():
             real = {p["type"]: p["real"] for p in pts}
             assert real["Q2_K"] > real["Q4_K"] > 0
             # block kinds: the two probe types split the layers between them, each matrix probed once
-            n = 1 if k in ("token_embd", "output") else n_layers * (2 if k in ("attn_qk", "ffn_gate_up") else 1)
+            n = (
+                1
+                if k in ("token_embd", "output")
+                else n_layers * (2 if k in ("attn_qk", "ffn_gate_up") else 1)
+            )
             assert sum(p["matrices"] for p in pts) == (2 if n == 1 else n)
     assert first["probes"]["kinds"]["ffn_down"] != again["probes"]["kinds"]["ffn_down"]
 
@@ -287,7 +299,9 @@ def test_mlx_auto_hits_its_bpw(
     assert abs(v["bpw"] / 4.5 - 1) < 0.01
     # The same probes as GGUF calibrate the estimate: per kind of layer, real KLD falls with bits.
     kinds = v["extra"]["auto"]["probes"]["kinds"]
-    assert {"model.embed_tokens", "model.layers.mlp.down_proj", "model.layers.self_attn.qk_proj"} <= set(kinds)
+    assert {"model.embed_tokens", "model.layers.mlp.down_proj", "model.layers.self_attn.qk_proj"} <= set(
+        kinds
+    )
     for pts in kinds.values():
         real = {p["type"]: p["real"] for p in pts}
         assert real["2g64"] > real["4g64"] > 0

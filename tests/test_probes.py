@@ -111,7 +111,11 @@ def test_probes_split_layers_and_head_rows_between_the_probe_types(monkeypatch) 
              if any(k in n for k in ("mlp.down_proj", "q_proj", "k_proj")) or n == "lm_head.weight"}  # fmt: skip
     seen: list[dict] = []
     probe = probes._probe
-    monkeypatch.setattr(probes, "_probe", lambda m, x, h, params, *a, **k: seen.append(params) or probe(m, x, h, params, *a, **k))
+    monkeypatch.setattr(
+        probes,
+        "_probe",
+        lambda m, x, h, params, *a, **k: seen.append(params) or probe(m, x, h, params, *a, **k),
+    )
     costs = {g: {"Q2_K": 1.0, "Q4_K": 0.1} for g in names}
     sizes = {g: model.get_parameter(n).numel() for g, n in names.items()}
     out = probes.measure(model, torch.randint(0, 512, (1, 64)).tolist(), names, costs, sizes, {}, threads=2,
@@ -123,8 +127,14 @@ def test_probes_split_layers_and_head_rows_between_the_probe_types(monkeypatch) 
     assert [p["rows"] for p in headp] == ["0::2", "1::2"]
     # query and key share a probe and are split by layer: layer 0's pair at Q2_K, layer 1's at Q4_K
     qk = out["kinds"]["model.layers.self_attn.qk_proj"]
-    assert [p["matrices"] for p in qk] == [2, 2] and set(out["kinds"]) == {"model.layers.mlp.down_proj", "lm_head", "model.layers.self_attn.qk_proj"}
-    pairs = [sorted((n.split(".")[2], t) for n, (t, _, _) in params.items()) for params in seen if len(params) == 2]
+    assert [p["matrices"] for p in qk] == [2, 2] and set(out["kinds"]) == {
+        "model.layers.mlp.down_proj",
+        "lm_head",
+        "model.layers.self_attn.qk_proj",
+    }
+    pairs = [
+        sorted((n.split(".")[2], t) for n, (t, _, _) in params.items()) for params in seen if len(params) == 2
+    ]
     assert pairs == [[("0", "Q2_K"), ("0", "Q2_K")], [("1", "Q4_K"), ("1", "Q4_K")]]
     for p in down + headp + qk:  # exact estimates, not the table's 1.0 / 0.1
         assert p["estimated"] not in (1.0, 0.1) and p["real"] > 0 and p["ratio"] > 0

@@ -111,9 +111,8 @@ def _gguf_names(source: gguf_read.GGUFSummary, fisher_names: list[str]) -> dict[
     from the summary's metadata, the block count from the tensor names)."""
     import gguf
 
-    arch_name = source.metadata.get("general.architecture")
-    if arch_name is None:
-        arch_name = gguf_read.summarize(source.path, keys=("general.architecture",)).metadata.get("general.architecture")
+    key = "general.architecture"
+    arch_name = source.metadata.get(key) or gguf_read.summarize(source.path, keys=(key,)).metadata.get(key)
     arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch_name)
     if arch is None:
         raise InputError(f"auto does not know GGUF architecture {arch_name!r}")
@@ -222,7 +221,9 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, sour
         def measure(job: tuple[gguf_read.TensorInfo, str]) -> tuple[str, dict[str, Any]]:
             t, hf = job
             w = read_model(hf if hf in read_model.names else fis.tied.get(hf, hf))
-            return t.name, _tensor_costs(t, w, fis.weights[hf], imat.get(t.name), settings, _types_option(recipe))
+            return t.name, _tensor_costs(
+                t, w, fis.weights[hf], imat.get(t.name), settings, _types_option(recipe)
+            )
 
         with ThreadPoolExecutor(max(1, threads)) as pool:
             rows = dict(pool.map(measure, jobs))
