@@ -43,7 +43,7 @@ def base_settings(options: dict[str, Any]) -> dict[str, Any]:
     pass's dtype and the seed (each auto backend adds its own). The probes run on whole windows of
     `probe_seq_len` tokens (at most `sens_seq_len`), so `probe_tokens` is 0 (no probes) or at least
     one such window; anything between is refused rather than silently probing nothing."""
-    settings = {"tokens": int(options.get("sens_tokens", 2048)), "seq_len": int(options.get("sens_seq_len", 512)),
+    settings = {"tokens": int(options.get("sens_tokens", 1024)), "seq_len": int(options.get("sens_seq_len", 512)),
                 "rows": float(options.get("sens_rows", 1 / 16)), "seed": int(options.get("seed", 0)),
                 "probe_tokens": int(options.get("probe_tokens", 512)),
                 "probe_seq_len": int(options.get("probe_seq_len", 512)),
