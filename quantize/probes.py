@@ -3,9 +3,11 @@
 The second-order estimate assumes small errors that add up independently; at 2-4 bits, through
 attention and the MLP's nonlinearity, and with every layer quantized at once, that can be off by a
 different factor for each kind of matrix (on a barely trained 112M model it judged 2-bit block
-matrices nearly free; they were not). So, for each tensor kind (token_embd, output, attn_q, ...,
-ffn_down) and each probe type, every matrix of that kind is quantized at once with ggml's own
-quantizer (same imatrix as llama-quantize), the FP32 model runs on calibration tokens, and the real
+matrices nearly free; they were not). So, for each tensor kind (token_embd, output, attn_v, ...,
+ffn_down; attn_q with attn_k and ffn_gate with ffn_up as one group, see _SHARED) and each probe
+type, the matrices of that kind (split between the probe types by layer) are quantized at once
+with ggml's own quantizer (same imatrix as llama-quantize), the FP32 model runs on calibration
+tokens, and the real
 mean per-token KLD against the unquantized model is set against the summed estimate of the same
 matrices. That ratio, interpolated in bits per weight between the probe types (held constant beyond
 them), scales each candidate's estimate of that kind before the allocation. The probes run on
