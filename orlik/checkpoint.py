@@ -166,6 +166,28 @@ def safetensors_layout(path: Path) -> tuple[int, dict[str, Any]]:
     return start, tensors
 
 
+@dataclass(frozen=True)
+class TensorSpan:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    path: Path
+    offset: int  # from the start of the file
+    size: int
+    dtype: str  # safetensors' name: F16, BF16, F32, ...
+    shape: list[int]
+
+
+def tensor_spans(files: list[Path]) -> dict[str, TensorSpan]:
+    """Every tensor of these safetensors files (a checkpoint's shards), by name, from the headers."""
+    spans = {}
+    for f in files:
+        base, header = safetensors_layout(f)
+        for name, meta in header.items():
+            start, end = (int(x) for x in meta["data_offsets"])
+            spans[name] = TensorSpan(f, base + start, end - start, meta["dtype"], list(meta["shape"]))
+    return spans
+
+
 def _weight_files(p: Path) -> list[Path]:
     index = p / "model.safetensors.index.json"
     if index.is_file():

@@ -8,10 +8,10 @@ ffn_down; attn_q with attn_k and ffn_gate with ffn_up as one group, see _SHARED)
 type, the matrices of that kind (split between the probe types by layer) are quantized at once
 with ggml's own quantizer (same imatrix as llama-quantize), the FP32 model runs on calibration
 tokens, and the real mean per-token KLD against the unquantized model is set against the summed
-estimate of the same matrices. That ratio, interpolated in bits per weight between the probe types (held constant beyond
-them), scales each candidate's estimate of that kind before the allocation. The probes run on
-calibration windows disjoint from the Fisher pass's (sensitivity.split_windows), so the ratio is
-not fitted to the tokens the estimate was made on.
+estimate of the same matrices. That ratio, interpolated in bits per weight between the probe types
+(held constant beyond them), scales each candidate's estimate of that kind before the allocation.
+The probes run on calibration windows disjoint from the Fisher pass's (sensitivity.split_windows),
+so the ratio is not fitted to the tokens the estimate was made on.
 """
 
 from __future__ import annotations

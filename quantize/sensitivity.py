@@ -257,26 +257,21 @@ def file_weights(ckpt: Checkpoint) -> Any:
     """name -> float32 array of one tensor of the checkpoint's safetensors files (F32, F16 or BF16,
     read at the header's offsets), or None for a name they lack or another dtype. Needs neither torch
     nor the loaded model, so work on the weights can start while those are still importing."""
-    from orlik.checkpoint import safetensors_layout
+    from orlik.checkpoint import tensor_spans
 
-    where: dict[str, tuple[Path, int, int, str, list[int]]] = {}
-    for f in ckpt.weight_files:
-        base, header = safetensors_layout(f)
-        for name, meta in header.items():
-            start, end = (int(x) for x in meta["data_offsets"])
-            where[name] = (f, base + start, end - start, meta["dtype"], list(meta["shape"]))
+    spans = tensor_spans(ckpt.weight_files)
 
     def read(name: str) -> np.ndarray | None:
-        if name not in where or where[name][3] not in _FILE_DTYPES:
+        span = spans.get(name)
+        if span is None or span.dtype not in _FILE_DTYPES:
             return None
-        path, offset, size, dtype, shape = where[name]
-        raw = np.fromfile(path, dtype=_FILE_DTYPES[dtype], count=size // np.dtype(_FILE_DTYPES[dtype]).itemsize,
-                          offset=offset)  # fmt: skip
-        if dtype == "BF16":  # the upper half of a float32
-            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
-        return raw.astype(np.float32).reshape(shape)
+        dt = np.dtype(_FILE_DTYPES[span.dtype])
+        raw = np.fromfile(span.path, dtype=dt, count=span.size // dt.itemsize, offset=span.offset)
+        if span.dtype == "BF16":  # the upper half of a float32
+            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(span.shape)
+        return raw.astype(np.float32).reshape(span.shape)
 
-    read.names = list(where)  # type: ignore[attr-defined]
+    read.names = list(spans)  # type: ignore[attr-defined]
     return read
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from orlik import progress
-from orlik.checkpoint import TOKENIZER_FILES, Checkpoint, safetensors_layout
+from orlik.checkpoint import TOKENIZER_FILES, Checkpoint, tensor_spans
 from orlik.errors import InputError
 from orlik.manifest import Variant
 from orlik.quantize.backends import Backend, Calibration, common, groups
@@ -178,16 +178,12 @@ class _Tensors:
                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
 
     def __init__(self, ckpt: Checkpoint) -> None:
-        self._where: dict[str, tuple[Path, int, int, str, list[int]]] = {}
-        for f in ckpt.weight_files:
-            base, header = safetensors_layout(f)
-            for name, meta in header.items():
-                start, end = (int(x) for x in meta["data_offsets"])
-                if meta["dtype"] not in self._DTYPES:
-                    raise InputError(
-                        f"{f.name}: tensor {name} has dtype {meta['dtype']}, which HQQ cannot read"
-                    )
-                self._where[name] = (f, base + start, end - start, meta["dtype"], list(meta["shape"]))
+        self._where = tensor_spans(ckpt.weight_files)
+        for name, span in self._where.items():
+            if span.dtype not in self._DTYPES:
+                raise InputError(
+                    f"{span.path.name}: tensor {name} has dtype {span.dtype}, which HQQ cannot read"
+                )
 
     def __enter__(self) -> _Tensors:
         return self
@@ -203,16 +199,16 @@ class _Tensors:
 
         if name not in self._where:
             raise InputError(f"the checkpoint has no tensor {name!r}; HQQ cannot map its layers to weights")
-        path, offset, size, dtype, shape = self._where.pop(name)
-        dt = getattr(torch, self._DTYPES[dtype])
-        if size == 0:
-            return torch.empty(shape, dtype=dt)
-        buf = bytearray(size)
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            if fh.readinto(buf) != size:
-                raise InputError(f"{path.name}: tensor {name} is truncated")
-        return torch.frombuffer(buf, dtype=dt).reshape(shape)
+        span = self._where.pop(name)
+        dt = getattr(torch, self._DTYPES[span.dtype])
+        if span.size == 0:
+            return torch.empty(span.shape, dtype=dt)
+        buf = bytearray(span.size)
+        with open(span.path, "rb") as fh:
+            fh.seek(span.offset)
+            if fh.readinto(buf) != span.size:
+                raise InputError(f"{span.path.name}: tensor {name} is truncated")
+        return torch.frombuffer(buf, dtype=dt).reshape(span.shape)
 
     def left(self) -> list[str]:
         return list(self._where)
