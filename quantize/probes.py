@@ -8,7 +8,9 @@ ffn_down; attn_q with attn_k and ffn_gate with ffn_up as one group, see _SHARED)
 type, the matrices of that kind (split between the probe types by layer) are quantized at once
 with ggml's own quantizer (same imatrix as llama-quantize), the FP32 model runs on calibration
 tokens, and the real mean per-token KLD against the unquantized model is set against the summed
-estimate of the same matrices. That ratio, interpolated in bits per weight between the probe types
+estimate of the same matrices. The KLD is scored where llama-perplexity --kl-divergence and `orlik
+bench` score it: the second half of each window (positions n/2 .. n-2 of n), whose predictions see at
+least half a window of context; the output head runs on those positions only. That ratio, interpolated in bits per weight between the probe types
 (held constant beyond them), scales each candidate's estimate of that kind before the allocation.
 The probes run on calibration windows disjoint from the Fisher pass's (sensitivity.split_windows),
 so the ratio is not fitted to the tokens the estimate was made on.
@@ -34,6 +36,12 @@ from orlik.quantize import ggml_quants, sensitivity
 # 4-15x the estimate, at Q4_K and Q6_K 0.4-2.6x. A Q6_K probe moved no allocation there (the ratio is
 # held at Q4_K's above it) and cost a third of the pass, so two probe types.
 PROBE_TYPES = ("Q2_K", "Q4_K")
+# An untied output head's probe quantizes one row in HEAD_EVERY * len(types): each row's error reaches
+# only its own logit, so the KLD is a sum over rows to second order and the real/estimated ratio does
+# not depend on how many rows are quantized; a quarter of the rows at each type (half of them in all)
+# costs half the quantization of splitting every row between the types (on a 150k vocabulary at 896
+# wide the head is over a quarter of the model's weights).
+HEAD_EVERY = 2
 _BLOCK = re.compile(r"^blk\.\d+\.")
 _LAYER = re.compile(r"\.\d+\.")
 
@@ -131,9 +139,11 @@ def measure(model: Any, windows: list[list[int]], names: dict[str, str], costs: 
     estimates are `costs` and weight counts `sizes`, measured on the token `windows`
     (sensitivity.split_windows: disjoint from the Fisher pass's), one forward pass per `plan` probe.
 
-    An untied output head, alone in its group, is split between the probe types by rows instead,
-    and probed on the final hidden states of the unquantized run, its only input, when the model's
-    logits are exactly the head applied to them. With the Fisher `pairs`, a probe's estimate is the
+    An untied output head, alone in its group, is probed on rows instead: one row in
+    HEAD_EVERY * len(fmt.types) from the probe type's index (with two types, rows 0::4 at the first
+    and 1::4 at the second), on
+    the final hidden states of the unquantized run, its only input, when the model's logits are
+    exactly the head applied to them. With the Fisher `pairs`, a probe's estimate is the
     Fisher estimate of exactly the weights it quantized (every row, no sampling); without them, or
     for an embedding probed on its used rows, it is the sum of the matrices' `costs`. Matrices
     that `pre` quantized ahead are taken from it."""
@@ -149,7 +159,8 @@ def measure(model: Any, windows: list[list[int]], names: dict[str, str], costs: 
     for pr in plan({g: costs[g] for g in names}, fmt):
         subset = list(pr.chosen)
         split_rows = len(subset) == 1 and pairs is not None and head.alone(model, [names[subset[0]]])
-        params = {names[g]: (ty, imat.get(g), _rows(model, names[g], pr.index, n_types) if split_rows else None)
+        every = HEAD_EVERY * n_types
+        params = {names[g]: (ty, imat.get(g), _rows(model, names[g], pr.index, every) if split_rows else None)
                   for g, ty in pr.chosen.items()}  # fmt: skip
         fisher = {names[g]: pairs[g] for g in subset} if pairs is not None else {}
         real, exact = _probe(model, x, head, params, threads, fmt, fisher, pre)
@@ -157,11 +168,12 @@ def measure(model: Any, windows: list[list[int]], names: dict[str, str], costs: 
         bpw = sum(fmt.bpw(ty) * sizes[g] for g, ty in pr.chosen.items()) / sum(sizes[g] for g in subset)
         ratio = real / est if est > 0 and real > 0 else None
         out.setdefault(pr.group, []).append({"type": pr.type, "bpw": round(bpw, 4), "matrices": len(subset),
-                                             "rows": f"{pr.index}::{n_types}" if split_rows else "all",
+                                             "rows": f"{pr.index}::{every}" if split_rows else "all",
                                              "estimated": est, "real": real, "ratio": ratio})  # fmt: skip
         progress.info(f"auto: probe {pr.group} at {pr.type}: estimated {est:.3g}, real {real:.3g}")
     return {
         "tokens": int(x.numel()),
+        "scored_tokens": int(head.base.z.shape[0] * head.base.z.shape[1]),
         "types": list(fmt.types),
         "kinds": out,
         "seconds": round(time.time() - t0, 2),
@@ -251,9 +263,27 @@ def _depth(name: str) -> tuple[int, str]:
     return (int(m.group(1)) if m else -1, name)
 
 
+def scored_logits(model: Any, x: Any) -> Any:
+    """The logits of the token windows `x` [windows, n] at the positions the KLD is scored on,
+    n//2 .. n-2 (llama-perplexity's: each prediction sees at least half a window, and the last
+    position predicts a token outside the window). Where the model's forward takes
+    `logits_to_keep` (transformers' causal LMs do), the head runs on those positions only: a third
+    of a probe's matmuls on a 32k vocabulary at 768 wide."""
+    import inspect
+
+    n = x.shape[1]
+    keep = n - n // 2
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = model(input_ids=x, logits_to_keep=keep).logits
+    else:
+        logits = model(input_ids=x).logits
+    return logits[:, -keep:-1]
+
+
 class Head:
-    """The unquantized run's log-probs and, where its logits are exactly the output head applied to
-    the final hidden states, those states, so that a probe of the head alone is that one matmul."""
+    """The unquantized run's scored logits (scored_logits) and, where they are exactly the output
+    head applied to the final hidden states, those states, so that a probe of the head alone is
+    that one matmul."""
 
     def __init__(self, model: Any, x: Any) -> None:
         import torch
@@ -263,17 +293,18 @@ class Head:
         hook = self.module.register_forward_hook(lambda m, a, o: seen.append(a[0])) if self.module else None
         try:
             with torch.no_grad():
-                logits = model(input_ids=x).logits
+                logits = scored_logits(model, x)
         finally:
             if hook is not None:
                 hook.remove()
         self.base = Reference(logits)
         self.hidden = None
-        if len(seen) == 1:
+        if len(seen) == 1 and seen[0].shape[1] > logits.shape[1]:
+            hidden = seen[0][:, -logits.shape[1] - 1 : -1]  # the head's input at the scored positions
             with torch.no_grad():
-                again = self.module(seen[0])
+                again = self.module(hidden)
             if again.shape == logits.shape and torch.equal(again, logits):
-                self.hidden = seen[0]
+                self.hidden = hidden
         emb = model.get_input_embeddings()
         self.untied = self.module is not None and self.module.weight is not emb.weight
 
@@ -338,7 +369,7 @@ def _probe(model: Any, x: Any, head: Head, params: dict[str, Param], threads: in
             if head.alone(model, params):
                 real = kld(head.base, head.module(head.hidden))
             else:
-                real = kld(head.base, model(input_ids=x).logits)
+                real = kld(head.base, scored_logits(model, x))
         return real, (None if None in estimates else float(sum(estimates)))  # type: ignore[arg-type]
     finally:
         for n, w in saved.items():

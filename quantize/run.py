@@ -184,8 +184,17 @@ def quantize_all(
     check_writable(out_root)
     for r in plan:  # a folder of the user's in the way is refused before any work, too
         owner.check_replaceable(out_root / r.name, force=force, marks=(MANIFEST,), kind="variant")
-    for r in plan:  # checks against the checkpoint's shapes (group sizes, imatrix fit)
-        backends[r.format].prepare(ckpt, r, calib)
+    try:
+        for r in plan:  # checks against the checkpoint's shapes (group sizes, imatrix fit)
+            backends[r.format].prepare(ckpt, r, calib)
+        return _build_all(plan, backends, ckpt, calib, out_root, force, check_runtime)
+    finally:
+        for b in backends.values():
+            b.close()
+
+
+def _build_all(plan: list[Recipe], backends: dict[str, Backend], ckpt: Checkpoint, calib: Calibration,
+               out_root: Path, force: bool, check_runtime: RuntimeCheck | None) -> list[Outcome]:  # fmt: skip
     outcomes: list[Outcome] = []
     with progress.bar("quantize", total=len(plan), variant="", tensors="") as bar:
         for r in plan:

@@ -124,7 +124,9 @@ def test_probes_split_layers_and_head_rows_between_the_probe_types(monkeypatch) 
     down = out["kinds"]["model.layers.mlp.down_proj"]
     assert [p["matrices"] for p in down] == [1, 1] and [p["rows"] for p in down] == ["all", "all"]
     headp = out["kinds"]["lm_head"]
-    assert [p["rows"] for p in headp] == ["0::2", "1::2"]
+    assert [p["rows"] for p in headp] == ["0::4", "1::4"]
+    head_rows = [params["lm_head.weight"][2] for params in seen if "lm_head.weight" in params]
+    assert [r.tolist() for r in head_rows] == [list(range(0, 512, 4)), list(range(1, 512, 4))]
     # query and key share a probe and are split by layer: layer 0's pair at Q2_K, layer 1's at Q4_K
     qk = out["kinds"]["model.layers.self_attn.qk_proj"]
     assert [p["matrices"] for p in qk] == [2, 2] and set(out["kinds"]) == {
@@ -138,6 +140,44 @@ def test_probes_split_layers_and_head_rows_between_the_probe_types(monkeypatch) 
     assert pairs == [[("0", "Q2_K"), ("0", "Q2_K")], [("1", "Q4_K"), ("1", "Q4_K")]]
     for p in down + headp + qk:  # exact estimates, not the table's 1.0 / 0.1
         assert p["estimated"] not in (1.0, 0.1) and p["real"] > 0 and p["ratio"] > 0
+
+
+def test_probes_score_the_second_half_of_each_window_as_llama_perplexity_does(monkeypatch) -> None:
+    import torch
+
+    from orlik.quantize import probes
+
+    model = _tiny_untied_llama(3)
+    x = torch.randint(0, 512, (2, 64))
+    with torch.no_grad():
+        full = model(input_ids=x).logits
+    head = probes.Head(model, x)
+    # positions 32..62 of 64: the head ran on those only, and the hidden states are the head's input there
+    assert head.base.z.shape == (2, 31, 512) and torch.allclose(head.base.z, full[:, 32:63], atol=1e-5)
+    assert head.hidden is not None and head.hidden.shape == (2, 31, 256)
+    name = "model.layers.0.mlp.down_proj.weight"
+    real, _ = probes._probe(model, x, head, {name: ("Q2_K", None, None)}, 1)
+    w0 = model.get_parameter(name).detach().clone()
+    from orlik.quantize import ggml_quants
+
+    with torch.no_grad():
+        model.get_parameter(name).copy_(torch.from_numpy(ggml_quants.roundtrip("Q2_K", w0.numpy(), None)))
+        quant = model(input_ids=x).logits
+        model.get_parameter(name).copy_(w0)
+    p = torch.softmax(full[:, 32:63].double(), -1)
+    want = (p * (torch.log_softmax(full[:, 32:63].double(), -1) - torch.log_softmax(quant[:, 32:63].double(), -1)))
+    assert real == pytest.approx(float(want.sum(-1).mean()), rel=1e-3) and real > 0
+    # a model whose forward takes no logits_to_keep gets the same positions from its whole logits
+    class Plain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids: torch.Tensor) -> object:
+            return self.inner(input_ids=input_ids)
+
+    with torch.no_grad():
+        assert torch.allclose(probes.scored_logits(Plain(), x), head.base.z, atol=1e-5)
 
 
 def test_ggml_roundtrip_split_between_threads_is_identical() -> None:

@@ -54,6 +54,10 @@ class Backend(ABC):
         the first variant is built, so that a bad input fails the run before any output."""
         return None
 
+    def close(self) -> None:
+        """Stop any work `prepare` started ahead that no build took up (run after the last build)."""
+        return None
+
     def stale(self, variant: Variant, recipe: Recipe) -> str | None:
         """Why an existing, verified variant of `recipe` is not what this backend builds now (e.g. it
         came from an older method), or None; checked after the manifest, recipe and inputs match."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +80,11 @@ class GGUFBackend(Backend):
     name = "gguf"
     formats = ("gguf",)
     # Read by the auto recipes (gguf_auto.py): calibration tokens and window of the sensitivity pass,
-    # fraction of rows whose error is measured, sampling seed, comma-separated candidate types, and
+    # fraction of rows whose error is measured (and at most how many), sampling seed, comma-separated candidate types, and
     # calibration tokens on which the result's real KLD is measured (0: not measured), calibration
     # tokens and window of the per-kind KLD probes that calibrate the estimate (quantize/probes.py;
     # 0 tokens: none), and the Fisher pass's matmul dtype (auto, float32, bfloat16).
-    options = {"sens_tokens": int, "sens_seq_len": int, "sens_rows": float, "seed": int, "types": str,
+    options = {"sens_tokens": int, "sens_seq_len": int, "sens_rows": float, "sens_max_rows": int, "seed": int, "types": str,
                "measure_tokens": int, "probe_tokens": int, "probe_seq_len": int, "sens_dtype": str}  # fmt: skip
 
     @classmethod
@@ -93,6 +94,9 @@ class GGUFBackend(Backend):
 
     def __init__(self) -> None:
         self.on_progress: Any = None  # callable(done, total) set by the driver for per-tensor progress
+        # auto recipes' probe matrices quantized from prepare() on (gguf_auto.prequantize_early), by
+        # (checkpoint hash, imatrix path); taken by the first auto build, the rest stopped by close()
+        self._early: dict[tuple[str, str], Any] = {}
 
     @classmethod
     def missing(cls) -> str | None:
@@ -165,7 +169,21 @@ class GGUFBackend(Backend):
                              "(its imatrix.gguf is computed if missing) or --imatrix FILE")  # fmt: skip
 
     def prepare(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration) -> None:
+        if recipe.options.get("auto") and recipe.imatrix and calib.imatrix is not None:
+            from orlik.quantize.backends import gguf_auto
+
+            key = (ckpt.hash, str(calib.imatrix))
+            if key not in self._early:
+                self._early[key] = gguf_auto.prequantize_early(
+                    ckpt, recipe, calib, f16_gguf(ckpt), calib.imatrix
+                )
         self._inputs(ckpt, recipe, calib)
+
+    def close(self) -> None:
+        for pre in self._early.values():
+            if pre is not None:
+                pre.stop()
+        self._early.clear()
 
     def _inputs(
         self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration
@@ -189,28 +207,46 @@ class GGUFBackend(Backend):
         return self._quantize(ckpt, recipe, calib, out)
 
     def _quantize_auto(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
-        """Plan the per-tensor types, then run llama-quantize with every matrix overridden."""
+        """Plan the per-tensor types, then run llama-quantize with every matrix overridden. The KLD
+        check runs beside the single-threaded steps: its F16 logits (gguf_auto.kld_base) while the
+        F16 GGUF's header is read, the written file's KLD while that file's header is read back."""
         import dataclasses
         import time
+        from concurrent.futures import Future, ThreadPoolExecutor
 
         from orlik.quantize.backends import gguf_auto
 
-        inputs = self._inputs(ckpt, recipe, calib)
-        _, source, imatrix = inputs
-        plan = gguf_auto.plan(ckpt, recipe, calib, source, imatrix.path if imatrix else None, usable_cores())
-        types = plan.types
-        tool_recipe = dataclasses.replace(recipe, qtype=gguf_auto.base_file_type(types, source), options={},
-                                          overrides=tuple((n, t) for n, t in types.items()))  # fmt: skip
-        t0 = time.time()
-        v = self._quantize(ckpt, tool_recipe, calib, out, inputs)
-        record = plan.record()
-        record["seconds"]["llama_quantize"] = round(time.time() - t0, 2)
-        record["bytes"] = v.bytes
-        record["size_error"] = round(v.bytes / plan.target_bytes - 1, 6)
-        record["calibration_hash"] = calib.hash
-        t1 = time.time()
-        record["measured"] = gguf_auto.measure_kld(f16_gguf(ckpt), out / MODEL_FILE, calib, recipe, ckpt.hash)
-        record["seconds"]["measure"] = round(time.time() - t1, 2)
+        f16 = f16_gguf(ckpt)
+        pre = self._early.pop((ckpt.hash, str(calib.imatrix)), None)
+        with ThreadPoolExecutor(1, thread_name_prefix="orlik-kld") as bg:
+            base = bg.submit(gguf_auto.kld_base, f16, calib, recipe, ckpt.hash)
+            inputs = self._inputs(ckpt, recipe, calib)
+            _, source, imatrix = inputs
+            try:
+                plan = gguf_auto.plan(
+                    ckpt, recipe, calib, source, imatrix.path if imatrix else None, usable_cores(), pre
+                )
+            finally:
+                if pre is not None:
+                    pre.stop()
+            types = plan.types
+            tool_recipe = dataclasses.replace(recipe, qtype=gguf_auto.base_file_type(types, source), options={},
+                                              overrides=tuple((n, t) for n, t in types.items()))  # fmt: skip
+            measured: list[Future[Any]] = []
+
+            def check(dst: Path) -> None:
+                measured.append(bg.submit(lambda: gguf_auto.measure_kld(dst, base.result())))
+
+            t0 = time.time()
+            v = self._quantize(ckpt, tool_recipe, calib, out, inputs, after_tool=check)
+            record = plan.record()
+            record["seconds"]["llama_quantize"] = round(time.time() - t0, 2)
+            record["bytes"] = v.bytes
+            record["size_error"] = round(v.bytes / plan.target_bytes - 1, 6)
+            record["calibration_hash"] = calib.hash
+            t1 = time.time()
+            record["measured"] = measured[0].result()
+            record["seconds"]["measure_wait"] = round(time.time() - t1, 2)
         if abs(record["size_error"]) > 0.01:
             raise ToolError(f"{recipe.name}: the file is {v.bytes:,} bytes, not within 1% of the target "
                             f"{plan.target_bytes:,}")  # fmt: skip
@@ -221,7 +257,10 @@ class GGUFBackend(Backend):
         return v
 
     def _quantize(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path,
-                  inputs: tuple[Path, gguf_read.GGUFSummary, gguf_read.Imatrix | None] | None = None) -> Variant:  # fmt: skip
+                  inputs: tuple[Path, gguf_read.GGUFSummary, gguf_read.Imatrix | None] | None = None,
+                  after_tool: Callable[[Path], None] | None = None) -> Variant:  # fmt: skip
+        """llama-quantize `recipe` into `out`; `after_tool` is handed the written file before its
+        header is read back."""
         f16, source, imatrix = inputs or self._inputs(ckpt, recipe, calib)
         _check_space(out, source.tensor_bytes, recipe.qtype or "F16")
         dst = out / MODEL_FILE
@@ -232,6 +271,8 @@ class GGUFBackend(Backend):
             raise _quantize_error(recipe, log, dst)
         # Kept beside the model: llama-quantize's per-tensor decisions are the record of what it did.
         (out / LOG_FILE).write_text(log, encoding="utf-8")
+        if after_tool is not None:
+            after_tool(dst)
         reported = _QUANT_SIZE.search(log)
 
         got = gguf_read.summarize(dst, keys=_KEYS)

@@ -29,7 +29,7 @@ from orlik.quantize.backends import Calibration, common
 from orlik.quantize.recipe import Recipe
 from orlik.sysinfo import usable_cores
 
-METHOD = "fisher-diag+kind-probes-v5"  # bump when the estimate changes, so cached tables are recomputed
+METHOD = "fisher-diag+kind-probes-v6"  # bump when the estimate changes, so cached tables are recomputed
 # Candidates for rows that are multiples of 256, and the 32-block types for other widths (llama-quantize
 # would silently turn a K-quant there into one of these, so the allocator chooses among them itself).
 TYPES_256 = ("IQ2_XXS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
@@ -109,14 +109,18 @@ def imatrix_values(path: Path) -> dict[str, np.ndarray]:
 def _gguf_names(source: gguf_read.GGUFSummary, fisher_names: list[str]) -> dict[str, str]:
     """GGUF tensor name -> checkpoint tensor name, through gguf-py's own name map (the architecture
     from the summary's metadata, the block count from the tensor names)."""
-    import gguf
-
     key = "general.architecture"
     arch_name = source.metadata.get(key) or gguf_read.summarize(source.path, keys=(key,)).metadata.get(key)
+    return _name_map(arch_name, [t.name for t in source.tensors], fisher_names)
+
+
+def _name_map(arch_name: str | None, gguf_names: list[str], fisher_names: list[str]) -> dict[str, str]:
+    import gguf
+
     arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch_name)
     if arch is None:
         raise InputError(f"auto does not know GGUF architecture {arch_name!r}")
-    blocks = [int(m.group(1)) for t in source.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))]
+    blocks = [int(m.group(1)) for n in gguf_names if (m := re.match(r"blk\.(\d+)\.", n))]
     tmap = gguf.get_tensor_name_map(arch, max(blocks, default=-1) + 1)
     out = {}
     for hf in fisher_names:
@@ -178,23 +182,62 @@ def _cache_key(ckpt: Checkpoint, calib: Calibration, imatrix: Path | None, setti
     return sha256_bytes(json.dumps(parts, sort_keys=True).encode())
 
 
+def _settings(recipe: Recipe, full: bool) -> dict[str, Any]:
+    return {**sensitivity.base_settings(recipe.options), "types": list(_types_option(recipe) or ()), "full": full,
+            "probe_types": list(probes.PROBE_TYPES)}  # fmt: skip
+
+
+def _table_path(ckpt: Checkpoint, calib: Calibration, imatrix: Path | None, settings: dict[str, Any]) -> Path:
+    return cache_root() / "sensitivity" / f"{_cache_key(ckpt, calib, imatrix, settings)}.json"
+
+
+def prequantize_early(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, f16: Path,
+                      imatrix: Path | None) -> probes.Prequantized | None:  # fmt: skip
+    """The probes' block matrices quantized ahead (probes.Prequantized) from the moment the recipe is
+    prepared, on the core that the F16 GGUF's header reads (about a second each, twice before the
+    plan) leave idle: their names and row lengths come from the imatrix, which llama-imatrix writes
+    for every block matrix, and the architecture from the F16 GGUF's first metadata pair. None when
+    the sensitivity table is cached, there are no probes, or either shortcut does not hold; the pass
+    then starts its own."""
+    settings = _settings(recipe, False)
+    if (
+        imatrix is None
+        or settings["probe_tokens"] <= 0
+        or _table_path(ckpt, calib, imatrix, settings).is_file()
+    ):
+        return None
+    arch = gguf_read.architecture(f16)
+    entries = gguf_read.read_imatrix(imatrix).entries
+    blocks = {n: ne0 for n, (ne0, nmat) in entries.items() if n.startswith("blk.") and nmat == 1}
+    if arch is None or not blocks:
+        return None
+    read = sensitivity.file_weights(ckpt)
+    try:
+        names = _name_map(arch, list(blocks), read.names)
+    except InputError:
+        return None
+    cands = {n: candidates(ne0, True, _types_option(recipe)) for n, ne0 in blocks.items()}
+    return probes.Prequantized(probes.plan(cands), names, read, imatrix_values(imatrix))
+
+
 def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, source: gguf_read.GGUFSummary,
-                      imatrix: Path | None, threads: int, full: bool = False) -> dict[str, Any]:  # fmt: skip
+                      imatrix: Path | None, threads: int, full: bool = False,
+                      pre: probes.Prequantized | None = None) -> dict[str, Any]:  # fmt: skip
     """{"tensors": {gguf name: {"ne": [...], "types": {type: estimated KLD}}}, "probes", "tokens",
-    "seconds"}, computed once per checkpoint, calibration set, imatrix and settings, then cached."""
-    o = recipe.options
-    settings = {**sensitivity.base_settings(o), "types": list(_types_option(recipe) or ()), "full": full,
-                "probe_types": list(probes.PROBE_TYPES)}  # fmt: skip
-    path = cache_root() / "sensitivity" / f"{_cache_key(ckpt, calib, imatrix, settings)}.json"
+    "seconds"}, computed once per checkpoint, calibration set, imatrix and settings, then cached.
+    `pre`: the probes' matrices already being quantized (prequantize_early); stopped here."""
+    settings = _settings(recipe, full)
+    path = _table_path(ckpt, calib, imatrix, settings)
     if (table := sensitivity.read_cached(path)) is not None:
+        if pre is not None:
+            pre.stop()
         return {**table, "cached": True, "cache": str(path)}
     t0 = time.time()
     imat = imatrix_values(imatrix) if imatrix else {}
     mats = allocatable(source)
     # The probes' matrices are quantized ahead on a spare core while torch and transformers import
     # and the calibration text is tokenized (probes.Prequantized).
-    pre = None
-    if settings["probe_tokens"] > 0:
+    if pre is None and settings["probe_tokens"] > 0:
         read = sensitivity.file_weights(ckpt)
         cands = {t.name: candidates(t.ne[0], t.name in imat, _types_option(recipe), full) for t in mats}
         pre = probes.Prequantized(probes.plan(cands), _gguf_names(source, read.names), read, imat)
@@ -259,7 +302,9 @@ def _tensor_costs(t: gguf_read.TensorInfo, w: np.ndarray, pairs: sensitivity.Pai
     w = w.reshape(-1, t.ne[0])
     if w.shape[0] != int(np.prod(t.ne[1:])):
         raise InputError(f"auto: {t.name} has shape {w.shape} in the checkpoint, {t.ne} in the GGUF")
-    rows, scale = sensitivity.sample_rows(pairs, w.shape[0], settings["rows"], settings["seed"])
+    rows, scale = sensitivity.sample_rows(
+        pairs, w.shape[0], settings["rows"], settings["seed"], settings["max_rows"]
+    )
     sub = w[rows]
     costs = {}
     for ty in candidates(t.ne[0], imat is not None, types, settings["full"]):
@@ -269,8 +314,9 @@ def _tensor_costs(t: gguf_read.TensorInfo, w: np.ndarray, pairs: sensitivity.Pai
 
 
 def plan(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, source: gguf_read.GGUFSummary,
-         imatrix: Path | None, threads: int) -> Plan:  # fmt: skip
-    """The per-tensor types for `recipe`'s target, or a one-line error when it cannot be met."""
+         imatrix: Path | None, threads: int, pre: probes.Prequantized | None = None) -> Plan:  # fmt: skip
+    """The per-tensor types for `recipe`'s target, or a one-line error when it cannot be met (`pre`:
+    see sensitivity_table)."""
     if calib.jsonl is None:
         raise InputError(
             f"recipe {recipe.name} measures sensitivity on the calibration set; pass --calib DIR"
@@ -288,7 +334,7 @@ def plan(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, source: gguf_read
     full = _types_option(recipe) is None and target < fixed + allocate.bounds(smallest(False))[0]
     budget = allocate.check_target(target, fixed, smallest(full), source.path.stat().st_size, "F16 GGUF")
     t1 = time.time()
-    table = sensitivity_table(ckpt, recipe, calib, source, imatrix, threads, full)
+    table = sensitivity_table(ckpt, recipe, calib, source, imatrix, threads, full, pre)
     t2 = time.time()
     costs = probes.calibrated(table)
     sol = allocate.solve({n: _options(mats[n], costs[n]) for n in mats}, budget)
@@ -335,11 +381,19 @@ _KLD = re.compile(r"Mean\s+KLD:\s+(-?[0-9.]+)\s+±\s+([0-9.]+)")
 _TOP = re.compile(r"Same top p:\s+([0-9.]+)\s+±")
 
 
-def measure_kld(
-    f16: Path, quant: Path, calib: Calibration, recipe: Recipe, ckpt_hash: str
-) -> dict[str, Any] | None:
-    """llama-perplexity --kl-divergence of `quant` against the F16 GGUF on the first calibration
-    tokens (the F16 logits cached beside the sensitivity table); None when measure_tokens is 0."""
+@dataclass(frozen=True)
+class KLDBase:
+    """The F16 logits a written file's KLD is measured against, and llama-perplexity's arguments."""
+
+    path: Path
+    tokens: int
+    args: tuple[str, ...]
+
+
+def kld_base(f16: Path, calib: Calibration, recipe: Recipe, ckpt_hash: str) -> KLDBase | None:
+    """The F16 GGUF's logits on the first `measure_tokens` calibration tokens, computed once per
+    checkpoint and calibration set and cached beside the sensitivity tables; None when
+    measure_tokens is 0. It needs only the F16 GGUF, so it can run while the types are planned."""
     n = int(recipe.options.get("measure_tokens", 1024))
     ctx = 512
     if n < ctx or calib.jsonl is None:
@@ -347,19 +401,31 @@ def measure_kld(
     work = cache_root() / "sensitivity" / f"kld-{sha256_bytes(f'{ckpt_hash}:{calib.hash}:{n}'.encode())[:24]}"
     work.mkdir(parents=True, exist_ok=True)
     text, base = work / "calibration.txt", work / "f16-logits.kld"
-    common_args = ["-c", str(ctx), "-b", str(ctx), "--chunks", str(n // ctx), "-t", str(usable_cores())]
+    common_args = ("-c", str(ctx), "-b", str(ctx), "--chunks", str(n // ctx), "-t", str(usable_cores()))
     if not base.is_file():
         texts = common.calibration_texts(calib, recipe, None)
         atomic_write_text(text, "\n\n".join(texts))
         tmp = work / f".f16-logits.{time.time_ns()}.partial"
-        rc, log = llamacpp.run_tool("llama-perplexity", ["-m", str(f16), "-f", str(text), *common_args,
-                                                         "--kl-divergence-base", str(tmp)])  # fmt: skip
-        if rc != 0 or not tmp.is_file():
-            raise ToolError(f"llama-perplexity (F16 logits) failed: {log.strip().splitlines()[-1:]}")
-        tmp.rename(base)
+        try:
+            rc, log = llamacpp.run_tool("llama-perplexity", ["-m", str(f16), "-f", str(text), *common_args,
+                                                             "--kl-divergence-base", str(tmp)])  # fmt: skip
+            if rc != 0 or not tmp.is_file():
+                raise ToolError(f"llama-perplexity (F16 logits) failed: {log.strip().splitlines()[-1:]}")
+            tmp.rename(base)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return KLDBase(base, n, common_args)
+
+
+def measure_kld(quant: Path, base: KLDBase | None) -> dict[str, Any] | None:
+    """llama-perplexity --kl-divergence of `quant` against the F16 logits `base` (kld_base); None
+    without them."""
+    if base is None:
+        return None
+    n, common_args = base.tokens, list(base.args)
     for _ in range(5):  # llama.cpp's logger can drop its last lines on a busy machine; rerun then
         rc, log = llamacpp.run_tool("llama-perplexity", ["-m", str(quant), *common_args, "--kl-divergence-base",
-                                                         str(base), "--kl-divergence"])  # fmt: skip
+                                                         str(base.path), "--kl-divergence"])  # fmt: skip
         k, top = _KLD.search(log), _TOP.search(log)
         if rc == 0 and k:
             return {"kld": float(k.group(1)), "kld_err": float(k.group(2)), "same_top_p": float(top.group(1)) / 100

@@ -106,7 +106,7 @@ class MLXBackend(Backend):
     formats = ("mlx",)
     # sens_*: the sensitivity pass of mlx-auto (mlx_auto.py).
     options = {"calib_samples": int, "calib_seq_len": int, "embed_bits": int, "method": str, "seed": int,
-               "sens_tokens": int, "sens_seq_len": int, "sens_rows": float, "probe_tokens": int,
+               "sens_tokens": int, "sens_seq_len": int, "sens_rows": float, "sens_max_rows": int, "probe_tokens": int,
                "probe_seq_len": int, "sens_dtype": str}  # fmt: skip
 
     @classmethod

@@ -24,7 +24,7 @@ from orlik.quantize.backends import Calibration, common
 from orlik.quantize.recipe import Recipe
 from orlik.sysinfo import usable_cores
 
-METHOD = "fisher-diag+kind-probes-v3"
+METHOD = "fisher-diag+kind-probes-v4"
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
 DEFAULT_GROUP = 32  # mlx-lm skips layers whose width its default group does not divide: take the finest
@@ -132,7 +132,9 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, thre
         pairs = fis.weights.get(m.path + ".weight")
         if pairs is None:
             raise InputError(f"mlx-auto: no sensitivity for {m.path} (not a Linear or Embedding layer)")
-        rows, scale = sensitivity.sample_rows(pairs, m.rows, settings["rows"], settings["seed"])
+        rows, scale = sensitivity.sample_rows(
+            pairs, m.rows, settings["rows"], settings["seed"], settings["max_rows"]
+        )
         return m.path, _costs(read(m.path + ".weight"), pairs, rows, scale)
 
     # One thread: MLX evaluates lazily on its own stream, and its CPU kernels are already parallel.
