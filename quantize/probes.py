@@ -184,31 +184,39 @@ class Prequantized:
     """The layer-split probes' matrices quantized ahead, on one background thread, from the
     checkpoint's files (`read`: parameter name -> float32 array or None), while the main thread is
     busy with single-threaded work (importing torch and transformers, tokenizing, loading the
-    model) or work that leaves a core idle. `pause`/`resume` hold it off phases that would compete
-    for the cores (OpenMP matmuls); `stop` drops what it has not started, which the probes then
+    model) or work that leaves a core idle; then the rows of the untied output head `head` (format's
+    name) that its probes take (measure). `pause`/`resume` hold it off phases that would compete for
+    the cores (OpenMP matmuls); `stop` drops what it has not started, which the probes then
     quantize themselves. A result is used only if the loaded model holds the same weights."""
 
     def __init__(self, probes_: list[Probe], names: dict[str, str], read: Callable[[str], np.ndarray | None],
-                 imat: dict[str, np.ndarray], fmt: Format = GGUF) -> None:  # fmt: skip
+                 imat: dict[str, np.ndarray], fmt: Format = GGUF, head: str | None = None) -> None:  # fmt: skip
         import threading
 
         self._gate = threading.Event()
         self._gate.set()
-        self._jobs: dict[tuple[str, str], Any] = {}
+        self._jobs: dict[tuple[str, str, int, int], Any] = {}  # (parameter, encoding, first row, row step)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="orlik-prequantize")
         self._fmt = fmt
         if fmt.quantize is None or fmt.dequantize is None:
             return
-        for pr in probes_:
-            if not pr.split:
-                continue
-            for g, ty in pr.chosen.items():
-                if g in names:
-                    self._jobs[(names[g], ty)] = self._pool.submit(self._one, read, names[g], ty, imat.get(g))
+        every = HEAD_EVERY * len(fmt.types)
+        jobs = [
+            (names[g], ty, 0, 1, imat.get(g))
+            for pr in probes_
+            if pr.split
+            for g, ty in pr.chosen.items()
+            if g in names
+        ]
+        jobs += [(names[g], ty, pr.index, every, imat.get(g)) for pr in probes_ if not pr.split
+                 for g, ty in pr.chosen.items() if g == head and g in names]  # fmt: skip
+        for name, ty, first, step, im in jobs:
+            self._jobs[(name, ty, first, step)] = self._pool.submit(
+                self._one, read, name, ty, first, step, im
+            )
 
-    def _one(
-        self, read: Callable[[str], np.ndarray | None], name: str, ty: str, im: np.ndarray | None
-    ) -> Any:
+    def _one(self, read: Callable[[str], np.ndarray | None], name: str, ty: str, first: int, step: int,
+             im: np.ndarray | None) -> Any:  # fmt: skip
         self._gate.wait()
         try:
             w = read(name)
@@ -216,7 +224,7 @@ class Prequantized:
             return None
         if w is None:
             return None
-        w2 = w.reshape(-1, w.shape[-1])
+        w2 = np.ascontiguousarray(w.reshape(-1, w.shape[-1])[first::step])
         return self._fmt.quantize(ty, w2, im, 1), w2.shape, _sample_rows(w2)  # type: ignore[misc]
 
     def pause(self) -> None:
@@ -231,10 +239,15 @@ class Prequantized:
         self._gate.set()
         self._pool.shutdown(wait=False)
 
-    def get(self, name: str, ty: str, w2: np.ndarray) -> np.ndarray | None:
-        """Parameter `name` (whose weights are `w2` as rows) quantized to `ty` and read back, or None
-        when it was not quantized ahead (or not from these weights)."""
-        f = self._jobs.get((name, ty))
+    def get(self, name: str, ty: str, w2: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray | None:
+        """Parameter `name`'s `rows` (all when None; whose weights are `w2`) quantized to `ty` and read
+        back, or None when they were not quantized ahead (or not from these weights)."""
+        first, step = (
+            (0, 1) if rows is None else (int(rows[0]), int(rows[1] - rows[0]) if len(rows) > 1 else 1)
+        )
+        if rows is not None and not np.array_equal(rows, np.arange(first, first + step * len(rows), step)):
+            return None
+        f = self._jobs.get((name, ty, first, step))
         if f is None or f.cancelled() or (not f.done() and f.cancel()):
             return None
         got = f.result()
@@ -351,7 +364,9 @@ def _probe(model: Any, x: Any, head: Head, params: dict[str, Param], threads: in
         else:
             q = w2.copy()
             pick = rows if rows is not None else used
-            q[pick] = fmt.roundtrip(ty, np.ascontiguousarray(w2[pick]), im, inner)
+            sub = np.ascontiguousarray(w2[pick])
+            got = pre.get(name, ty, sub, rows) if pre is not None and rows is not None else None
+            q[pick] = fmt.roundtrip(ty, sub, im, inner) if got is None else got
             err2 = np.square(q[pick] - w2[pick])
         exact = None
         if name in pairs and used is None:

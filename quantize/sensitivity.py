@@ -278,6 +278,7 @@ def file_weights(ckpt: Checkpoint) -> Any:
         return raw.astype(np.float32).reshape(span.shape)
 
     read.names = list(spans)  # type: ignore[attr-defined]
+    read.shapes = {n: tuple(s.shape) for n, s in spans.items()}  # type: ignore[attr-defined]
     return read
 
 

@@ -260,8 +260,10 @@ def test_probes_quantized_ahead_from_the_files_equal_the_probes_own(dtype: str, 
     assert np.array_equal(read("model.layers.1.mlp.down_proj.weight"),
                           model.model.layers[1].mlp.down_proj.weight.detach().numpy())  # fmt: skip
     assert read("no.such.tensor") is None
-    names = {n.removesuffix(".weight"): n for n, _ in model.named_parameters() if "proj" in n}
+    names = {n.removesuffix(".weight"): n for n, _ in model.named_parameters() if "proj" in n or "lm_head" in n}
     costs = {g: {"Q2_K": 1.0, "Q4_K": 0.1} for g in names}
+    fis = sensitivity.fisher(model, torch.randint(0, 512, (1, 64)).tolist(), seed=0, dtype="float32")
+    pairs = {g: fis.weights[n] for g, n in names.items()}
     sizes = {g: model.get_parameter(n).numel() for g, n in names.items()}
     calls = []
 
@@ -272,14 +274,20 @@ def test_probes_quantized_ahead_from_the_files_equal_the_probes_own(dtype: str, 
     fmt = probes.Format(probes.layer_kind, probes.GGUF.bpw, roundtrip, probes.PROBE_TYPES,
                         probes.GGUF.quantize, probes.GGUF.dequantize)  # fmt: skip
     x = torch.randint(0, 512, (1, 64)).tolist()
-    pre = probes.Prequantized(probes.plan(costs, fmt), names, read, {}, fmt)
+    pre = probes.Prequantized(probes.plan(costs, fmt), names, read, {}, fmt, head="lm_head")
     for f in pre._jobs.values():
-        f.result()  # all done before the probes start: every matrix comes from `pre`
-    ahead = probes.measure(model, x, names, costs, sizes, {}, threads=2, fmt=fmt, pre=pre)
-    assert calls == [] and len(pre._jobs) == 2 * len(model.model.layers) * 7 // 2
-    own = probes.measure(model, x, names, costs, sizes, {}, threads=2, fmt=fmt)
+        f.result()  # all done before the probes start: every matrix and the head's rows come from `pre`
+    ahead = probes.measure(model, x, names, costs, sizes, {}, threads=2, fmt=fmt, pairs=pairs, pre=pre)
+    assert calls == [] and len(pre._jobs) == 2 * len(model.model.layers) * 7 // 2 + 2
+    assert [p["rows"] for p in ahead["kinds"]["lm_head"]] == ["0::4", "1::4"]
+    own = probes.measure(model, x, names, costs, sizes, {}, threads=2, fmt=fmt, pairs=pairs)
     assert ahead["kinds"] == own["kinds"] and len(calls) == len(pre._jobs)
     # weights that are not the file's: not taken from it
     w = model.model.layers[0].mlp.down_proj.weight.detach().numpy()
-    key = next(k for k in pre._jobs if k[0] == "model.layers.0.mlp.down_proj.weight")
-    assert pre.get(*key, w) is not None and pre.get(*key, w + 1e-3) is None
+    assert pre.get("model.layers.0.mlp.down_proj.weight", "Q2_K", w) is not None
+    assert pre.get("model.layers.0.mlp.down_proj.weight", "Q2_K", w + 1e-3) is None
+    head = model.lm_head.weight.detach().numpy()
+    rows = np.arange(1, head.shape[0], 4)
+    assert pre.get("lm_head.weight", "Q4_K", head[rows], rows) is not None
+    assert pre.get("lm_head.weight", "Q4_K", head[rows[:-1]], rows[:-1]) is None  # rows it did not quantize
+    assert pre.get("lm_head.weight", "Q2_K", head[rows], rows) is None

@@ -217,7 +217,20 @@ def prequantize_early(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, f16:
     except InputError:
         return None
     cands = {n: candidates(ne0, True, _types_option(recipe)) for n, ne0 in blocks.items()}
-    return probes.Prequantized(probes.plan(cands), names, read, imatrix_values(imatrix))
+    head = _untied_head(ckpt, names)
+    if head is not None and len(shape := read.shapes[names[head]]) == 2:
+        cands[head] = candidates(shape[-1], False, _types_option(recipe))
+    return probes.Prequantized(probes.plan(cands), names, read, imatrix_values(imatrix), head=head)
+
+
+def _untied_head(ckpt: Checkpoint, names: dict[str, str]) -> str | None:
+    """`output.weight` when the checkpoint keeps an output head of its own (not tied to the
+    embedding), whose probes take rows (probes.measure)."""
+    return (
+        "output.weight"
+        if "output.weight" in names and ckpt.config.get("tie_word_embeddings") is not True
+        else None
+    )
 
 
 def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, source: gguf_read.GGUFSummary,
@@ -240,7 +253,8 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, sour
     if pre is None and settings["probe_tokens"] > 0:
         read = sensitivity.file_weights(ckpt)
         cands = {t.name: candidates(t.ne[0], t.name in imat, _types_option(recipe), full) for t in mats}
-        pre = probes.Prequantized(probes.plan(cands), _gguf_names(source, read.names), read, imat)
+        names = _gguf_names(source, read.names)
+        pre = probes.Prequantized(probes.plan(cands), names, read, imat, head=_untied_head(ckpt, names))
     try:
         texts = common.calibration_texts(calib, recipe, None)
         fis_windows, probe_windows = sensitivity.split_windows(ckpt, texts, fisher_tokens=settings["tokens"],
