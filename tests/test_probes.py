@@ -165,8 +165,11 @@ def test_probes_score_the_second_half_of_each_window_as_llama_perplexity_does(mo
         quant = model(input_ids=x).logits
         model.get_parameter(name).copy_(w0)
     p = torch.softmax(full[:, 32:63].double(), -1)
-    want = (p * (torch.log_softmax(full[:, 32:63].double(), -1) - torch.log_softmax(quant[:, 32:63].double(), -1)))
+    want = p * (
+        torch.log_softmax(full[:, 32:63].double(), -1) - torch.log_softmax(quant[:, 32:63].double(), -1)
+    )
     assert real == pytest.approx(float(want.sum(-1).mean()), rel=1e-3) and real > 0
+
     # a model whose forward takes no logits_to_keep gets the same positions from its whole logits
     class Plain(torch.nn.Module):
         def __init__(self) -> None:
@@ -260,7 +263,9 @@ def test_probes_quantized_ahead_from_the_files_equal_the_probes_own(dtype: str, 
     assert np.array_equal(read("model.layers.1.mlp.down_proj.weight"),
                           model.model.layers[1].mlp.down_proj.weight.detach().numpy())  # fmt: skip
     assert read("no.such.tensor") is None
-    names = {n.removesuffix(".weight"): n for n, _ in model.named_parameters() if "proj" in n or "lm_head" in n}
+    names = {
+        n.removesuffix(".weight"): n for n, _ in model.named_parameters() if "proj" in n or "lm_head" in n
+    }
     costs = {g: {"Q2_K": 1.0, "Q4_K": 0.1} for g in names}
     fis = sensitivity.fisher(model, torch.randint(0, 512, (1, 64)).tolist(), seed=0, dtype="float32")
     pairs = {g: fis.weights[n] for g, n in names.items()}
