@@ -140,6 +140,23 @@ def test_probes_split_layers_and_head_rows_between_the_probe_types(monkeypatch) 
     assert pairs == [[("0", "Q2_K"), ("0", "Q2_K")], [("1", "Q4_K"), ("1", "Q4_K")]]
     for p in down + headp + qk:  # exact estimates, not the table's 1.0 / 0.1
         assert p["estimated"] not in (1.0, 0.1) and p["real"] > 0 and p["ratio"] > 0
+    # each matrix quantized whole reports the Fisher estimate of all its rows at its probe type ...
+    assert set(out["matrices"]) == set(names) - {"lm_head"}
+    m = out["matrices"]["model.layers.0.mlp.down_proj"]
+    w = model.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    from orlik.quantize import ggml_quants
+
+    err2 = (ggml_quants.roundtrip("Q2_K", w, None) - w).astype(np.float64) ** 2
+    rows = np.arange(w.shape[0])
+    want = sensitivity.weighted_error(fis.weights[names["model.layers.0.mlp.down_proj"]], rows, np.ones(len(rows)), err2)
+    assert m["type"] == "Q2_K" and m["estimated"] == pytest.approx(want, rel=1e-5)
+    # ... which replaces the sampled estimate there and scales its other types by the same factor
+    fixed = probes.row_corrected(costs, out)
+    for g, m in out["matrices"].items():
+        other = next(t for t in costs[g] if t != m["type"])
+        assert fixed[g][m["type"]] == pytest.approx(m["estimated"])
+        assert fixed[g][other] == pytest.approx(costs[g][other] * m["estimated"] / costs[g][m["type"]])
+    assert fixed["lm_head"] == costs["lm_head"]  # probed on some rows: kept as sampled
 
 
 def test_probes_score_the_second_half_of_each_window_as_llama_perplexity_does(monkeypatch) -> None:

@@ -234,8 +234,10 @@ class GGUFBackend(Backend):
                                               overrides=tuple((n, t) for n, t in types.items()))  # fmt: skip
             measured: list[Future[Any]] = []
 
-            def check(dst: Path) -> None:
-                measured.append(bg.submit(lambda: gguf_auto.measure_kld(dst, base.result())))
+            def check(dst: Path) -> None:  # on a core the header read-back leaves free
+                measured.append(
+                    bg.submit(lambda: gguf_auto.measure_kld(dst, base.result(), max(1, usable_cores() - 1)))
+                )
 
             t0 = time.time()
             v = self._quantize(ckpt, tool_recipe, calib, out, inputs, after_tool=check)

@@ -257,10 +257,11 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, sour
         pre = probes.Prequantized(probes.plan(cands), names, read, imat, head=_untied_head(ckpt, names))
     try:
         texts = common.calibration_texts(calib, recipe, None)
-        fis_windows, probe_windows = sensitivity.split_windows(ckpt, texts, fisher_tokens=settings["tokens"],
-                                                               probe_tokens=settings["probe_tokens"], seq_len=settings["seq_len"],
-                                                               probe_seq_len=settings["probe_seq_len"])  # fmt: skip
-        model = sensitivity.load_model(ckpt, threads)
+        with sensitivity.collector_paused():
+            fis_windows, probe_windows = sensitivity.split_windows(ckpt, texts, fisher_tokens=settings["tokens"],
+                                                                   probe_tokens=settings["probe_tokens"], seq_len=settings["seq_len"],
+                                                                   probe_seq_len=settings["probe_seq_len"])  # fmt: skip
+            model = sensitivity.load_model(ckpt, threads)
         if pre is not None:
             pre.pause()  # the Fisher pass's matmuls want both cores
         fis = sensitivity.fisher(model, fis_windows, seed=settings["seed"], dtype=settings["dtype"])
@@ -317,7 +318,7 @@ def _tensor_costs(t: gguf_read.TensorInfo, w: np.ndarray, pairs: sensitivity.Pai
     if w.shape[0] != int(np.prod(t.ne[1:])):
         raise InputError(f"auto: {t.name} has shape {w.shape} in the checkpoint, {t.ne} in the GGUF")
     rows, scale = sensitivity.sample_rows(
-        pairs, w.shape[0], settings["rows"], settings["seed"], settings["max_rows"]
+        pairs, w.shape[0], settings["rows"], settings["seed"], settings["max_rows"], settings["min_rows"]
     )
     sub = w[rows]
     costs = {}
@@ -373,7 +374,8 @@ def estimate(table: dict[str, Any], types: dict[str, str], calibrate: bool = Tru
     """The estimated KLD of any typing of the tensors (e.g. a stock file type), scaled by the probes
     unless `calibrate` is False; None if a type was not measured."""
     total = 0.0
-    costs = probes.calibrated(table) if calibrate else {n: r["types"] for n, r in table["tensors"].items()}
+    raw = {n: r["types"] for n, r in table["tensors"].items()}
+    costs = probes.calibrated(table) if calibrate else probes.row_corrected(raw, table.get("probes"))
     for name, row in costs.items():
         cost = row.get(types.get(name, ""))
         if cost is None:
@@ -415,14 +417,14 @@ def kld_base(f16: Path, calib: Calibration, recipe: Recipe, ckpt_hash: str) -> K
     work = cache_root() / "sensitivity" / f"kld-{sha256_bytes(f'{ckpt_hash}:{calib.hash}:{n}'.encode())[:24]}"
     work.mkdir(parents=True, exist_ok=True)
     text, base = work / "calibration.txt", work / "f16-logits.kld"
-    common_args = ("-c", str(ctx), "-b", str(ctx), "--chunks", str(n // ctx), "-t", str(usable_cores()))
+    common_args = ("-c", str(ctx), "-b", str(ctx), "--chunks", str(n // ctx))
     if not base.is_file():
         texts = common.calibration_texts(calib, recipe, None)
         atomic_write_text(text, "\n\n".join(texts))
         tmp = work / f".f16-logits.{time.time_ns()}.partial"
         try:
-            rc, log = llamacpp.run_tool("llama-perplexity", ["-m", str(f16), "-f", str(text), *common_args,
-                                                             "--kl-divergence-base", str(tmp)])  # fmt: skip
+            rc, log = llamacpp.run_tool("llama-perplexity", ["-m", str(f16), "-f", str(text), *common_args, "-t",
+                                                             str(usable_cores()), "--kl-divergence-base", str(tmp)])  # fmt: skip
             if rc != 0 or not tmp.is_file():
                 raise ToolError(f"llama-perplexity (F16 logits) failed: {log.strip().splitlines()[-1:]}")
             tmp.rename(base)
@@ -431,12 +433,12 @@ def kld_base(f16: Path, calib: Calibration, recipe: Recipe, ckpt_hash: str) -> K
     return KLDBase(base, n, common_args)
 
 
-def measure_kld(quant: Path, base: KLDBase | None) -> dict[str, Any] | None:
-    """llama-perplexity --kl-divergence of `quant` against the F16 logits `base` (kld_base); None
-    without them."""
+def measure_kld(quant: Path, base: KLDBase | None, threads: int | None = None) -> dict[str, Any] | None:
+    """llama-perplexity --kl-divergence of `quant` against the F16 logits `base` (kld_base), on
+    `threads` threads (default: all usable cores); None without them."""
     if base is None:
         return None
-    n, common_args = base.tokens, list(base.args)
+    n, common_args = base.tokens, [*base.args, "-t", str(threads or usable_cores())]
     for _ in range(5):  # llama.cpp's logger can drop its last lines on a busy machine; rerun then
         rc, log = llamacpp.run_tool("llama-perplexity", ["-m", str(quant), *common_args, "--kl-divergence-base",
                                                          str(base.path), "--kl-divergence"])  # fmt: skip

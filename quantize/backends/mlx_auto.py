@@ -120,10 +120,11 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, thre
         return {**table, "cached": True}
     t0 = time.time()
     texts = common.calibration_texts(calib, recipe, None)
-    windows, probe_windows = sensitivity.split_windows(ckpt, texts, fisher_tokens=settings["tokens"],
-                                                       probe_tokens=settings["probe_tokens"], seq_len=settings["seq_len"],
-                                                       probe_seq_len=settings["probe_seq_len"])  # fmt: skip
-    model = sensitivity.load_model(ckpt, threads)
+    with sensitivity.collector_paused():
+        windows, probe_windows = sensitivity.split_windows(ckpt, texts, fisher_tokens=settings["tokens"],
+                                                           probe_tokens=settings["probe_tokens"], seq_len=settings["seq_len"],
+                                                           probe_seq_len=settings["probe_seq_len"])  # fmt: skip
+        model = sensitivity.load_model(ckpt, threads)
     fis = sensitivity.fisher(model, windows, seed=settings["seed"], dtype=settings["dtype"])
     read = sensitivity.weight_reader(model)
     mats, _, _ = layers(ckpt)
@@ -133,7 +134,7 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, thre
         if pairs is None:
             raise InputError(f"mlx-auto: no sensitivity for {m.path} (not a Linear or Embedding layer)")
         rows, scale = sensitivity.sample_rows(
-            pairs, m.rows, settings["rows"], settings["seed"], settings["max_rows"]
+            pairs, m.rows, settings["rows"], settings["seed"], settings["max_rows"], settings["min_rows"]
         )
         return m.path, _costs(read(m.path + ".weight"), pairs, rows, scale)
 
@@ -170,7 +171,8 @@ def plan(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, threads: int) -> 
     table = sensitivity_table(ckpt, recipe, calib, threads)
     costs = probes.scaled(table["layers"], table.get("probes"), FORMAT)
     sol = allocate.solve({p: opts(shapes[p], c) for p, c in costs.items()}, budget)
-    fisher_only = sum(table["layers"][p][o.kind] for p, o in sol.choice.items())
+    fisher = probes.row_corrected(table["layers"], table.get("probes"))
+    fisher_only = sum(fisher[p][o.kind] for p, o in sol.choice.items())
     progress.info(
         f"mlx-auto: {len(mats)} layers, estimated KLD {sol.cost:.4g}, {8 * (fixed + sol.bytes) / params:.3f} bpw"
     )
