@@ -49,10 +49,6 @@ for _command in (train, data, calibrate, quantize, bench, recommend, inspect, se
 def main(argv: list[str] | None = None) -> None:
     # orlik draws its own progress; transformers' per-load tqdm bars ("Loading weights") are noise here.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # PyTorch's CPU allocator madvises its allocations of 2 MiB and up for transparent huge pages
-    # (read once, at its first allocation). The sensitivity pass's vocabulary-wide temporaries then
-    # fault in 2 MiB at a time, not 4 KiB: on a 112M llama its Fisher pass took 6.0 s, not 7.5 s.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
         cli.main(args=argv, prog_name="orlik", standalone_mode=False)
     except OrlikError as e:

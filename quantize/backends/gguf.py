@@ -219,7 +219,8 @@ class GGUFBackend(Backend):
         f16 = f16_gguf(ckpt)
         pre = self._early.pop((ckpt.hash, str(calib.imatrix)), None)
         with ThreadPoolExecutor(1, thread_name_prefix="orlik-kld") as bg:
-            base = bg.submit(gguf_auto.kld_base, f16, calib, recipe, ckpt.hash)
+            # beside the header read and the sensitivity pass's own threads: one thread, not all cores
+            base = bg.submit(gguf_auto.kld_base, f16, calib, recipe, ckpt.hash, max(1, usable_cores() - 1))
             inputs = self._inputs(ckpt, recipe, calib)
             _, source, imatrix = inputs
             try:

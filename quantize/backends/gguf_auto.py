@@ -406,10 +406,11 @@ class KLDBase:
     args: tuple[str, ...]
 
 
-def kld_base(f16: Path, calib: Calibration, recipe: Recipe, ckpt_hash: str) -> KLDBase | None:
-    """The F16 GGUF's logits on the first `measure_tokens` calibration tokens, computed once per
-    checkpoint and calibration set and cached beside the sensitivity tables; None when
-    measure_tokens is 0. It needs only the F16 GGUF, so it can run while the types are planned."""
+def kld_base(f16: Path, calib: Calibration, recipe: Recipe, ckpt_hash: str, threads: int | None = None) -> KLDBase | None:  # fmt: skip
+    """The F16 GGUF's logits on the first `measure_tokens` calibration tokens (llama-perplexity on
+    `threads` threads, default all usable cores), computed once per checkpoint and calibration set
+    and cached beside the sensitivity tables; None when measure_tokens is 0. It needs only the F16
+    GGUF, so it can run while the types are planned."""
     n = int(recipe.options.get("measure_tokens", 1024))
     ctx = 512
     if n < ctx or calib.jsonl is None:
@@ -424,7 +425,7 @@ def kld_base(f16: Path, calib: Calibration, recipe: Recipe, ckpt_hash: str) -> K
         tmp = work / f".f16-logits.{time.time_ns()}.partial"
         try:
             rc, log = llamacpp.run_tool("llama-perplexity", ["-m", str(f16), "-f", str(text), *common_args, "-t",
-                                                             str(usable_cores()), "--kl-divergence-base", str(tmp)])  # fmt: skip
+                                                             str(threads or usable_cores()), "--kl-divergence-base", str(tmp)])  # fmt: skip
             if rc != 0 or not tmp.is_file():
                 raise ToolError(f"llama-perplexity (F16 logits) failed: {log.strip().splitlines()[-1:]}")
             tmp.rename(base)
