@@ -80,12 +80,12 @@ class GGUFBackend(Backend):
     name = "gguf"
     formats = ("gguf",)
     # Read by the auto recipes (gguf_auto.py): calibration tokens and window of the sensitivity pass,
-    # fraction of rows whose error is measured (and at most how many), sampling seed, comma-separated candidate types, and
-    # calibration tokens on which the result's real KLD is measured (0: not measured), calibration
-    # tokens and window of the per-kind KLD probes that calibrate the estimate (quantize/probes.py;
-    # 0 tokens: none), and the Fisher pass's matmul dtype (auto, float32, bfloat16).
-    options = {"sens_tokens": int, "sens_seq_len": int, "sens_rows": float, "sens_max_rows": int, "seed": int, "types": str,
-               "measure_tokens": int, "probe_tokens": int, "probe_seq_len": int, "sens_dtype": str}  # fmt: skip
+    # fraction of rows whose error is measured (and at most how many), sampling seed, comma-separated
+    # candidate types, and calibration tokens on which the result's real KLD is measured (0: not
+    # measured), calibration tokens and window of the per-kind KLD probes that calibrate the estimate
+    # (quantize/probes.py; 0 tokens: none), and the Fisher pass's matmul dtype (auto, float32, bfloat16).
+    options = {"sens_tokens": int, "sens_seq_len": int, "sens_rows": float, "sens_max_rows": int, "seed": int,
+               "types": str, "measure_tokens": int, "probe_tokens": int, "probe_seq_len": int, "sens_dtype": str}  # fmt: skip
 
     @classmethod
     def options_for(cls, recipe: Recipe) -> dict[str, type]:
