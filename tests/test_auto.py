@@ -3,6 +3,7 @@ what llama-quantize accepts, the sensitivity cache, and the one-line refusals.""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -335,3 +336,76 @@ def test_pareto_plot_marks_auto_and_draws_both_fronts(tmp_path: Path, monkeypatc
     import matplotlib.pyplot as plt
 
     plt.close(seen["fig"])
+
+
+def test_probe_matrices_are_quantized_from_prepare_on(
+    tiny_checkpoint: Path, tiny_calibration: Path, tiny_imatrix: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """prepare() starts quantizing the probes' matrices before the F16 GGUF's header is parsed (block
+    matrices from the imatrix, the architecture from the file's first metadata pair), and the
+    build's probes take every one of them from it."""
+    import struct
+
+    from orlik import gguf_read
+    from orlik.checkpoint import Checkpoint
+    from orlik.gguf_convert import f16_gguf
+    from orlik.quantize import probes, run
+    from orlik.quantize.recipe import Recipe
+
+    ckpt = Checkpoint.open(tiny_checkpoint)
+    assert gguf_read.architecture(f16_gguf(ckpt)) == "llama"
+    (tmp_path / "short.gguf").write_bytes(b"GGUF" + bytes(8))
+    (tmp_path / "text.gguf").write_text("general.architecture llama")
+
+    def kv(key: str, vtype: int, value: bytes) -> bytes:
+        return struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", vtype) + value
+
+    array = struct.pack("<IQ", 4, 2) + bytes(8)  # two uint32 before the architecture: not skipped over
+    name = struct.pack("<Q", 5) + b"llama"
+    head = b"GGUF" + struct.pack("<IQQ", 3, 0, 2)
+    (tmp_path / "array-first.gguf").write_bytes(
+        head + kv("a.list", 9, array) + kv("general.architecture", 8, name)
+    )
+    (tmp_path / "scalar-first.gguf").write_bytes(
+        head + kv("a.n", 4, bytes(4)) + kv("general.architecture", 8, name)
+    )
+    got = {p.name: gguf_read.architecture(p) for p in sorted(tmp_path.glob("*.gguf"))}
+    assert got == {
+        "array-first.gguf": None,
+        "scalar-first.gguf": "llama",
+        "short.gguf": None,
+        "text.gguf": None,
+    }
+    assert gguf_read.architecture(tmp_path / "missing.gguf") is None
+
+    started: list[probes.Prequantized] = []
+    taken: list[bool] = []
+    init, get = probes.Prequantized.__init__, probes.Prequantized.get
+
+    def record_init(self, *a, **k) -> None:
+        init(self, *a, **k)
+        started.append(self)
+
+    def record_get(self, name, ty, w2, rows=None):
+        out = get(self, name, ty, w2, rows)
+        key = (name, ty, 0, 1) if rows is None else (name, ty, int(rows[0]), int(rows[1] - rows[0]))
+        taken.append((out is not None, self._jobs[key].cancelled()))
+        return out
+
+    monkeypatch.setattr(probes.Prequantized, "__init__", record_init)
+    monkeypatch.setattr(probes.Prequantized, "get", record_get)
+    r = Recipe.from_name("auto-like-Q3_K_M")
+    fast = {k: int(v) for k, v in (o.split("=") for o in FAST[1::2])}
+    recipe = dataclasses.replace(
+        r, options={**r.options, **fast, "seed": int(tmp_path.stat().st_ino % 100000) + 7}
+    )
+    calib = run.calibration_for(tiny_calibration)
+    outcomes = run.quantize_all(tiny_checkpoint, [recipe], tmp_path / "v", calib=calib)
+    assert outcomes[0].status == "built", outcomes[0].reason
+    # one Prequantized, started by prepare(): 7 matrices per block; every probe quantization came from it
+    n_layers = int(ckpt.config["num_hidden_layers"])
+    assert len(started) == 1 and len([k for k in started[0]._jobs if k[3] == 1]) == 7 * n_layers
+    # the probes took every matrix it had quantized; only what it had not started when they began
+    # (on a model this small, how much that is depends on the machine) they quantized themselves
+    assert len(taken) == len(started[0]._jobs) and all(ok or cancelled for ok, cancelled in taken)
+    assert any(ok for ok, _ in taken)
