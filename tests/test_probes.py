@@ -148,7 +148,9 @@ def test_probes_split_layers_and_head_rows_between_the_probe_types(monkeypatch) 
 
     err2 = (ggml_quants.roundtrip("Q2_K", w, None) - w).astype(np.float64) ** 2
     rows = np.arange(w.shape[0])
-    want = sensitivity.weighted_error(fis.weights[names["model.layers.0.mlp.down_proj"]], rows, np.ones(len(rows)), err2)
+    want = sensitivity.weighted_error(
+        fis.weights[names["model.layers.0.mlp.down_proj"]], rows, np.ones(len(rows)), err2
+    )
     assert m["type"] == "Q2_K" and m["estimated"] == pytest.approx(want, rel=1e-5)
     # ... which replaces the sampled estimate there and scales its other types by the same factor
     fixed = probes.row_corrected(costs, out)
