@@ -151,6 +151,17 @@ def load_model(ckpt: Checkpoint, threads: int) -> Any:
     return model
 
 
+def windows_and_model(ckpt: Checkpoint, texts: list[str], settings: dict[str, Any],
+                      threads: int) -> tuple[list[list[int]], list[list[int]], Any]:  # fmt: skip
+    """The Fisher pass's and the probes' token windows of `texts` (split_windows, by the
+    base_settings `settings`) and the loaded model (load_model): what both auto backends start with,
+    the imports they need done with the collector paused."""
+    with collector_paused():
+        fis, pro = split_windows(ckpt, texts, fisher_tokens=settings["tokens"], probe_tokens=settings["probe_tokens"],
+                                 seq_len=settings["seq_len"], probe_seq_len=settings["probe_seq_len"])  # fmt: skip
+        return fis, pro, load_model(ckpt, threads)
+
+
 def fisher_dtype(name: str = "auto") -> Any:
     """The Fisher pass's matmul dtype for the sens_dtype option: float32 or bfloat16 as named;
     `auto`: bfloat16 where the CPU computes it natively (oneDNN's check: AVX512-BF16 or AMX), else

@@ -208,19 +208,19 @@ class GGUFBackend(Backend):
 
     def _quantize_auto(self, ckpt: Checkpoint, recipe: Recipe, calib: Calibration, out: Path) -> Variant:
         """Plan the per-tensor types, then run llama-quantize with every matrix overridden. The KLD
-        check runs beside the single-threaded steps: its F16 logits (gguf_auto.kld_base) while the
+        check runs beside the single-threaded steps: its F16 logits (gguf_check.kld_base) while the
         F16 GGUF's header is read, the written file's KLD while that file's header is read back."""
         import dataclasses
         import time
         from concurrent.futures import Future, ThreadPoolExecutor
 
-        from orlik.quantize.backends import gguf_auto
+        from orlik.quantize.backends import gguf_auto, gguf_check
 
         f16 = f16_gguf(ckpt)
         pre = self._early.pop((ckpt.hash, str(calib.imatrix)), None)
         with ThreadPoolExecutor(1, thread_name_prefix="orlik-kld") as bg:
             # beside the header read and the sensitivity pass's own threads: one thread, not all cores
-            base = bg.submit(gguf_auto.kld_base, f16, calib, recipe, ckpt.hash, max(1, usable_cores() - 1))
+            base = bg.submit(gguf_check.kld_base, f16, calib, recipe, ckpt.hash, max(1, usable_cores() - 1))
             inputs = self._inputs(ckpt, recipe, calib)
             _, source, imatrix = inputs
             try:
@@ -237,7 +237,7 @@ class GGUFBackend(Backend):
 
             def check(dst: Path) -> None:  # on a core the header read-back leaves free
                 measured.append(
-                    bg.submit(lambda: gguf_auto.measure_kld(dst, base.result(), max(1, usable_cores() - 1)))
+                    bg.submit(lambda: gguf_check.measure_kld(dst, base.result(), max(1, usable_cores() - 1)))
                 )
 
             t0 = time.time()

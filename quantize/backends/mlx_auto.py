@@ -120,11 +120,7 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, thre
         return {**table, "cached": True}
     t0 = time.time()
     texts = common.calibration_texts(calib, recipe, None)
-    with sensitivity.collector_paused():
-        windows, probe_windows = sensitivity.split_windows(ckpt, texts, fisher_tokens=settings["tokens"],
-                                                           probe_tokens=settings["probe_tokens"], seq_len=settings["seq_len"],
-                                                           probe_seq_len=settings["probe_seq_len"])  # fmt: skip
-        model = sensitivity.load_model(ckpt, threads)
+    windows, probe_windows, model = sensitivity.windows_and_model(ckpt, texts, settings, threads)
     fis = sensitivity.fisher(model, windows, seed=settings["seed"], dtype=settings["dtype"])
     read = sensitivity.weight_reader(model)
     mats, _, _ = layers(ckpt)
