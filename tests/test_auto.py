@@ -349,7 +349,7 @@ def test_probe_matrices_are_quantized_from_prepare_on(
     from orlik import gguf_read
     from orlik.checkpoint import Checkpoint
     from orlik.gguf_convert import f16_gguf
-    from orlik.quantize import probes, run
+    from orlik.quantize import prequantize, run
     from orlik.quantize.recipe import Recipe
 
     ckpt = Checkpoint.open(tiny_checkpoint)
@@ -378,9 +378,9 @@ def test_probe_matrices_are_quantized_from_prepare_on(
     }
     assert gguf_read.architecture(tmp_path / "missing.gguf") is None
 
-    started: list[probes.Prequantized] = []
+    started: list[prequantize.Prequantized] = []
     taken: list[bool] = []
-    init, get = probes.Prequantized.__init__, probes.Prequantized.get
+    init, get = prequantize.Prequantized.__init__, prequantize.Prequantized.get
 
     def record_init(self, *a, **k) -> None:
         init(self, *a, **k)
@@ -392,8 +392,8 @@ def test_probe_matrices_are_quantized_from_prepare_on(
         taken.append((out is not None, self._jobs[key].cancelled()))
         return out
 
-    monkeypatch.setattr(probes.Prequantized, "__init__", record_init)
-    monkeypatch.setattr(probes.Prequantized, "get", record_get)
+    monkeypatch.setattr(prequantize.Prequantized, "__init__", record_init)
+    monkeypatch.setattr(prequantize.Prequantized, "get", record_get)
     r = Recipe.from_name("auto-like-Q3_K_M")
     fast = {k: int(v) for k, v in (o.split("=") for o in FAST[1::2])}
     recipe = dataclasses.replace(

@@ -271,7 +271,7 @@ def test_probes_quantized_ahead_from_the_files_equal_the_probes_own(dtype: str, 
     import torch
     from safetensors.torch import save_file
 
-    from orlik.quantize import probes, sensitivity
+    from orlik.quantize import prequantize, probes, sensitivity
 
     model = _tiny_untied_llama(2)
     for p in model.parameters():  # weights the file's dtype holds exactly
@@ -298,7 +298,7 @@ def test_probes_quantized_ahead_from_the_files_equal_the_probes_own(dtype: str, 
     fmt = probes.Format(probes.layer_kind, probes.GGUF.bpw, roundtrip, probes.PROBE_TYPES,
                         probes.GGUF.quantize, probes.GGUF.dequantize)  # fmt: skip
     x = torch.randint(0, 512, (1, 64)).tolist()
-    pre = probes.Prequantized(probes.plan(costs, fmt), names, read, {}, fmt, head="lm_head")
+    pre = prequantize.Prequantized(probes.plan(costs, fmt), names, read, {}, fmt, head="lm_head")
     for f in pre._jobs.values():
         f.result()  # all done before the probes start: every matrix and the head's rows come from `pre`
     ahead = probes.measure(model, x, names, costs, sizes, {}, threads=2, fmt=fmt, pairs=pairs, pre=pre)

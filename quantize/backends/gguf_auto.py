@@ -24,7 +24,7 @@ from orlik import gguf_read, llamacpp, progress
 from orlik.checkpoint import Checkpoint
 from orlik.errors import InputError, ToolError
 from orlik.fsutil import atomic_write_text, cache_root, sha256_bytes
-from orlik.quantize import allocate, ggml_quants, probes, sensitivity
+from orlik.quantize import allocate, ggml_quants, prequantize, probes, sensitivity
 from orlik.quantize.backends import Calibration, common
 from orlik.quantize.recipe import Recipe
 
@@ -191,8 +191,8 @@ def _table_path(ckpt: Checkpoint, calib: Calibration, imatrix: Path | None, sett
 
 
 def prequantize_early(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, f16: Path,
-                      imatrix: Path | None) -> probes.Prequantized | None:  # fmt: skip
-    """The probes' block matrices quantized ahead (probes.Prequantized) from the moment the recipe is
+                      imatrix: Path | None) -> prequantize.Prequantized | None:  # fmt: skip
+    """The probes' block matrices quantized ahead (prequantize.Prequantized) from the moment the recipe is
     prepared, on the core that the F16 GGUF's header reads (about a second each, twice before the
     plan) leave idle: their names and row lengths come from the imatrix, which llama-imatrix writes
     for every block matrix, and the architecture from the F16 GGUF's first metadata pair. None when
@@ -219,7 +219,7 @@ def prequantize_early(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, f16:
     head = _untied_head(ckpt, names)
     if head is not None and len(shape := read.shapes[names[head]]) == 2:
         cands[head] = candidates(shape[-1], False, _types_option(recipe))
-    return probes.Prequantized(probes.plan(cands), names, read, imatrix_values(imatrix), head=head)
+    return prequantize.Prequantized(probes.plan(cands), names, read, imatrix_values(imatrix), head=head)
 
 
 def _untied_head(ckpt: Checkpoint, names: dict[str, str]) -> str | None:
@@ -234,7 +234,7 @@ def _untied_head(ckpt: Checkpoint, names: dict[str, str]) -> str | None:
 
 def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, source: gguf_read.GGUFSummary,
                       imatrix: Path | None, threads: int, full: bool = False,
-                      pre: probes.Prequantized | None = None) -> dict[str, Any]:  # fmt: skip
+                      pre: prequantize.Prequantized | None = None) -> dict[str, Any]:  # fmt: skip
     """{"tensors": {gguf name: {"ne": [...], "types": {type: estimated KLD}}}, "probes", "tokens",
     "seconds"}, computed once per checkpoint, calibration set, imatrix and settings, then cached.
     `pre`: the probes' matrices already being quantized (prequantize_early); stopped here."""
@@ -248,12 +248,12 @@ def sensitivity_table(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, sour
     imat = imatrix_values(imatrix) if imatrix else {}
     mats = allocatable(source)
     # The probes' matrices are quantized ahead on a spare core while torch and transformers import
-    # and the calibration text is tokenized (probes.Prequantized).
+    # and the calibration text is tokenized (prequantize.Prequantized).
     if pre is None and settings["probe_tokens"] > 0:
         read = sensitivity.file_weights(ckpt)
         cands = {t.name: candidates(t.ne[0], t.name in imat, _types_option(recipe), full) for t in mats}
         names = _gguf_names(source, read.names)
-        pre = probes.Prequantized(probes.plan(cands), names, read, imat, head=_untied_head(ckpt, names))
+        pre = prequantize.Prequantized(probes.plan(cands), names, read, imat, head=_untied_head(ckpt, names))
     try:
         texts = common.calibration_texts(calib, recipe, None)
         fis_windows, probe_windows, model = sensitivity.windows_and_model(ckpt, texts, settings, threads)
@@ -324,7 +324,7 @@ def _tensor_costs(t: gguf_read.TensorInfo, w: np.ndarray, pairs: sensitivity.Pai
 
 
 def plan(ckpt: Checkpoint, recipe: Recipe, calib: Calibration, source: gguf_read.GGUFSummary,
-         imatrix: Path | None, threads: int, pre: probes.Prequantized | None = None) -> Plan:  # fmt: skip
+         imatrix: Path | None, threads: int, pre: prequantize.Prequantized | None = None) -> Plan:  # fmt: skip
     """The per-tensor types for `recipe`'s target, or a one-line error when it cannot be met (`pre`:
     see sensitivity_table)."""
     if calib.jsonl is None:
